@@ -1,0 +1,19 @@
+"""Public ops. Each has a reference face (the specification) and fused faces chosen by device;
+see ``wsss_fast.ops._backend`` and DESIGN §3."""
+
+from wsss_fast.ops._backend import (BackendUnavailable, choose_face, cpu_extension_available,
+                                    cpu_extension_error)
+from wsss_fast.ops.attention_stats import (AttentionStats, attention_stats,
+                                           attention_stats_reference, block_weights)
+from wsss_fast.ops.class_patch_reweight import class_patch_reweight, class_patch_reweight_reference
+from wsss_fast.ops.multiscale_merge import multiscale_merge, multiscale_merge_reference
+from wsss_fast.ops.propagate import (propagate, propagate_reference, propagate_streaming,
+                                     propagate_streaming_reference)
+
+__all__ = [
+    "AttentionStats", "BackendUnavailable", "attention_stats", "attention_stats_reference",
+    "block_weights", "choose_face", "class_patch_reweight", "class_patch_reweight_reference",
+    "cpu_extension_available", "cpu_extension_error", "multiscale_merge",
+    "multiscale_merge_reference", "propagate", "propagate_reference", "propagate_streaming",
+    "propagate_streaming_reference",
+]
