@@ -8,8 +8,8 @@ WSSS_FAST_NO_CUDA=1 skips the CUDA library; WSSS_FAST_CUDA_ARCHS overrides "80;9
 """
 
 import glob
+import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 
@@ -17,7 +17,6 @@ from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CUDA_LIBRARY = "libwsss_fast_cuda.so"
 
 
 def _cpu_extension():
@@ -31,21 +30,13 @@ def _cpu_extension():
     )
 
 
-def find_nvcc():
-    explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    candidates = [os.path.join(explicit, "bin", "nvcc")] if explicit else []
-    candidates += [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
-    return next((c for c in candidates if c and os.path.exists(c)), None)
-
-
-def cuda_build_command(nvcc, output, archs=("80", "90")):
-    """nvcc command for the C-ABI CUDA library (no torch headers: it must compile anywhere)."""
-    gencode = []
-    for arch in archs:
-        gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-    return [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-cudart", "static",
-            "-I", os.path.join(ROOT, "csrc"), *gencode, "-o", output,
-            *sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
+def _load_cuda_build():
+    """wsss_fast/_cuda_build.py, loaded by path: importing the package mid-build is avoided."""
+    spec = importlib.util.spec_from_file_location(
+        "_wsss_fast_cuda_build", os.path.join(ROOT, "wsss_fast", "_cuda_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class BuildWithCuda(BuildExtension):
@@ -55,18 +46,18 @@ class BuildWithCuda(BuildExtension):
         super().run()
         if os.environ.get("WSSS_FAST_NO_CUDA") == "1":
             return
-        nvcc = find_nvcc()
-        if nvcc is None or not glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")):
+        cuda_build = _load_cuda_build()
+        if cuda_build.find_nvcc() is None or not cuda_build.cuda_sources(ROOT):
             print("wsss_fast: nvcc not found; skipping the CUDA library", file=sys.stderr)
             return
         archs = tuple(os.environ.get("WSSS_FAST_CUDA_ARCHS", "80;90").split(";"))
         package_dir = os.path.join(ROOT, "wsss_fast") if self.inplace else os.path.join(
             self.build_lib, "wsss_fast")
         os.makedirs(package_dir, exist_ok=True)
-        output = os.path.join(package_dir, CUDA_LIBRARY)
+        output = os.path.join(package_dir, cuda_build.LIBRARY_NAME)
         try:
-            subprocess.run(cuda_build_command(nvcc, output, archs), check=True)
-        except (subprocess.CalledProcessError, OSError) as exc:
+            cuda_build.build_library(output, archs, ROOT)
+        except (subprocess.CalledProcessError, OSError) as exc:  # FileNotFoundError is an OSError
             # The CPU package stays usable; the cuda face then reports itself unavailable.
             print(f"wsss_fast: building the CUDA library failed ({exc}); continuing without it",
                   file=sys.stderr)

@@ -69,8 +69,9 @@ def multiscale_merge_reference(maps, flips, out_h, out_w, relu, labels, merge, n
     return _normalize_reference(total, norm, eps)
 
 
-def _run_cpu(*args):
-    return torch.ops.wsss_fast_C.multiscale_merge(*args)
+def _run_cpu(maps, flips, out_h, out_w, relu, labels, merge, norm, eps):
+    return torch.ops.wsss_fast_C.multiscale_merge(maps, [int(f) for f in flips], out_h, out_w,
+                                                  relu, labels, merge, norm, eps)
 
 
 def _run_triton(*args):

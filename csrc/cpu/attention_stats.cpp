@@ -1,0 +1,87 @@
+// attention_stats, CPU face (DESIGN §3.1): per (batch, tile of query rows), loop over heads:
+// probabilities of the tile, o = P v into the output, and the head sum of the tile's patch
+// columns kept in a rows×P buffer; the tile then adds its rows, scaled by weight/H, into the
+// accumulators it owns (no two tiles share a row, so no locking).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "cpu/attention_block.h"
+
+namespace wsss_fast {
+namespace {
+
+float* accumulator_ptr(const std::optional<at::Tensor>& acc, double weight) {
+  if (!acc.has_value() || weight == 0.0) return nullptr;
+  TORCH_CHECK(acc->scalar_type() == at::kFloat && acc->is_contiguous(),
+              "attention_stats: accumulators must be contiguous float32");
+  return acc->data_ptr<float>();
+}
+
+at::Tensor attention_stats_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                               const at::Tensor& v_in, double scale, int64_t num_cls,
+                               const std::optional<at::Tensor>& cls2patch,
+                               double cls2patch_weight,
+                               const std::optional<at::Tensor>& patch2patch,
+                               double patch2patch_weight, const std::optional<at::Tensor>& cls_row,
+                               double cls_row_weight) {
+  TORCH_CHECK(q_in.dim() == 4 && k_in.sizes() == q_in.sizes() && v_in.sizes() == q_in.sizes(),
+              "attention_stats: q, k, v must be (B, H, T, d) of one shape");
+  const at::Tensor q = q_in.to(at::kFloat).contiguous();
+  const at::Tensor k = k_in.to(at::kFloat).contiguous();
+  const at::Tensor v = v_in.to(at::kFloat).contiguous();
+  const int64_t batch = q.size(0), heads = q.size(1), tokens = q.size(2);
+  const int64_t n_cls = num_cls, n_patch = tokens - num_cls;
+  TORCH_CHECK(n_cls >= 0 && n_patch > 0, "attention_stats: num_cls must be in [0, T)");
+
+  float* c2p = accumulator_ptr(cls2patch, cls2patch_weight);
+  float* p2p = accumulator_ptr(patch2patch, patch2patch_weight);
+  float* row0 = accumulator_ptr(cls_row, cls_row_weight);
+  const float c2p_alpha = static_cast<float>(cls2patch_weight / heads);
+  const float p2p_alpha = static_cast<float>(patch2patch_weight / heads);
+  const float row0_alpha = static_cast<float>(cls_row_weight / heads);
+
+  at::Tensor out = at::empty_like(q);
+  const int64_t tiles = ceil_div(tokens, kQueryRowBlock);
+  at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t b = index / tiles;
+      const int64_t r0 = (index % tiles) * kQueryRowBlock;
+      const int64_t rows = std::min(kQueryRowBlock, tokens - r0);
+      // Does any row of this tile feed a statistic?
+      const bool has_cls_rows = r0 < n_cls;
+      const bool has_patch_rows = r0 + rows > n_cls;
+      const bool feeds = (has_cls_rows && (c2p || (row0 && r0 == 0))) || (has_patch_rows && p2p);
+      at::Tensor head_sum = feeds ? at::zeros({rows, n_patch}, q.options()) : at::Tensor();
+      for (int64_t h = 0; h < heads; ++h) {
+        const at::Tensor probs =
+            attention_probs(q[b][h].narrow(0, r0, rows), k[b][h], scale);
+        at::Tensor out_rows = out[b][h].narrow(0, r0, rows);
+        at::mm_out(out_rows, probs, v[b][h]);
+        if (feeds) head_sum.add_(probs.narrow(1, n_cls, n_patch));
+      }
+      if (!feeds) continue;
+      const float* sums = head_sum.data_ptr<float>();
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t token = r0 + i;
+        const float* src = sums + i * n_patch;
+        if (token < n_cls) {
+          if (c2p) axpy(c2p + (b * n_cls + token) * n_patch, src, c2p_alpha, n_patch);
+          if (row0 && token == 0) axpy(row0 + b * n_patch, src, row0_alpha, n_patch);
+        } else if (p2p) {
+          axpy(p2p + (b * n_patch + token - n_cls) * n_patch, src, p2p_alpha, n_patch);
+        }
+      }
+    }
+  });
+  return out.to(q_in.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(wsss_fast_C, CPU, m) { m.impl("attention_stats", &attention_stats_cpu); }
+
+}  // namespace wsss_fast
