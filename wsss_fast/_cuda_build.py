@@ -30,6 +30,9 @@ def build_command(nvcc: str, output: str, archs=DEFAULT_ARCHS, root: str = REPO_
     gencode = []
     for arch in archs:
         gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    # PTX of the newest arch as well, so later GPUs can JIT-compile the kernels.
+    newest = max(archs, key=int)
+    gencode += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
     return [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-cudart", "static",
             "-I", os.path.join(root, "csrc"), *gencode, "-o", output, *cuda_sources(root)]
 

@@ -30,8 +30,9 @@ at::Tensor attention_stats_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                double cls_row_weight) {
   TORCH_CHECK(q_in.dim() == 4 && k_in.sizes() == q_in.sizes() && v_in.sizes() == q_in.sizes(),
               "attention_stats: q, k, v must be (B, H, T, d) of one shape");
-  const at::Tensor q = q_in.to(at::kFloat).contiguous();
-  const at::Tensor k = k_in.to(at::kFloat).contiguous();
+  // The softmax scale is folded into q once (T·d multiplies instead of T·T per head).
+  const at::Tensor q = q_in.to(at::kFloat).mul(scale).contiguous();
+  const at::Tensor k_t = k_in.to(at::kFloat).transpose(-1, -2).contiguous();  // (…, d, T)
   const at::Tensor v = v_in.to(at::kFloat).contiguous();
   const int64_t batch = q.size(0), heads = q.size(1), tokens = q.size(2);
   const int64_t n_cls = num_cls, n_patch = tokens - num_cls;
@@ -45,8 +46,12 @@ at::Tensor attention_stats_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
   const float row0_alpha = static_cast<float>(cls_row_weight / heads);
 
   at::Tensor out = at::empty_like(q);
+  const std::vector<at::Tensor> qs = matrices(q), k_ts = matrices(k_t), vs = matrices(v),
+                                outs = matrices(out);
   const int64_t tiles = ceil_div(tokens, kQueryRowBlock);
   at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
+    AttentionTile tile(tokens, q.options());
+    at::Tensor head_sum_buffer = at::empty({kQueryRowBlock, n_patch}, q.options());
     for (int64_t index = begin; index < end; ++index) {
       const int64_t b = index / tiles;
       const int64_t r0 = (index % tiles) * kQueryRowBlock;
@@ -55,12 +60,13 @@ at::Tensor attention_stats_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
       const bool has_cls_rows = r0 < n_cls;
       const bool has_patch_rows = r0 + rows > n_cls;
       const bool feeds = (has_cls_rows && (c2p || (row0 && r0 == 0))) || (has_patch_rows && p2p);
-      at::Tensor head_sum = feeds ? at::zeros({rows, n_patch}, q.options()) : at::Tensor();
+      at::Tensor head_sum = head_sum_buffer.narrow(0, 0, rows);
+      if (feeds) head_sum.zero_();
       for (int64_t h = 0; h < heads; ++h) {
-        const at::Tensor probs =
-            attention_probs(q[b][h].narrow(0, r0, rows), k[b][h], scale);
-        at::Tensor out_rows = out[b][h].narrow(0, r0, rows);
-        at::mm_out(out_rows, probs, v[b][h]);
+        const int64_t bh = b * heads + h;
+        const at::Tensor& probs = tile.probs(qs[bh].narrow(0, r0, rows), k_ts[bh]);
+        at::Tensor out_rows = outs[bh].narrow(0, r0, rows);
+        at::mm_out(out_rows, probs, vs[bh]);
         if (feeds) head_sum.add_(probs.narrow(1, n_cls, n_patch));
       }
       if (!feeds) continue;

@@ -86,7 +86,7 @@ at::Tensor multiscale_merge_cpu(at::TensorList maps_in, at::IntArrayRef flips, i
           const PassTaps& pass = passes[p];
           const float v = bilinear_sample(pass.data + plane * pass.h * pass.w, pass.w,
                                           pass.rows[y], pass.cols[x]);
-          merge_accumulate(merge, pass_value(v, relu), !pass.flipped, &total, &pair_max);
+          merge_accumulate(merge, pass_value(v, relu), p % 2 == 0, &total, &pair_max);
         }
         const float value = normalize_prepare(total * label, norm);
         dst[x] = value;
