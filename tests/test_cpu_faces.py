@@ -157,3 +157,12 @@ def test_multiscale_merge_cpu_odd_output_sizes(gen, out_size):
         assert torch.equal(out, ref)
     else:
         assert_rel_close(out, ref, 1e-5)
+
+
+def test_multiscale_merge_cpu_large_inputs_round_like_interpolate(gen):
+    """Source coordinates are one FMA in ATen; two roundings drift ~2e-5 at a few hundred px."""
+    maps = [randn(gen, 1, 2, 300, 333), randn(gen, 1, 2, 97, 451)]
+    out = ops.multiscale_merge(maps, (997, 1013), flips=[False, True])
+    ref = ops.multiscale_merge_reference(maps, [False, True], 997, 1013, False, None, "sum",
+                                         "none", 0.0)
+    assert_rel_close(out, ref, 1e-5)

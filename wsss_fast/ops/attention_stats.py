@@ -27,9 +27,9 @@ OP = "attention_stats"
 FACES = ("reference", "cpu", "triton")
 
 
-def attention_stats_reference(q, k, v, scale, num_cls, cls2patch=None, cls2patch_weight=0.0,
-                              patch2patch=None, patch2patch_weight=0.0, cls_row=None,
-                              cls_row_weight=0.0):
+def attention_stats_reference(q, k, v, scale, num_cls, cls2patch=None, cls2patch_weight=1.0,
+                              patch2patch=None, patch2patch_weight=1.0, cls_row=None,
+                              cls_row_weight=1.0):
     """The specification: materialize the block's attention, average heads, slice, accumulate."""
     attn = torch.softmax(q.float() @ k.float().transpose(-1, -2) * scale, dim=-1)
     out = (attn @ v.float()).to(q.dtype)
