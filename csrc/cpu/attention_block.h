@@ -3,15 +3,27 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 
 #include <vector>
 
 namespace wsss_fast {
 
-// Query rows per tile. Measured at ViT-S 768² (T = 2324, d = 64) on one core: 32 rows leave
-// sgemm short of its peak (1.54 s/img), 64-128 reach it (1.46/1.44 s); 64 keeps the 2-thread split
-// of ~37 tiles balanced.
-constexpr int64_t kQueryRowBlock = 64;
+// Query rows per tile, at most. Measured at ViT-S 768² (T = 2324, d = 64) on one core: 32 rows
+// leave sgemm short of its peak (1.54 s/img), 64-128 reach it (1.46/1.44 s).
+constexpr int64_t kQueryRowBlock = 128;
+
+// Rows per tile for `rows_total` query rows in each of `batch` items: at most kQueryRowBlock, and
+// as many tiles as make the work divide evenly over the threads (19 tiles on 2 threads idle one
+// thread for a whole tile; 20 do not).
+inline int64_t tile_rows(int64_t rows_total, int64_t batch) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t tiles = (rows_total + kQueryRowBlock - 1) / kQueryRowBlock;
+  while ((batch * tiles) % threads != 0 && tiles < rows_total) ++tiles;
+  return (rows_total + tiles - 1) / tiles;
+}
 
 // Per-thread scratch for one tile: reused across heads and tiles, so the hot loop allocates
 // nothing (fresh rows×T buffers would each be an mmap + page faults).

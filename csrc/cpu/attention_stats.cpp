@@ -48,14 +48,15 @@ at::Tensor attention_stats_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
   at::Tensor out = at::empty_like(q);
   const std::vector<at::Tensor> qs = matrices(q), k_ts = matrices(k_t), vs = matrices(v),
                                 outs = matrices(out);
-  const int64_t tiles = ceil_div(tokens, kQueryRowBlock);
+  const int64_t tile_size = tile_rows(tokens, batch);
+  const int64_t tiles = ceil_div(tokens, tile_size);
   at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
     AttentionTile tile(tokens, q.options());
     at::Tensor head_sum_buffer = at::empty({kQueryRowBlock, n_patch}, q.options());
     for (int64_t index = begin; index < end; ++index) {
       const int64_t b = index / tiles;
-      const int64_t r0 = (index % tiles) * kQueryRowBlock;
-      const int64_t rows = std::min(kQueryRowBlock, tokens - r0);
+      const int64_t r0 = (index % tiles) * tile_size;
+      const int64_t rows = std::min(tile_size, tokens - r0);
       // Does any row of this tile feed a statistic?
       const bool has_cls_rows = r0 < n_cls;
       const bool has_patch_rows = r0 + rows > n_cls;

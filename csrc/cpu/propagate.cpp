@@ -37,13 +37,14 @@ at::Tensor propagate_streaming_cpu(const at::Tensor& q_in, const at::Tensor& k_i
 
   at::Tensor out = at::empty_like(cam);
   const std::vector<at::Tensor> qs = matrices(q), k_ts = matrices(k_t);  // index (l·B + b)·H + h
-  const int64_t tiles = ceil_div(n_patch, kQueryRowBlock);
+  const int64_t tile_size = tile_rows(n_patch, batch);
+  const int64_t tiles = ceil_div(n_patch, tile_size);
   at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
     AttentionTile tile(tokens, q.options());
     for (int64_t index = begin; index < end; ++index) {
       const int64_t b = index / tiles;
-      const int64_t r0 = (index % tiles) * kQueryRowBlock;
-      const int64_t rows = std::min(kQueryRowBlock, n_patch - r0);
+      const int64_t r0 = (index % tiles) * tile_size;
+      const int64_t rows = std::min(tile_size, n_patch - r0);
       at::Tensor acc = out[b].narrow(0, r0, rows);
       acc.zero_();
       for (int64_t l = 0; l < layers; ++l) {
