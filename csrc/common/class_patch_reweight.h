@@ -34,12 +34,20 @@ WSSS_HD ReweightRow reweight_row(float mass, float row_max, float scaled_power_s
   return row;
 }
 
+// The output element from its scaled power: phi(a), optionally times relu(patchcam), optionally
+// square-rooted.
+WSSS_HD float reweight_finish(float scaled_power, const ReweightRow& row, bool has_patchcam,
+                              float patchcam, bool take_sqrt) {
+  float out = row.scale * scaled_power;
+  if (has_patchcam) out *= reweight_clamp(patchcam);
+  return take_sqrt ? sqrtf(out) : out;
+}
+
 // The output element: phi(a), optionally times relu(patchcam), optionally square-rooted.
 WSSS_HD float reweight_output(float a, const ReweightRow& row, float gamma, bool has_patchcam,
                               float patchcam, bool take_sqrt) {
-  float out = row.scale * reweight_scaled_power(a, row.inv_max, gamma);
-  if (has_patchcam) out *= reweight_clamp(patchcam);
-  return take_sqrt ? sqrtf(out) : out;
+  return reweight_finish(reweight_scaled_power(a, row.inv_max, gamma), row, has_patchcam,
+                         patchcam, take_sqrt);
 }
 
 }  // namespace wsss_fast

@@ -1,12 +1,14 @@
 // class_patch_reweight, CPU face (DESIGN §3.2): rows in parallel; per row one pass for the mass
-// and max, one for the scaled powered sum, one writing reweight_output (the body shared with
-// the CUDA kernel, csrc/common/class_patch_reweight.h).
+// and max, one for the scaled powers (kept in a row buffer: powf is the cost) and their sum, one
+// writing the output (the bodies are shared with the CUDA kernel,
+// csrc/common/class_patch_reweight.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <optional>
+#include <vector>
 
 #include "common/class_patch_reweight.h"
 
@@ -17,6 +19,7 @@ template <typename scalar_t>
 void reweight_rows(const scalar_t* attn, const scalar_t* patchcam, scalar_t* out, int64_t rows,
                    int64_t cols, float gamma, bool take_sqrt) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> powers(cols);
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* a = attn + r * cols;
       float mass = 0.f, row_max = 0.f;
@@ -27,14 +30,15 @@ void reweight_rows(const scalar_t* attn, const scalar_t* patchcam, scalar_t* out
       }
       const float inv_max = reweight_inv_max(row_max);
       float power_sum = 0.f;
-      for (int64_t j = 0; j < cols; ++j)
-        power_sum += reweight_scaled_power(static_cast<float>(a[j]), inv_max, gamma);
+      for (int64_t j = 0; j < cols; ++j) {
+        powers[j] = reweight_scaled_power(static_cast<float>(a[j]), inv_max, gamma);
+        power_sum += powers[j];
+      }
       const ReweightRow row = reweight_row(mass, row_max, power_sum);
       const scalar_t* pc = patchcam ? patchcam + r * cols : nullptr;
       scalar_t* o = out + r * cols;
       for (int64_t j = 0; j < cols; ++j) {
-        o[j] = static_cast<scalar_t>(reweight_output(static_cast<float>(a[j]), row, gamma,
-                                                     pc != nullptr,
+        o[j] = static_cast<scalar_t>(reweight_finish(powers[j], row, pc != nullptr,
                                                      pc ? static_cast<float>(pc[j]) : 0.f,
                                                      take_sqrt));
       }

@@ -1,0 +1,28 @@
+# wsss-fast — the README's commands. PYTHON may name a virtualenv's interpreter.
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip
+
+.PHONY: install test test-all bench bench-report demo clean
+
+install:  ## pinned dependencies (CPU torch first: never let pip pick a CUDA build), then the build
+	$(PIP) install --disable-pip-version-check -q torch==2.13.0
+	$(PIP) install --disable-pip-version-check -q -r requirements.txt
+	$(PIP) install --disable-pip-version-check -q --no-build-isolation -e .
+
+test: install  ## the test suite (Triton faces in the interpreter; GPU tests skip without a GPU)
+	TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PYTHON) -m pytest tests -q -m "not slow"
+
+test-all: install
+	TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PYTHON) -m pytest tests -q
+
+bench: install  ## pytest-benchmark suites (full-size cases; minutes)
+	$(PYTHON) -m pytest benchmarks --benchmark-only --benchmark-group-by=group -q
+
+bench-report: install  ## one table of side-by-side ratios with peak memory
+	$(PYTHON) -m benchmarks.report
+
+demo: install  ## the ops on a ViT-S-sized case: every face checked against the reference, timed
+	$(PYTHON) examples/ops_demo.py
+
+clean:
+	rm -rf build *.egg-info wsss_fast/*.so .pytest_cache .benchmarks

@@ -1,0 +1,156 @@
+"""Benchmark cases and the variants compared on them, shared by the pytest-benchmark suites and
+the report. Every variant is a zero-argument callable built by a ``make_*`` function, so inputs
+are created outside the timed region."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from wsss_fast import ops
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    """ViT-S at 768²: 12 blocks, 6 heads of 64, 20 class tokens and 48×48 patches."""
+
+    batch: int = 1
+    blocks: int = 12
+    heads: int = 6
+    head_dim: int = 64
+    num_cls: int = 20
+    patches: int = 2304
+    cls_layers: int = 3          # MCTformer: class attention of the last 3 blocks, summed
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def tokens(self) -> int:
+        return self.num_cls + self.patches
+
+    def qkv(self, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        shape = (self.batch, self.heads, self.tokens, self.head_dim)
+        return [[torch.randn(*shape, generator=g).to(self.dtype) for _ in range(3)]
+                for _ in range(self.blocks)]
+
+
+def make_sdpa(case: AttentionCase):
+    """The floor: one fused attention per block and nothing else."""
+    blocks = case.qkv()
+
+    def run():
+        for q, k, v in blocks:
+            F.scaled_dot_product_attention(q, k, v)
+
+    return run
+
+
+def make_attention_stats(case: AttentionCase):
+    """Attention once per block plus the accumulated class→patch and patch→patch statistics."""
+    blocks, scale = case.qkv(), case.head_dim ** -0.5
+
+    def run():
+        stats = ops.AttentionStats.allocate(case.batch, case.num_cls, case.patches, case.blocks,
+                                            cls2patch_layers=case.cls_layers,
+                                            patch2patch_layers="all")
+        for i, (q, k, v) in enumerate(blocks):
+            ops.attention_stats(q, k, v, scale, case.num_cls, **stats.block_kwargs(i))
+        return stats
+
+    return run
+
+
+def make_materializing(case: AttentionCase):
+    """The upstream pipeline: softmax per block kept, all blocks stacked, head mean, slice, sum."""
+    blocks, scale, c = case.qkv(), case.head_dim ** -0.5, case.num_cls
+
+    def run():
+        maps = []
+        for q, k, v in blocks:
+            attn = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
+            attn @ v
+            maps.append(attn)
+        stacked = torch.stack(maps).mean(dim=2)          # (L, B, T, T)
+        cls2patch = stacked[-case.cls_layers:, :, :c, c:].sum(dim=0)
+        patch2patch = stacked[:, :, c:, c:].sum(dim=0)
+        return cls2patch, patch2patch
+
+    return run
+
+
+@dataclass(frozen=True)
+class MergeCase:
+    """MCTformer-style merge of a 640×480 image: 4 scales × flip of stride-16 maps, 20 classes."""
+
+    classes: int = 20
+    height: int = 480
+    width: int = 640
+    scales: tuple = (1.0, 0.5, 1.5, 2.0)
+
+    def passes(self, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        maps, flips = [], []
+        for s in self.scales:
+            h, w = int(self.height * s) // 16, int(self.width * s) // 16
+            for flipped in (False, True):
+                maps.append(torch.randn(1, self.classes, h, w, generator=g))
+                flips.append(flipped)
+        return maps, flips
+
+
+def make_merge(case: MergeCase, face: str):
+    maps, flips = case.passes()
+    labels = (torch.arange(case.classes) % 3 == 0).float()[None]
+    size = (case.height, case.width)
+    if face == "reference":
+        return lambda: ops.multiscale_merge_reference(maps, flips, *size, False, labels, "sum",
+                                                      "minmax", 1e-8)
+    return lambda: ops.multiscale_merge(maps, size, flips=flips, labels=labels, norm="minmax")
+
+
+def make_reweight(face: str, rows: int = 20, cols: int = 2304, gamma: float = 2.0):
+    g = torch.Generator().manual_seed(0)
+    attn = torch.rand(rows, cols, generator=g) ** 3
+    patchcam = torch.randn(rows, cols, generator=g)
+    if face == "reference":
+        return lambda: ops.class_patch_reweight_reference(attn, gamma, patchcam)
+    return lambda: ops.class_patch_reweight(attn, gamma, patchcam=patchcam)
+
+
+def make_propagate(form: str, case: AttentionCase = AttentionCase(), classes: int = 20):
+    """Refinement by the patch affinity of all blocks: dense from accumulated statistics
+    (attention_stats + propagate) or streaming from saved q, k (propagate_streaming)."""
+    blocks, scale = case.qkv(), case.head_dim ** -0.5
+    cam = torch.randn(case.batch, case.patches, classes)
+    if form == "streaming":
+        q = torch.stack([b[0] for b in blocks])
+        k = torch.stack([b[1] for b in blocks])
+        weights = [1.0] * case.blocks
+        return lambda: ops.propagate_streaming(q, k, cam, scale=scale, num_cls=case.num_cls,
+                                               weights=weights)
+
+    def dense():
+        affinity = torch.zeros(case.batch, case.patches, case.patches)
+        for q, k, v in blocks:
+            ops.attention_stats(q, k, v, scale, case.num_cls, patch2patch=affinity)
+        return ops.propagate(affinity, cam)
+
+    return dense
+
+
+def warm_up() -> None:
+    """Call every op once on tiny inputs: loads the extension, registers the custom ops and starts
+    the thread pool, so that memory measured afterwards belongs to the variant alone."""
+    q = torch.randn(1, 2, 9, 8)
+    ops.attention_stats(q, q, q, 0.3, 2, cls2patch=torch.zeros(1, 2, 7),
+                        patch2patch=torch.zeros(1, 7, 7))
+    F.scaled_dot_product_attention(q, q, q)
+    ops.class_patch_reweight(torch.rand(2, 7), 2.0, patchcam=torch.rand(2, 7))
+    ops.propagate(torch.rand(1, 7, 7), torch.rand(1, 7, 3))
+    ops.propagate_streaming(q[None], q[None], torch.rand(1, 7, 3), scale=0.3, num_cls=2,
+                            weights=[1.0])
+    ops.multiscale_merge([torch.rand(1, 2, 3, 4)], (5, 6), norm="minmax")
+    ops.multiscale_merge_reference([torch.rand(1, 2, 3, 4)], [False], 5, 6, False, None, "sum",
+                                   "minmax", 1e-8)
