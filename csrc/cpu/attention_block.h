@@ -29,15 +29,20 @@ inline int64_t tile_rows(int64_t rows_total, int64_t batch) {
 // nothing (fresh rows×T buffers would each be an mmap + page faults).
 class AttentionTile {
  public:
-  AttentionTile(int64_t tokens, const at::TensorOptions& options)
-      : scores_(at::empty({kQueryRowBlock, tokens}, options)) {}
+  AttentionTile(int64_t tokens, int64_t head_dim, const at::TensorOptions& options)
+      : scores_(at::empty({kQueryRowBlock, tokens}, options)),
+        q_scaled_(at::empty({kQueryRowBlock, head_dim}, options)) {}
 
-  // softmax(q_rows · kᵀ) over all keys, q already multiplied by the softmax scale and k given
-  // transposed and contiguous ((d, T): the faster sgemm layout): (rows, d) × (d, T) -> (rows, T)
-  // fp32, valid until the next call.
-  const at::Tensor& probs(const at::Tensor& q_rows, const at::Tensor& k_transposed) {
-    at::Tensor scores = scores_.narrow(0, 0, q_rows.size(0));
-    at::mm_out(scores, q_rows, k_transposed);
+  // softmax(q_rows · kᵀ · scale) over all keys: (rows, d) × (d, T) -> (rows, T) fp32, valid until
+  // the next call. `k_transposed` is (d, T): contiguous is the fastest sgemm layout, a transposed
+  // view of a (T, d) k avoids a copy. The scale is applied to the rows×d queries, not to rows×T.
+  const at::Tensor& probs(const at::Tensor& q_rows, const at::Tensor& k_transposed,
+                          double scale) {
+    const int64_t rows = q_rows.size(0);
+    at::Tensor q_scaled = q_scaled_.narrow(0, 0, rows);
+    at::mul_out(q_scaled, q_rows, at::Scalar(scale));
+    at::Tensor scores = scores_.narrow(0, 0, rows);
+    at::mm_out(scores, q_scaled, k_transposed);
     at::_softmax_out(scores, scores, /*dim=*/1, /*half_to_float=*/false);
     current_ = scores;
     return current_;
@@ -45,6 +50,7 @@ class AttentionTile {
 
  private:
   at::Tensor scores_;
+  at::Tensor q_scaled_;
   at::Tensor current_;
 };
 

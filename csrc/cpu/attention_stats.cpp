@@ -30,8 +30,7 @@ at::Tensor attention_stats_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                double cls_row_weight) {
   TORCH_CHECK(q_in.dim() == 4 && k_in.sizes() == q_in.sizes() && v_in.sizes() == q_in.sizes(),
               "attention_stats: q, k, v must be (B, H, T, d) of one shape");
-  // The softmax scale is folded into q once (T·d multiplies instead of T·T per head).
-  const at::Tensor q = q_in.to(at::kFloat).mul(scale).contiguous();
+  const at::Tensor q = q_in.to(at::kFloat).contiguous();
   const at::Tensor k_t = k_in.to(at::kFloat).transpose(-1, -2).contiguous();  // (…, d, T)
   const at::Tensor v = v_in.to(at::kFloat).contiguous();
   const int64_t batch = q.size(0), heads = q.size(1), tokens = q.size(2);
@@ -51,7 +50,7 @@ at::Tensor attention_stats_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
   const int64_t tile_size = tile_rows(tokens, batch);
   const int64_t tiles = ceil_div(tokens, tile_size);
   at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
-    AttentionTile tile(tokens, q.options());
+    AttentionTile tile(tokens, q.size(3), q.options());
     at::Tensor head_sum_buffer = at::empty({kQueryRowBlock, n_patch}, q.options());
     for (int64_t index = begin; index < end; ++index) {
       const int64_t b = index / tiles;
@@ -65,7 +64,7 @@ at::Tensor attention_stats_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
       if (feeds) head_sum.zero_();
       for (int64_t h = 0; h < heads; ++h) {
         const int64_t bh = b * heads + h;
-        const at::Tensor& probs = tile.probs(qs[bh].narrow(0, r0, rows), k_ts[bh]);
+        const at::Tensor& probs = tile.probs(qs[bh].narrow(0, r0, rows), k_ts[bh], scale);
         at::Tensor out_rows = outs[bh].narrow(0, r0, rows);
         at::mm_out(out_rows, probs, vs[bh]);
         if (feeds) head_sum.add_(probs.narrow(1, n_cls, n_patch));

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -18,7 +19,9 @@ namespace {
 template <typename scalar_t>
 void reweight_rows(const scalar_t* attn, const scalar_t* patchcam, scalar_t* out, int64_t rows,
                    int64_t cols, float gamma, bool take_sqrt) {
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+  // A few thousand elements per task: 20 class rows of 2304 split evenly over the threads.
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> powers(cols);
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* a = attn + r * cols;

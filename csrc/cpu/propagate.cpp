@@ -25,8 +25,9 @@ at::Tensor propagate_streaming_cpu(const at::Tensor& q_in, const at::Tensor& k_i
                                    at::ArrayRef<double> weights) {
   TORCH_CHECK(q_in.dim() == 5 && k_in.sizes() == q_in.sizes(),
               "propagate_streaming: q, k must be (L, B, H, T, d) of one shape");
-  const at::Tensor q = q_in.to(at::kFloat).mul(scale).contiguous();  // scale folded into q
-  const at::Tensor k_t = k_in.to(at::kFloat).transpose(-1, -2).contiguous();  // (…, d, T)
+  // No copies of the L blocks' q, k when they are fp32 already: this form exists to bound memory.
+  const at::Tensor q = q_in.to(at::kFloat).contiguous();
+  const at::Tensor k = k_in.to(at::kFloat).contiguous();
   const at::Tensor cam = cam_in.to(at::kFloat).contiguous();
   const int64_t layers = q.size(0), batch = q.size(1), heads = q.size(2), tokens = q.size(3);
   const int64_t n_patch = tokens - num_cls;
@@ -36,11 +37,11 @@ at::Tensor propagate_streaming_cpu(const at::Tensor& q_in, const at::Tensor& k_i
               "propagate_streaming: cam must be (B, T - num_cls, K)");
 
   at::Tensor out = at::empty_like(cam);
-  const std::vector<at::Tensor> qs = matrices(q), k_ts = matrices(k_t);  // index (l·B + b)·H + h
+  const std::vector<at::Tensor> qs = matrices(q), ks = matrices(k);  // index (l·B + b)·H + h
   const int64_t tile_size = tile_rows(n_patch, batch);
   const int64_t tiles = ceil_div(n_patch, tile_size);
   at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
-    AttentionTile tile(tokens, q.options());
+    AttentionTile tile(tokens, q.size(4), q.options());
     for (int64_t index = begin; index < end; ++index) {
       const int64_t b = index / tiles;
       const int64_t r0 = (index % tiles) * tile_size;
@@ -51,7 +52,8 @@ at::Tensor propagate_streaming_cpu(const at::Tensor& q_in, const at::Tensor& k_i
         if (weights[l] == 0.0) continue;
         for (int64_t h = 0; h < heads; ++h) {
           const int64_t lbh = (l * batch + b) * heads + h;
-          const at::Tensor& probs = tile.probs(qs[lbh].narrow(0, num_cls + r0, rows), k_ts[lbh]);
+          const at::Tensor& probs =
+              tile.probs(qs[lbh].narrow(0, num_cls + r0, rows), ks[lbh].t(), scale);
           acc.addmm_(probs.narrow(1, num_cls, n_patch), cam[b], /*beta=*/1.0,
                      /*alpha=*/weights[l] / heads);
         }
