@@ -25,6 +25,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _output_tile(out_h, out_w, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """This program's (plane, output rows, output columns, in-bounds mask): grid (plane, y, x)."""
+    plane = tl.program_id(0)
+    out_ys = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    out_xs = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)
+    inside = (out_ys < out_h)[:, None] & (out_xs < out_w)[None, :]
+    return plane, out_ys, out_xs, inside
+
+
+@triton.jit
 def _source_coords(dst, scale, in_size):
     """F.interpolate's align_corners=False source coordinate of output index ``dst``: the low
     index, the high index (clamped to the edge) and the weight of the high one."""
@@ -84,12 +94,7 @@ def _merge_passes_kernel(
     NEEDS_RANGE: tl.constexpr, RANGE_OF_RELU: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    plane = tl.program_id(0)
-    tile_y = tl.program_id(1)
-    tile_x = tl.program_id(2)
-    out_ys = tile_y * BLOCK_H + tl.arange(0, BLOCK_H)
-    out_xs = tile_x * BLOCK_W + tl.arange(0, BLOCK_W)
-    inside = (out_ys < out_h)[:, None] & (out_xs < out_w)[None, :]
+    plane, out_ys, out_xs, inside = _output_tile(out_h, out_w, BLOCK_H, BLOCK_W)
 
     merged = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
     if MAX_OVER_FLIP_PAIRS:
@@ -120,7 +125,8 @@ def _merge_passes_kernel(
         if RANGE_OF_RELU:
             ranged = tl.maximum(merged, 0.0)
         tiles_x = tl.num_programs(2)
-        tile_index = (plane.to(tl.int64) * tl.num_programs(1) + tile_y) * tiles_x + tile_x
+        tile_index = ((plane.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * tiles_x
+                      + tl.program_id(2))
         tl.store(tile_min_ptr + tile_index, tl.min(tl.where(inside, ranged, float("inf"))))
         tl.store(tile_max_ptr + tile_index, tl.max(tl.where(inside, ranged, float("-inf"))))
 
@@ -146,12 +152,7 @@ def _plane_range_kernel(tile_min_ptr, tile_max_ptr, plane_min_ptr, plane_max_ptr
 @triton.jit
 def _normalize_kernel(out_ptr, plane_min_ptr, plane_max_ptr, out_h, out_w, eps,
                       NORM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    plane = tl.program_id(0)
-    tile_y = tl.program_id(1)
-    tile_x = tl.program_id(2)
-    out_ys = tile_y * BLOCK_H + tl.arange(0, BLOCK_H)
-    out_xs = tile_x * BLOCK_W + tl.arange(0, BLOCK_W)
-    inside = (out_ys < out_h)[:, None] & (out_xs < out_w)[None, :]
+    plane, out_ys, out_xs, inside = _output_tile(out_h, out_w, BLOCK_H, BLOCK_W)
     offsets = (plane.to(tl.int64) * out_h * out_w + out_ys.to(tl.int64)[:, None] * out_w
                + out_xs[None, :])
     x = tl.load(out_ptr + offsets, mask=inside, other=0.0)

@@ -39,10 +39,13 @@ class AttentionTile {
   const at::Tensor& probs(const at::Tensor& q_rows, const at::Tensor& k_transposed,
                           double scale) {
     const int64_t rows = q_rows.size(0);
-    at::Tensor q_scaled = q_scaled_.narrow(0, 0, rows);
-    at::mul_out(q_scaled, q_rows, at::Scalar(scale));
+    at::Tensor queries = q_rows;
+    if (scale != 1.0) {  // callers that can afford a scaled copy of q pass scale 1
+      queries = q_scaled_.narrow(0, 0, rows);
+      at::mul_out(queries, q_rows, at::Scalar(scale));
+    }
     at::Tensor scores = scores_.narrow(0, 0, rows);
-    at::mm_out(scores, q_scaled, k_transposed);
+    at::mm_out(scores, queries, k_transposed);
     at::_softmax_out(scores, scores, /*dim=*/1, /*half_to_float=*/false);
     current_ = scores;
     return current_;

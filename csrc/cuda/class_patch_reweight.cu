@@ -65,11 +65,7 @@ extern "C" int wsss_fast_class_patch_reweight(const void* attn, const void* patc
                                               float gamma, int take_sqrt, void* stream) {
   using namespace wsss_fast::cuda;
   clear_error();
-  if (!valid_dtype(dtype)) {
-    return set_error(WSSS_FAST_CUDA_ERROR_UNSUPPORTED_DTYPE,
-                     "%s: unsupported dtype code %d (expected 0 = float32, 1 = float16, "
-                     "2 = bfloat16)", kOp, dtype);
-  }
+  if (const int status = check_dtype(kOp, dtype)) return status;
   if (rows < 0 || cols < 0) {
     return set_error(WSSS_FAST_CUDA_ERROR_INVALID_ARGUMENT,
                      "%s: negative size (rows=%lld, cols=%lld)", kOp, (long long)rows,

@@ -40,6 +40,14 @@ inline bool valid_dtype(int dtype) {
          dtype == WSSS_FAST_DTYPE_BFLOAT16;
 }
 
+// 0 for a supported dtype code, else the error code with the message set for `op`.
+inline int check_dtype(const char* op, int dtype) {
+  if (valid_dtype(dtype)) return 0;
+  return set_error(WSSS_FAST_CUDA_ERROR_UNSUPPORTED_DTYPE,
+                   "%s: unsupported dtype code %d (expected 0 = float32, 1 = float16, "
+                   "2 = bfloat16)", op, dtype);
+}
+
 inline cudaStream_t as_stream(void* stream) { return reinterpret_cast<cudaStream_t>(stream); }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -79,11 +79,7 @@ extern "C" int wsss_fast_propagate(const void* affinity, const void* cam, void* 
                                    int64_t batch, int64_t p, int64_t k, int dtype, void* stream) {
   using namespace wsss_fast::cuda;
   clear_error();
-  if (!valid_dtype(dtype)) {
-    return set_error(WSSS_FAST_CUDA_ERROR_UNSUPPORTED_DTYPE,
-                     "%s: unsupported dtype code %d (expected 0 = float32, 1 = float16, "
-                     "2 = bfloat16)", kOp, dtype);
-  }
+  if (const int status = check_dtype(kOp, dtype)) return status;
   if (batch < 0 || p < 0 || k < 0) {
     return set_error(WSSS_FAST_CUDA_ERROR_INVALID_ARGUMENT,
                      "%s: negative size (batch=%lld, p=%lld, k=%lld)", kOp, (long long)batch,
