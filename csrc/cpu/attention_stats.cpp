@@ -62,13 +62,17 @@ at::Tensor attention_stats_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
       const bool has_patch_rows = r0 + rows > n_cls;
       const bool feeds = (has_cls_rows && (c2p || (row0 && r0 == 0))) || (has_patch_rows && p2p);
       at::Tensor head_sum = head_sum_buffer.narrow(0, 0, rows);
-      if (feeds) head_sum.zero_();
       for (int64_t h = 0; h < heads; ++h) {
         const int64_t bh = b * heads + h;
         const at::Tensor& probs = tile.probs(qs[bh].narrow(0, r0, rows), k_ts[bh], 1.0);
         at::Tensor out_rows = outs[bh].narrow(0, r0, rows);
         at::mm_out(out_rows, probs, vs[bh]);
-        if (feeds) head_sum.add_(probs.narrow(1, n_cls, n_patch));
+        if (!feeds) continue;
+        if (h == 0) {
+          head_sum.copy_(probs.narrow(1, n_cls, n_patch));  // saves a zeroing pass
+        } else {
+          head_sum.add_(probs.narrow(1, n_cls, n_patch));
+        }
       }
       if (!feeds) continue;
       const float* sums = head_sum.data_ptr<float>();
