@@ -1,0 +1,138 @@
+"""MCTformer-V1/V2: the engine against (a) the official generators' saved outputs in
+../shared/golden and (b) an eager re-implementation of the upstream forward and generator with the
+same random weights; checkpoint loading by upstream key names."""
+
+import os
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from tests import upstream_mctformer
+from wsss_fast.engine import CamEngine
+from wsss_fast.models import CheckpointMismatch, load_checkpoint
+from wsss_fast.models.mctformer import mctformer_v1, mctformer_v2
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden")
+FACTORIES = {"v1": mctformer_v1, "v2": mctformer_v2}
+TINY = dict(embed_dim=64, depth=4, num_heads=2)
+
+
+def golden_model(version):
+    model = FACTORIES[version](**TINY).eval()
+    return load_checkpoint(model, os.path.join(GOLDEN, "mctformer", f"weights_{version}_tiny.pth"))
+
+
+@pytest.mark.skipif(not os.path.isdir(GOLDEN), reason="../shared/golden is not beside the checkout")
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_engine_reproduces_the_official_generator_outputs(version):
+    labels = np.load(os.path.join(GOLDEN, "images", "labels.npy"), allow_pickle=True).item()
+    engine = CamEngine(golden_model(version), f"mctformer-{version}", scales=(1.0, 0.75, 1.25))
+    for name, label in sorted(labels.items()):
+        ours = engine(os.path.join(GOLDEN, "images", "JPEGImages", f"{name}.jpg"), label).as_dict()
+        official = np.load(os.path.join(GOLDEN, "mctformer", f"official_{version}", f"{name}.npy"),
+                           allow_pickle=True).item()
+        assert sorted(ours) == sorted(official) == list(np.nonzero(label)[0])
+        for k, expected in official.items():
+            assert ours[k].shape == expected.shape
+            np.testing.assert_allclose(ours[k], expected, atol=1e-4, rtol=0,
+                                       err_msg=f"{version} {name} class {k}")
+
+
+def random_model(version, seed):
+    torch.manual_seed(seed)
+    model = FACTORIES[version](**TINY).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)  # peaky attention, as in the golden weights
+    return model
+
+
+def random_image(height, width, seed):
+    rng = np.random.default_rng(seed)
+    smooth = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    return PIL.Image.fromarray(smooth).resize((width, height), PIL.Image.BILINEAR)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("size, scales", [((375, 500), (1.0,)), ((224, 224), (1.0,)),
+                                          ((375, 500), (1.0, 0.75, 1.25))])
+def test_engine_matches_eager_upstream_generator(version, size, scales):
+    model = random_model(version, seed=sum(size) + len(scales))
+    image = random_image(*size, seed=len(scales))
+    label = np.zeros(20, dtype=np.float32)
+    label[[2, 7, 19]] = 1
+    expected, expected_sum = upstream_mctformer.generate(model, image, label, scales)
+    ours = CamEngine(model, f"mctformer-{version}", scales=scales)(image, label).as_dict()
+    ours_sum = CamEngine(model, f"mctformer-{version}", scales=scales, norm="none")(image, label)
+    assert sorted(ours) == sorted(expected)
+    for k in expected:
+        raw, raw_expected = ours_sum.high_res[k].numpy(), expected_sum[k]
+        scale = np.abs(raw_expected).max()
+        np.testing.assert_allclose(raw, raw_expected, atol=1e-5 * scale, rtol=0,
+                                   err_msg=f"class {k} before normalization")
+        # Min-max divides absolute error by the map's range: random weights can give maps that
+        # vary by <1% (V1's affinity-smoothed CAMs), where fp32 rounding is amplified ~100x.
+        conditioning = scale / (raw_expected.max() - raw_expected.min())
+        np.testing.assert_allclose(ours[k], expected[k], atol=max(1e-4, 2e-6 * conditioning),
+                                   rtol=0, err_msg=f"class {k} (max/range {conditioning:.0f})")
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_cam_maps_options_match_upstream_forward(version):
+    model = random_model(version, seed=3)
+    x = torch.randn(2, 3, 160, 208)
+    for n_layers in (1, 3, 4):
+        expected, patch_attn = upstream_mctformer.forward_return_att(model, x, n_layers)
+        ours = model.cam_maps(x, cls_layers=n_layers, refine=False)
+        torch.testing.assert_close(ours, expected.reshape(ours.shape), rtol=1e-4, atol=1e-6)
+    refined = model.cam_maps(x, cls_layers=3)
+    cams, patch_attn = upstream_mctformer.forward_return_att(model, x, 3)
+    expected = torch.bmm(patch_attn.sum(0), cams.reshape(2, 20, -1).transpose(1, 2))
+    torch.testing.assert_close(refined.flatten(2).transpose(1, 2), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_pos_embed_resize_uses_upstream_scale_factor_semantics():
+    model = random_model("v2", seed=1)
+    tokens = torch.zeros(1, 20 + 23 * 31, 64)
+    expected = upstream_mctformer.pos_embed(model, tokens, 375, 500)
+    torch.testing.assert_close(model.interpolate_pos_encoding(375, 500), expected, rtol=0, atol=0)
+    # A non-square image with the training grid still goes through the resize (as upstream).
+    tokens = torch.zeros(1, 20 + 14 * 14, 64)
+    resized = model.interpolate_pos_encoding(224, 239)
+    assert not torch.equal(resized, model.pos_embed)
+    torch.testing.assert_close(resized, upstream_mctformer.pos_embed(model, tokens, 224, 239))
+
+
+def test_checkpoint_formats_and_mismatch_errors(tmp_path):
+    model = random_model("v2", seed=0)
+    state = model.state_dict()
+    for wrapped in ({"model": state}, {"state_dict": state},
+                    {f"module.{k}": v for k, v in state.items()}):
+        path = tmp_path / "ckpt.pth"
+        torch.save(wrapped, path)
+        fresh = mctformer_v2(**TINY)
+        load_checkpoint(fresh, path)
+        assert torch.equal(fresh.pos_embed, model.pos_embed)
+    broken = dict(state)
+    del broken["blocks.0.attn.qkv.weight"]
+    broken["head.weight"] = torch.zeros(21, 64, 3, 3)
+    broken["extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointMismatch) as info:
+        load_checkpoint(mctformer_v2(**TINY), broken)
+    message = str(info.value)
+    assert "blocks.0.attn.qkv.weight" in message and "extra.weight" in message
+    assert "head.weight: checkpoint (21, 64, 3, 3) vs model (20, 64, 3, 3)" in message
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(mctformer_v2(**TINY), tmp_path / "missing.pth")
+
+
+def test_engine_rejects_bad_labels_and_images():
+    engine = CamEngine(random_model("v1", seed=0), "mctformer-v1")
+    with pytest.raises(ValueError, match="20 entries"):
+        engine(random_image(64, 64, 0), np.ones(21))
+    with pytest.raises(ValueError, match="H×W×3 uint8"):
+        engine(np.zeros((64, 64), dtype=np.uint8))
+    with pytest.raises(ValueError, match="smaller than one 16-pixel patch"):
+        engine(random_image(12, 40, 0))

@@ -1,0 +1,61 @@
+"""Named presets: how each published generator resizes, runs, merges and normalizes its passes.
+
+Each preset reproduces its official generator (reference/vit_methods.md §1.3, §2.3, §5.2); every
+field can be overridden (``get_preset("mctformer-v2", scales=(1.0, 0.75, 1.25))``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    scales: tuple[float, ...] = (1.0,)
+    # Resize each pass to a square of these sides instead of scaling (TransCAM: 256/512/768).
+    square_sizes: Optional[tuple[int, ...]] = None
+    flip: bool = True
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    merge: str = "sum"                 # multiscale_merge: "sum" | "max_flip"
+    norm: str = "minmax"               # "minmax" | "max" | "transcam" | "none"
+    eps: Optional[float] = None        # None: the norm's default
+    relu: bool = False                 # ReLU each resized pass
+    drop_channels: int = 0             # leading model outputs that are not classes (TransCAM bg)
+    cam_kwargs: dict = field(default_factory=dict)  # passed to model.cam_maps
+
+    def passes(self) -> list[tuple[object, bool]]:
+        """[(scale or square side, flipped)] in upstream order: each scale, then its flip."""
+        sizes = self.square_sizes if self.square_sizes is not None else self.scales
+        return [(s, f) for s in sizes for f in ((False, True) if self.flip else (False,))]
+
+
+PRESETS = {
+    # engine.generate_attention_maps_ms @96065977: the published scripts use --scales 1.0,
+    # --layer-index 3, --patch-attn-refine; V2 with attention_type 'fused'.
+    "mctformer-v1": Preset("mctformer-v1", cam_kwargs={"cls_layers": 3, "refine": True}),
+    "mctformer-v2": Preset("mctformer-v2", cam_kwargs={"cls_layers": 3, "refine": True,
+                                                       "attention_type": "fused"}),
+    # infer_TransCAM.py: square 256/512/768 + flips, bg output dropped, TransCAM's normalization.
+    "transcam": Preset("transcam", square_sizes=(256, 512, 768), norm="transcam", drop_channels=1),
+}
+
+
+def get_preset(preset, **overrides) -> Preset:
+    """A preset by name (or a Preset), with fields overridden."""
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
+        preset = PRESETS[preset]
+    if not isinstance(preset, Preset):
+        raise ValueError(f"preset must be a name or a Preset, got {type(preset).__name__}")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(Preset)}
+    if unknown:
+        raise ValueError(f"unknown preset fields: {', '.join(sorted(unknown))}")
+    return dataclasses.replace(preset, **overrides)

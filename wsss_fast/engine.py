@@ -1,0 +1,121 @@
+"""``CamEngine``: multi-scale, flipped CAM extraction for one image at a time (Python API).
+
+For each pass of its preset the image is resized exactly as the official generator does (PIL
+bicubic to ``(round(W·s), round(H·s))``, or to a square), normalized, and run together with its
+horizontal flip as one batch through ``model.cam_maps``; ``multiscale_merge`` then resizes every
+pass to the image size, flips back, masks absent classes, merges and normalizes. The result holds
+the full-resolution maps and IRN's stride-4 maps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+import PIL.Image
+import torch
+
+from wsss_fast import ops
+from wsss_fast.cams.presets import Preset, get_preset
+
+ImageLike = Union[str, os.PathLike, PIL.Image.Image, np.ndarray]
+
+
+@dataclass
+class CamResult:
+    """CAMs of one image. ``high_res`` is ``(K, H, W)`` and ``low_res`` ``(K, ⌈H/4⌉, ⌈W/4⌉)`` over
+    all K classes (absent ones are masked to 0 before normalization); ``keys`` are the classes
+    present in the labels."""
+
+    keys: np.ndarray
+    high_res: torch.Tensor
+    low_res: torch.Tensor
+
+    def as_dict(self) -> dict[int, np.ndarray]:
+        """MCTformer / TransCAM style ``{class_index: H×W float32}`` of the present classes."""
+        return {int(k): self.high_res[k].cpu().numpy() for k in self.keys}
+
+
+def load_image(image: ImageLike) -> PIL.Image.Image:
+    if isinstance(image, (str, os.PathLike)):
+        with PIL.Image.open(image) as opened:
+            return opened.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"an array image must be H×W×3 uint8 RGB, got {image.shape} {image.dtype}")
+        return PIL.Image.fromarray(image)
+    if isinstance(image, PIL.Image.Image):
+        return image.convert("RGB")
+    raise ValueError(f"cannot read an image from {type(image).__name__}")
+
+
+def to_normalized_tensor(image: PIL.Image.Image, mean, std) -> torch.Tensor:
+    """torchvision's ToTensor + Normalize, in the same float32 operations."""
+    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+class CamEngine:
+    """CAMs of a model under a preset.
+
+    >>> engine = CamEngine(model, "mctformer-v2", scales=(1.0, 0.75, 1.25))
+    >>> result = engine("2008_000101.jpg", labels)     # labels: (K,) multi-hot
+    >>> result.as_dict()                                # {class: H×W}
+    """
+
+    def __init__(self, model: torch.nn.Module, preset: Union[str, Preset] = "mctformer-v2", *,
+                 device: Union[str, torch.device, None] = None, **overrides):
+        self.preset = get_preset(preset, **overrides)
+        if not hasattr(model, "cam_maps"):
+            raise ValueError(f"{type(model).__name__} has no cam_maps(); wrap it in a wsss_fast "
+                             "model class")
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.eval().to(self.device)
+
+    def pass_inputs(self, image: PIL.Image.Image):
+        """[(batch of the resized image and, if flipping, its flip)] per scale."""
+        width, height = image.size
+        preset = self.preset
+        sizes = preset.square_sizes if preset.square_sizes is not None else preset.scales
+        for size in sizes:
+            if preset.square_sizes is not None:
+                target = (int(size), int(size))
+            else:
+                target = (round(width * size), round(height * size))  # Python's round, as upstream
+            resized = image.resize(target, resample=PIL.Image.BICUBIC)
+            x = to_normalized_tensor(resized, preset.mean, preset.std)
+            batch = torch.stack([x, x.flip(-1)]) if preset.flip else x[None]
+            yield batch.to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, image: ImageLike, labels=None) -> CamResult:
+        image = load_image(image)
+        width, height = image.size
+        maps, flips = [], []
+        for batch in self.pass_inputs(image):
+            cams = self.model.cam_maps(batch, **self.preset.cam_kwargs).float()
+            cams = cams[:, self.preset.drop_channels:]
+            for i in range(cams.shape[0]):
+                maps.append(cams[i:i + 1])
+                flips.append(i == 1)
+        num_classes = maps[0].shape[1]
+        label_tensor = self._labels(labels, num_classes)
+        merge = dict(flips=flips, relu=self.preset.relu, labels=label_tensor[None],
+                     merge=self.preset.merge, norm=self.preset.norm, eps=self.preset.eps)
+        high_res = ops.multiscale_merge(maps, (height, width), **merge)[0]
+        low_res = ops.multiscale_merge(maps, (math.ceil(height / 4), math.ceil(width / 4)),
+                                       **merge)[0]
+        keys = torch.nonzero(label_tensor > 0).flatten().cpu().numpy()
+        return CamResult(keys=keys, high_res=high_res, low_res=low_res)
+
+    def _labels(self, labels, num_classes: int) -> torch.Tensor:
+        if labels is None:
+            return torch.ones(num_classes, device=self.device)
+        labels = torch.as_tensor(np.asarray(labels), dtype=torch.float32).flatten()
+        if labels.numel() != num_classes:
+            raise ValueError(f"labels must have {num_classes} entries (one per class of "
+                             f"{self.preset.name}), got {labels.numel()}")
+        return labels.to(self.device)

@@ -1,0 +1,162 @@
+"""MCTformer-V1 / V2 (Xu et al., CVPR 2022): DeiT with one class token per class.
+
+Checkpoint-compatible with the official ``MCTformerV1`` / ``MCTformerV2`` classes (keys
+``cls_token (1, C, D)``, ``pos_embed (1, C + N, D)``, ``patch_embed.proj``, ``blocks.i.*``,
+``norm`` (present but unused: the final norm is not applied), ``head``: a 3×3 conv PatchCAM head
+for V2, an unused linear layer for V1). See reference/vit_methods.md §1.
+
+CAMs come from ``cam_maps``: the class→patch attention of the last ``cls_layers`` blocks and the
+patch affinity of all blocks are accumulated by ``attention_stats`` while the forward runs (no
+attention map is kept), V2 fuses PatchCAM through ``class_patch_reweight``, and refinement is
+``propagate``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsss_fast import ops
+from wsss_fast.models.vit_blocks import Block
+
+ATTENTION_TYPES = ("fused", "patchcam", "mct")
+
+
+class PatchEmbed(nn.Module):
+    """Stride-``patch`` conv: trailing ``H % patch`` rows and ``W % patch`` columns are dropped, as
+    upstream."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class MCTformer(nn.Module):
+    def __init__(self, version: str = "v2", num_classes: int = 20, img_size: int = 224,
+                 patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384, depth: int = 12,
+                 num_heads: int = 6, mlp_ratio: float = 4.0, qkv_bias: bool = True):
+        super().__init__()
+        if version not in ("v1", "v2"):
+            raise ValueError(f"version must be 'v1' or 'v2', got {version!r}")
+        self.version = version
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.train_grid = img_size // patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, num_classes, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_classes + self.train_grid ** 2, embed_dim))
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, eps=1e-6)
+                                    for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)  # in the checkpoints; never applied
+        if version == "v2":
+            self.head = nn.Conv2d(embed_dim, num_classes, kernel_size=3, padding=1)
+        else:
+            self.head = nn.Linear(embed_dim, num_classes)  # unused ('average' logits)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        p = self.patch_embed.patch_size
+        return height // p, width // p
+
+    def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
+        """Upstream's resizing: unchanged only for a square image with the training grid;
+        otherwise bicubic with ``scale_factor = (grid + 0.1) / train_grid`` (not ``size=``: the
+        factor itself maps the sampling coordinates, so values differ from a size-based resize)."""
+        h0, w0 = self.grid(height, width)
+        n = self.train_grid
+        if h0 * w0 == n * n and height == width:
+            return self.pos_embed
+        cls_pos = self.pos_embed[:, :self.num_classes]
+        patch_pos = self.pos_embed[:, self.num_classes:].reshape(1, n, n, -1).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos, scale_factor=((h0 + 0.1) / n, (w0 + 0.1) / n),
+                                  mode="bicubic", align_corners=False)
+        if patch_pos.shape[-2:] != (h0, w0):
+            raise RuntimeError(f"pos-embed resize gave {tuple(patch_pos.shape[-2:])}, "
+                               f"expected {(h0, w0)}")
+        return torch.cat([cls_pos, patch_pos.flatten(2).transpose(1, 2)], dim=1)
+
+    def forward_features(self, x: torch.Tensor, stats: Optional[ops.AttentionStats] = None):
+        """Raw tokens of the last block (no final norm): class tokens (B, C, D), patches (B, P, D)."""
+        b, _, height, width = x.shape
+        tokens = self.patch_embed(x)
+        tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
+        tokens = tokens + self.interpolate_pos_encoding(height, width)
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, self.num_classes, stats.block_kwargs(i) if stats else None)
+        return tokens[:, :self.num_classes], tokens[:, self.num_classes:]
+
+    def patch_cam(self, patches: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """V2's PatchCAM logits ``head(patch tokens as (B, D, h, w))``."""
+        h0, w0 = self.grid(height, width)
+        grid = patches.transpose(1, 2).reshape(patches.shape[0], self.embed_dim, h0, w0)
+        return self.head(grid)
+
+    def forward(self, x: torch.Tensor):
+        """Training logits: V1 ``cls_logits``; V2 ``(cls_logits, patch_logits)`` (GAP of PatchCAM)."""
+        cls_tokens, patches = self.forward_features(x)
+        cls_logits = cls_tokens.mean(dim=-1)
+        if self.version == "v1":
+            return cls_logits
+        patch_logits = self.patch_cam(patches, *x.shape[-2:]).mean(dim=(-2, -1))
+        return cls_logits, patch_logits
+
+    @torch.no_grad()
+    def cam_maps(self, x: torch.Tensor, *, cls_layers: int = 3, attention_type: str = "fused",
+                 refine: bool = True) -> torch.Tensor:
+        """Low-resolution CAMs ``(B, C, h, w)`` as the official generator computes them per pass.
+
+        Args:
+            cls_layers: class→patch attention summed over the last ``cls_layers`` blocks
+                (``--layer-index``; the published scripts use 3).
+            attention_type: V2 only: ``"fused"`` (class attention ⊙ ReLU(PatchCAM)),
+                ``"patchcam"`` or ``"mct"`` (class attention alone).
+            refine: multiply by the patch affinity summed over all blocks (``--patch-attn-refine``).
+        """
+        if attention_type not in ATTENTION_TYPES:
+            raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}")
+        b, _, height, width = x.shape
+        h0, w0 = self.grid(height, width)
+        if h0 == 0 or w0 == 0:
+            raise ValueError(f"input {height}x{width} is smaller than one "
+                             f"{self.patch_embed.patch_size}-pixel patch")
+        stats = ops.AttentionStats.allocate(b, self.num_classes, h0 * w0, self.depth,
+                                            cls2patch_layers=cls_layers,
+                                            patch2patch_layers="all" if refine else None,
+                                            device=x.device)
+        _, patches = self.forward_features(x, stats)
+        cams = stats.cls2patch                                              # (B, C, P)
+        if self.version == "v2" and attention_type != "mct":
+            patch_cam = self.patch_cam(patches, height, width).flatten(2).float()
+            if attention_type == "fused":
+                cams = ops.class_patch_reweight(cams, 1.0, patchcam=patch_cam)
+            else:
+                cams = patch_cam.clamp_min(0)
+        if refine:
+            cams = ops.propagate(stats.patch2patch, cams.transpose(1, 2).contiguous()).transpose(1, 2)
+        return cams.reshape(b, self.num_classes, h0, w0)
+
+
+def _mctformer(version: str, **kwargs) -> MCTformer:
+    defaults = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
+                    qkv_bias=True)
+    return MCTformer(version, **{**defaults, **kwargs})
+
+
+def mctformer_v1(num_classes: int = 20, **kwargs) -> MCTformer:
+    """``deit_small_MCTformerV1_patch16_224``."""
+    return _mctformer("v1", num_classes=num_classes, **kwargs)
+
+
+def mctformer_v2(num_classes: int = 20, **kwargs) -> MCTformer:
+    """``deit_small_MCTformerV2_patch16_224``."""
+    return _mctformer("v2", num_classes=num_classes, **kwargs)
