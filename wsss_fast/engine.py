@@ -17,6 +17,7 @@ from typing import Optional, Union
 import numpy as np
 import PIL.Image
 import torch
+import torch.nn.functional as F
 
 from wsss_fast import ops
 from wsss_fast.cams.presets import Preset, get_preset
@@ -76,17 +77,25 @@ class CamEngine:
         self.model = model.eval().to(self.device)
 
     def pass_inputs(self, image: PIL.Image.Image):
-        """[(batch of the resized image and, if flipping, its flip)] per scale."""
+        """[(batch of the resized image and, if flipping, its flip)] per scale or square side."""
         width, height = image.size
         preset = self.preset
         sizes = preset.square_sizes if preset.square_sizes is not None else preset.scales
+        full = None
         for size in sizes:
-            if preset.square_sizes is not None:
-                target = (int(size), int(size))
+            if preset.resize == "tensor_bilinear":
+                if full is None:
+                    full = to_normalized_tensor(image, preset.mean, preset.std)[None]
+                target = ((int(size), int(size)) if preset.square_sizes is not None
+                          else (int(height * size), int(width * size)))
+                x = F.interpolate(full, size=target, mode="bilinear", align_corners=False)[0]
             else:
-                target = (round(width * size), round(height * size))  # Python's round, as upstream
-            resized = image.resize(target, resample=PIL.Image.BICUBIC)
-            x = to_normalized_tensor(resized, preset.mean, preset.std)
+                if preset.square_sizes is not None:
+                    target = (int(size), int(size))
+                else:
+                    target = (round(width * size), round(height * size))  # Python's round
+                resized = image.resize(target, resample=PIL.Image.BICUBIC)
+                x = to_normalized_tensor(resized, preset.mean, preset.std)
             batch = torch.stack([x, x.flip(-1)]) if preset.flip else x[None]
             yield batch.to(self.device)
 

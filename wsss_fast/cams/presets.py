@@ -21,6 +21,9 @@ class Preset:
     # Resize each pass to a square of these sides instead of scaling (TransCAM: 256/512/768).
     square_sizes: Optional[tuple[int, ...]] = None
     flip: bool = True
+    # "pil_bicubic": PIL resize of the image to (round(W·s), round(H·s)) (MCTformer, TransCAM);
+    # "tensor_bilinear": F.interpolate of the normalized image to (int(H·s), int(W·s)) (ToCo).
+    resize: str = "pil_bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     merge: str = "sum"                 # multiscale_merge: "sum" | "max_flip"
@@ -44,7 +47,14 @@ PRESETS = {
                                                        "attention_type": "fused"}),
     # infer_TransCAM.py: square 256/512/768 + flips, bg output dropped, TransCAM's normalization.
     "transcam": Preset("transcam", square_sizes=(256, 512, 768), norm="transcam", drop_channels=1),
+    # ToCo's multi_scale_cam2: bilinear rescales, image and flip merged by max, ReLU, sum over
+    # scales, (x - min) / (max - min + 1e-5).
+    "token-cam": Preset("token-cam", scales=(1.0, 0.5, 1.5), resize="tensor_bilinear",
+                        merge="max_flip", relu=True, norm="minmax", eps=1e-5,
+                        cam_kwargs={"kind": "token"}),
 }
+
+RESIZES = ("pil_bicubic", "tensor_bilinear")
 
 
 def get_preset(preset, **overrides) -> Preset:
@@ -58,4 +68,7 @@ def get_preset(preset, **overrides) -> Preset:
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Preset)}
     if unknown:
         raise ValueError(f"unknown preset fields: {', '.join(sorted(unknown))}")
-    return dataclasses.replace(preset, **overrides)
+    preset = dataclasses.replace(preset, **overrides)
+    if preset.resize not in RESIZES:
+        raise ValueError(f"resize must be one of {RESIZES}, got {preset.resize!r}")
+    return preset

@@ -8,6 +8,7 @@ dict (TransCAM); strips DataParallel/DDP ``module.`` prefixes. A mismatch raises
 from __future__ import annotations
 
 import os
+import re
 from typing import Callable, Iterable, Mapping, Optional
 
 import torch
@@ -38,10 +39,14 @@ def read_state_dict(source) -> dict:
     return state
 
 
-def _summarize(title: str, items: Iterable[str], limit: int = 20) -> str:
-    items = sorted(items)
-    shown = ", ".join(items[:limit]) + (f", … ({len(items) - limit} more)" if len(items) > limit else "")
-    return f"{title} ({len(items)}): {shown}"
+def _natural_key(name: str):
+    """blocks.2 before blocks.10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _summarize(title: str, items: Iterable[str]) -> str:
+    items = sorted(items, key=_natural_key)
+    return f"{title} ({len(items)}): {', '.join(items)}"
 
 
 def load_checkpoint(model: nn.Module, source, *, strict: bool = True,

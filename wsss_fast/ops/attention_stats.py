@@ -172,7 +172,8 @@ class AttentionStats:
                  cls_row_layers: LayerSpec = None, cls_row_reduce: str = "sum",
                  device: torch.device | str = "cpu") -> "AttentionStats":
         def zeros(layers, *shape):
-            return None if layers is None else torch.zeros(*shape, device=device)
+            return None if layers is None else torch.zeros(*shape, dtype=torch.float32,
+                                                           device=device)
 
         return cls(
             cls2patch=zeros(cls2patch_layers, batch, num_cls, num_patches),

@@ -25,7 +25,7 @@ FACES = ("reference", "cpu", "triton", "cuda")
 
 
 def class_patch_reweight_reference(attn, gamma, patchcam=None, sqrt=False):
-    """The specification, in float64."""
+    """The specification, in float64 (differentiable)."""
     a = attn.double().clamp_min(0)
     powered = a.pow(gamma)
     denom = powered.sum(dim=-1, keepdim=True)
@@ -100,6 +100,9 @@ def class_patch_reweight(attn: torch.Tensor, gamma: float = 1.0, *,
                              f"attn of shape {tuple(attn.shape)} (expected {tuple(attn.shape)} "
                              f"or {tuple(attn.shape[:lead])} + (h, w) with h*w={attn.shape[-1]})")
         patchcam = patchcam.reshape(attn.shape).to(attn.dtype)
+    if torch.is_grad_enabled() and (attn.requires_grad or (patchcam is not None
+                                                          and patchcam.requires_grad)):
+        return class_patch_reweight_reference(attn, gamma, patchcam, bool(sqrt))
     rows = attn.reshape(-1, attn.shape[-1]).contiguous()
     if patchcam is not None:
         patchcam = patchcam.reshape(rows.shape).contiguous()

@@ -159,5 +159,8 @@ def multiscale_merge(maps: Sequence[torch.Tensor], out_size: tuple[int, int], *,
             raise ValueError(f"{OP}: labels must have shape ({b}, {k}), got {tuple(labels.shape)}")
         labels = labels.float().contiguous()
     eps = DEFAULT_EPS[norm] if eps is None else check_finite_number(OP, "eps", eps)
+    if torch.is_grad_enabled() and any(cam.requires_grad for cam in maps):
+        return multiscale_merge_reference(maps, flips, out_h, out_w, bool(relu), labels, merge,
+                                          norm, eps)
     maps = [cam.float().contiguous() for cam in maps]
     return _multiscale_merge_op(maps, flips, out_h, out_w, bool(relu), labels, merge, norm, eps)

@@ -1,7 +1,8 @@
-"""An eager re-implementation of the official MCTformer-V1/V2 forward and generator, in upstream's
-order of operations (attention materialized per block, stacked, head-mean, sliced; numpy sum of
-label-masked, flipped-back passes; per-class min-max), used as a test oracle with the same weights.
-Written from reference/vit_methods.md §1 and the upstream code's semantics."""
+"""The official MCTformer-V1/V2 generator re-implemented eagerly, in upstream's order of operations:
+attention materialized per block and stacked, head-mean, sliced; one pass per forward; numpy sum
+of label-masked, flipped-back passes; per-class min-max. It is the equivalence-test oracle (same
+weights as a ``wsss_fast.models.mctformer`` model) and the materializing baseline of the benchmarks.
+Written from reference/vit_methods.md §1 and the upstream code's semantics, not copied."""
 
 import math
 

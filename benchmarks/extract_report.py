@@ -1,0 +1,130 @@
+"""End-to-end MCTformer-V2 extraction on CPU, side by side (issue 3 / DESIGN §8):
+
+    python -m benchmarks.extract_report             # 640×480, scales (1.0, 0.5, 1.5, 2.0) × flip
+    python -m benchmarks.extract_report --quick     # 320×240, scales (1.0, 0.5) × flip
+
+Variants, same random ViT-S weights (12 blocks, 6 heads, D=384, 20 class tokens) and image:
+* floor — a plain fused forward of the same passes (SDPA blocks, image and flip batched, PatchCAM
+  head), producing no CAM: what any extraction must at least cost;
+* engine — ``CamEngine(model, "mctformer-v2")``: the whole generator, CAMs included;
+* materializing — the upstream-style generator (eager attention, all blocks' maps stacked, one pass
+  per forward, maps summed on the host: ``wsss_fast.cams.upstream_mctformer``).
+Each variant runs in its own subprocess (peak RSS above the loaded model and image, via VmHWM), in
+interleaved rounds; the best round counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import PIL.Image
+import torch
+
+VARIANTS = ("floor", "engine", "materializing")
+
+
+def setup(quick: bool):
+    from wsss_fast.models.mctformer import mctformer_v2
+
+    torch.manual_seed(0)
+    model = mctformer_v2().eval()
+    height, width = (240, 320) if quick else (480, 640)
+    scales = (1.0, 0.5) if quick else (1.0, 0.5, 1.5, 2.0)
+    rng = np.random.default_rng(0)
+    image = PIL.Image.fromarray(rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+                                ).resize((width, height), PIL.Image.BILINEAR)
+    label = np.zeros(20, dtype=np.float32)
+    label[[3, 11]] = 1
+    return model, image, label, scales
+
+
+def make_run(variant: str, quick: bool):
+    from wsss_fast.cams import upstream_mctformer
+    from wsss_fast.engine import CamEngine
+
+    model, image, label, scales = setup(quick)
+    engine = CamEngine(model, "mctformer-v2", scales=scales)
+    if variant == "engine":
+        return lambda: engine(image, label)
+    if variant == "materializing":
+        return lambda: upstream_mctformer.generate(model, image, label, scales)
+
+    batches = list(engine.pass_inputs(image))
+
+    @torch.no_grad()
+    def floor():
+        for batch in batches:
+            _, patches = model.forward_features(batch)
+            model.patch_cam(patches, *batch.shape[-2:])
+
+    return floor
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def child(variant: str, quick: bool) -> dict:
+    run = make_run(variant, quick)
+    warm = make_run(variant, True) if not quick else run
+    warm()  # lazy imports and first-call costs (torch imports torch._dynamo on first custom op)
+    baseline = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    start = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_mib": (_status_kib("VmHWM") - baseline) / 1024}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.quick)))
+        return 0
+    _, image, _, scales = setup(args.quick)
+    print(f"MCTformer-V2 (ViT-S, random weights), {image.size[0]}x{image.size[1]}, scales "
+          f"{scales} x flip, fp32, {torch.get_num_threads()} threads")
+    best = {v: {"seconds": float("inf"), "peak_mib": 0.0} for v in VARIANTS}
+    for _ in range(args.rounds):
+        for variant in VARIANTS:
+            cmd = [sys.executable, "-m", "benchmarks.extract_report", "--child", variant]
+            cmd += ["--quick"] if args.quick else []
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                 env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            best[variant]["seconds"] = min(best[variant]["seconds"], result["seconds"])
+            best[variant]["peak_mib"] = max(best[variant]["peak_mib"], result["peak_mib"])
+    floor, mat = best["floor"], best["materializing"]
+    print("| variant | time (s) | time / floor | materializing / time | peak RSS (MiB) | "
+          "materializing peak / peak |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for variant in VARIANTS:
+        r = best[variant]
+        print(f"| {variant} | {r['seconds']:.2f} | {r['seconds'] / floor['seconds']:.2f} | "
+              f"{mat['seconds'] / r['seconds']:.2f} | {r['peak_mib']:.0f} | "
+              f"{mat['peak_mib'] / max(r['peak_mib'], 1):.1f} |")
+    engine = best["engine"]
+    print(f"\nengine / floor = {engine['seconds'] / floor['seconds']:.2f} (target <= 1.15); "
+          f"materializing / engine = {mat['seconds'] / engine['seconds']:.2f} (target >= 2.5); "
+          f"engine peak = 1/{mat['peak_mib'] / max(engine['peak_mib'], 1):.1f} of materializing "
+          f"(target <= 1/10)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""Conformer (the TransCAM / BNR backbone), checkpoint-compatible with ``network.conformer.Net``
+of liruiwen/TransCAM, with its attention running through ``wsss_fast.ops.attention_stats``.
+
+Architecture (stride in brackets, ``c1 = base_channel·channel_ratio``, ``c2 = 2·c1``,
+``c3 = 4·c1``, ``D = embed_dim``)::
+
+    stem      conv7×7/2 (no bias) → BN(eps 1e-5) → ReLU → maxpool3×3/2           [4], 64 ch
+    CNN  0    conv_1 = bottleneck 64 → c1 (projection shortcut)                   [4]
+    trans 0   trans_1 = Block(tokens) with tokens = [cls; trans_patch_conv(stem)]  (k = s = patch/4)
+    i = 2..L  conv_trans_i:
+                x, x2 = cnn_block(x)                       x2 = the bottleneck's mid activation
+                x_t   = trans_block(x_t + [x_t[:, 0]; squeeze_block(x2)])
+                x     = fusion_block(x, expand_block(x_t))  added to the mid activation, pre-conv2
+              stages: i in 2..L/3+1 at [4] (c1), then L/3 blocks at [8] (c2, first strided),
+              then L/3 at [16] (c3, first strided; the last fusion block has a projection shortcut)
+    heads     conv_cls_head = conv3×3 c3 → K on the final CNN map: M (B, K, h, w) at [16]
+              conv_logits = GAP(M);  trans_logits = trans_cls_head(trans_norm(x_t)[:, 0])
+
+Details that matter for bit-level agreement with the checkpoints (network/conformer.py):
+
+* Normalization eps: every BatchNorm inside the bottlenecks and ``FCUUp`` uses eps 1e-6, but the
+  stem ``bn1`` is a default ``BatchNorm2d`` (eps 1e-5); the transformer blocks and ``FCUDown.ln``
+  use LayerNorm eps 1e-6, but ``trans_norm`` is a default ``LayerNorm`` (eps 1e-5).
+* ``FCUDown`` (squeeze_block): 1×1 conv (bias) → AvgPool(dw) → LayerNorm → GELU, then the *current*
+  class token is prepended, and the block input is ``x_t + that``: the class token entering every
+  ``conv_trans_i`` transformer block is therefore ``2 · x_t[:, 0]`` (upstream behaviour, kept).
+* ``FCUUp`` (expand_block): patch tokens → (B, D, h, w) → 1×1 conv (bias) → BN → ReLU → nearest
+  upsampling ×dw; the fusion bottleneck adds it to ``ReLU(BN(conv1(x)))`` before its 3×3 conv.
+* The transformer block is the plain pre-norm ViT block (``x + attn(LN(x))``, ``x + mlp(LN(x))``,
+  GELU, LayerNorm eps 1e-6, scale ``head_dim**-0.5``) — ``vit_blocks.Block`` is used unchanged;
+  the only Conformer-specific part is the input it receives (above).
+* There is no positional embedding.
+
+TransCAM's CAM (``forward(method='transcam')``)::
+
+    A*  = Σ_{all blocks} mean_h softmax(q kᵀ·scale)[1:, 1:]     (B, P, P), class row/col dropped
+    CAM = A* · M                                                 (B, K, h, w), M without ReLU
+
+Here ``A*`` is accumulated by ``attention_stats`` while the blocks run (no per-block attention is
+kept) and the product is ``ops.propagate``.
+
+Input sizes: the official model reshapes the token grid with ``int(sqrt(P))`` on both axes, so it
+only works on square token grids (and silently scrambles a non-square grid whose ``P`` is a perfect
+square, e.g. 8×32). Here the CAM keeps the CNN map's ``(h, w)``, so any ``H×W`` works for which the
+CNN and token grids line up: ``ceil(H/4)`` and ``ceil(W/4)`` must be multiples of ``patch_size/4``
+(for patch 16: ``H, W ∈ {16k−3, …, 16k}``); other sizes raise ``ValueError`` (upstream fails with
+a shape error inside the fusion block).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsss_fast import ops
+from wsss_fast.models.vit_blocks import Block
+
+__all__ = ["Conformer", "transcam_small", "transcam_golden_tiny"]
+
+_BN_EPS = 1e-6      # bottlenecks and FCUUp
+_LN_EPS = 1e-6      # transformer blocks and FCUDown
+_EXPANSION = 4
+
+
+class _Bottleneck(nn.Module):
+    """Upstream ``ConvBlock``: 1×1 → 3×3 (stride) → 1×1 with residual; ``forward`` also returns
+    the mid activation ``x2`` (what ``FCUDown`` consumes). ``x_t`` (the expanded tokens) is added
+    to the first activation before the 3×3 conv."""
+
+    def __init__(self, inplanes: int, outplanes: int, stride: int = 1, res_conv: bool = False):
+        super().__init__()
+        med = outplanes // _EXPANSION
+        self.conv1 = nn.Conv2d(inplanes, med, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(med, eps=_BN_EPS)
+        self.conv2 = nn.Conv2d(med, med, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(med, eps=_BN_EPS)
+        self.conv3 = nn.Conv2d(med, outplanes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(outplanes, eps=_BN_EPS)
+        self.res_conv = res_conv
+        if res_conv:
+            self.residual_conv = nn.Conv2d(inplanes, outplanes, 1, stride=stride, bias=False)
+            self.residual_bn = nn.BatchNorm2d(outplanes, eps=_BN_EPS)
+
+    def forward(self, x: torch.Tensor, x_t: Optional[torch.Tensor] = None):
+        y = F.relu(self.bn1(self.conv1(x)))
+        if x_t is not None:
+            y = y + x_t
+        x2 = F.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(x2))
+        shortcut = self.residual_bn(self.residual_conv(x)) if self.res_conv else x
+        return F.relu(y + shortcut), x2
+
+
+class _MedBottleneck(nn.Module):
+    """Upstream ``Med_ConvBlock`` (only built when ``num_med_block > 0``)."""
+
+    def __init__(self, planes: int):
+        super().__init__()
+        med = planes // _EXPANSION
+        self.conv1 = nn.Conv2d(planes, med, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(med, eps=_BN_EPS)
+        self.conv2 = nn.Conv2d(med, med, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(med, eps=_BN_EPS)
+        self.conv3 = nn.Conv2d(med, planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes, eps=_BN_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        return F.relu(self.bn3(self.conv3(y)) + x)
+
+
+class _Squeeze(nn.Module):
+    """Upstream ``FCUDown``: CNN mid map → patch tokens, with the current class token prepended."""
+
+    def __init__(self, inplanes: int, embed_dim: int, dw_stride: int):
+        super().__init__()
+        self.dw_stride = dw_stride
+        self.conv_project = nn.Conv2d(inplanes, embed_dim, 1)
+        self.ln = nn.LayerNorm(embed_dim, eps=_LN_EPS)
+
+    def forward(self, x: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        x = self.conv_project(x)
+        if self.dw_stride > 1:
+            x = F.avg_pool2d(x, self.dw_stride, self.dw_stride)
+        x = F.gelu(self.ln(x.flatten(2).transpose(1, 2)))
+        return torch.cat([x_t[:, :1], x], dim=1)
+
+
+class _Expand(nn.Module):
+    """Upstream ``FCUUp``: patch tokens → (B, C, h·dw, w·dw) by 1×1 conv, BN, ReLU, nearest."""
+
+    def __init__(self, embed_dim: int, outplanes: int, up_stride: int):
+        super().__init__()
+        self.up_stride = up_stride
+        self.conv_project = nn.Conv2d(embed_dim, outplanes, 1)
+        self.bn = nn.BatchNorm2d(outplanes, eps=_BN_EPS)
+
+    def forward(self, x_t: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        b, _, d = x_t.shape
+        x = x_t[:, 1:].transpose(1, 2).reshape(b, d, h, w)
+        x = F.relu(self.bn(self.conv_project(x)))
+        if self.up_stride > 1:
+            x = F.interpolate(x, size=(h * self.up_stride, w * self.up_stride), mode="nearest")
+        return x
+
+
+class _ConvTransBlock(nn.Module):
+    """Upstream ``ConvTransBlock`` (key names kept: cnn_block, fusion_block, med_block,
+    squeeze_block, expand_block, trans_block)."""
+
+    def __init__(self, inplanes: int, outplanes: int, res_conv: bool, stride: int, dw_stride: int,
+                 embed_dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
+                 last_fusion: bool = False, num_med_block: int = 0):
+        super().__init__()
+        self.cnn_block = _Bottleneck(inplanes, outplanes, stride=stride, res_conv=res_conv)
+        self.fusion_block = _Bottleneck(outplanes, outplanes, stride=1, res_conv=last_fusion)
+        if num_med_block > 0:
+            self.med_block = nn.ModuleList(_MedBottleneck(outplanes) for _ in range(num_med_block))
+        else:
+            self.med_block = None
+        self.squeeze_block = _Squeeze(outplanes // _EXPANSION, embed_dim, dw_stride)
+        self.expand_block = _Expand(embed_dim, outplanes // _EXPANSION, dw_stride)
+        self.trans_block = Block(embed_dim, num_heads, mlp_ratio, qkv_bias, eps=_LN_EPS)
+        self.dw_stride = dw_stride
+
+    def forward(self, x: torch.Tensor, x_t: torch.Tensor, stats: Optional[dict] = None):
+        x, x2 = self.cnn_block(x)
+        _, _, h, w = x2.shape
+        # Upstream: trans_block(x_st + x_t) with x_st = [x_t[:, 0]; squeezed] -> cls doubled.
+        x_t = self.trans_block(x_t + self.squeeze_block(x2, x_t), 1, stats)
+        if self.med_block is not None:
+            for block in self.med_block:
+                x = block(x)
+        x_up = self.expand_block(x_t, h // self.dw_stride, w // self.dw_stride)
+        x, _ = self.fusion_block(x, x_up)
+        return x, x_t
+
+
+class Conformer(nn.Module):
+    """Conformer with TransCAM's heads; ``state_dict`` keys/shapes equal upstream ``Net``'s.
+
+    Dropout / drop-path are not modelled (inference; upstream's TransCAM runs eval mode).
+    ``conv_cls_head`` takes ``4·base_channel·channel_ratio`` channels (upstream hard-codes
+    ``256·channel_ratio``, the same number for the only base_channel it is used with, 64).
+    """
+
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, num_classes: int = 21,
+                 base_channel: int = 64, channel_ratio: float = 4, num_med_block: int = 0,
+                 embed_dim: int = 384, depth: int = 12, num_heads: int = 6,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True):
+        super().__init__()
+        if depth % 3 or depth < 3:
+            raise ValueError(f"depth must be a positive multiple of 3, got {depth}")
+        if patch_size % 16 or patch_size <= 0:
+            raise ValueError(f"patch_size must be a positive multiple of 16, got {patch_size}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.patch_size = patch_size
+        c1 = int(base_channel * channel_ratio)
+        c2, c3 = 2 * c1, 4 * c1
+        dw = patch_size // 4
+
+        # Registration order follows upstream so that state_dict() iterates in the same order.
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.trans_norm = nn.LayerNorm(embed_dim)                 # eps 1e-5 (upstream default)
+        self.trans_cls_head = nn.Linear(embed_dim, num_classes)
+        self.conv_cls_head = nn.Conv2d(c3, num_classes, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)                             # eps 1e-5 (upstream default)
+        self.conv_1 = _Bottleneck(64, c1, stride=1, res_conv=True)
+        self.trans_patch_conv = nn.Conv2d(64, embed_dim, dw, stride=dw)
+        self.trans_1 = Block(embed_dim, num_heads, mlp_ratio, qkv_bias, eps=_LN_EPS)
+        per_stage = depth // 3
+        common = dict(embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                      qkv_bias=qkv_bias, num_med_block=num_med_block)
+        for i in range(2, per_stage + 1):
+            self.add_module(f"conv_trans_{i}",
+                            _ConvTransBlock(c1, c1, False, 1, dw_stride=dw, **common))
+        first = per_stage + 1
+        for i in range(first, first + per_stage):
+            start = i == first
+            self.add_module(f"conv_trans_{i}",
+                            _ConvTransBlock(c1 if start else c2, c2, start, 2 if start else 1,
+                                            dw_stride=dw // 2, **common))
+        first += per_stage
+        for i in range(first, first + per_stage):
+            start = i == first
+            self.add_module(f"conv_trans_{i}",
+                            _ConvTransBlock(c2 if start else c3, c3, start, 2 if start else 1,
+                                            dw_stride=dw // 4, last_fusion=(i == depth),
+                                            **common))
+        self._init_weights()
+
+    # -- initialization (upstream's scheme; checkpoints overwrite it) -------------------------
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # -- geometry ------------------------------------------------------------------------------
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The ``(h, w)`` token / CAM grid for an ``height×width`` input; ``ValueError`` if the
+        CNN and transformer grids of this model do not line up at that size."""
+        dw = self.patch_size // 4
+        grid = []
+        for name, n in (("height", height), ("width", width)):
+            s4 = ((n - 1) // 2 + 1 - 1) // 2 + 1      # conv7×7/2 then maxpool3×3/2: ceil(ceil(n/2)/2)
+            if n <= 0 or s4 % dw:
+                raise ValueError(
+                    f"Conformer: input {height}×{width} is not supported: the stride-4 map "
+                    f"{name} ceil({name}/4) = {s4} must be a multiple of patch_size/4 = {dw} "
+                    f"(for patch 16: a size in {{16k-3, …, 16k}})")
+            grid.append(s4 // dw)
+        return grid[0], grid[1]
+
+    def blocks(self) -> list[Block]:
+        """The transformer blocks in order (block i of ``AttentionStats`` is ``blocks()[i]``)."""
+        return [self.trans_1] + [getattr(self, f"conv_trans_{i}").trans_block
+                                 for i in range(2, self.depth + 1)]
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor, stats: Optional[ops.AttentionStats] = None):
+        """``(final CNN map (B, c3, h, w), tokens (B, 1+P, D))``; ``stats`` (optional) receives the
+        attention statistics of every block (block index = depth order)."""
+        if x.dim() != 4:
+            raise ValueError(f"Conformer: expected a (B, C, H, W) input, got {tuple(x.shape)}")
+        self.token_grid(x.shape[-2], x.shape[-1])
+
+        def kwargs(i):
+            return stats.block_kwargs(i) if stats is not None else None
+
+        x_base = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        x, _ = self.conv_1(x_base)
+        x_t = self.trans_patch_conv(x_base).flatten(2).transpose(1, 2)
+        x_t = torch.cat([self.cls_token.expand(x_t.shape[0], -1, -1).to(x_t.dtype), x_t], dim=1)
+        x_t = self.trans_1(x_t, 1, kwargs(0))
+        for i in range(2, self.depth + 1):
+            x, x_t = getattr(self, f"conv_trans_{i}")(x, x_t, kwargs(i - 1))
+        return x, x_t
+
+    def _heads(self, x: torch.Tensor, x_t: torch.Tensor):
+        conv_map = self.conv_cls_head(x)
+        conv_logits = conv_map.mean(dim=(-2, -1))
+        trans_logits = self.trans_cls_head(self.trans_norm(x_t)[:, 0])
+        return conv_map, conv_logits, trans_logits
+
+    def forward(self, x: torch.Tensor):
+        """``(conv_logits, trans_logits)``, each ``(B, num_classes)``, as upstream in eval mode."""
+        x, x_t = self.forward_features(x)
+        _, conv_logits, trans_logits = self._heads(x, x_t)
+        return conv_logits, trans_logits
+
+    def forward_cam(self, x: torch.Tensor):
+        """``(conv_logits, trans_logits, cam)`` from one pass; ``cam`` as in :meth:`cam_maps`."""
+        b = x.shape[0]
+        h, w = self.token_grid(x.shape[-2], x.shape[-1])
+        stats = ops.AttentionStats.allocate(b, 1, h * w, self.depth, patch2patch_layers="all",
+                                            device=x.device)
+        x, x_t = self.forward_features(x, stats)
+        conv_map, conv_logits, trans_logits = self._heads(x, x_t)
+        if conv_map.shape[-2:] != (h, w):
+            raise ValueError(f"Conformer: CNN map {tuple(conv_map.shape[-2:])} and token grid "
+                             f"{(h, w)} differ (patch_size {self.patch_size} != 16?); "
+                             f"TransCAM's A*·M needs them equal")
+        m = conv_map.float().flatten(2).transpose(1, 2)                     # (B, P, K)
+        affinity = stats.patch2patch
+        if torch.is_grad_enabled() and (m.requires_grad or affinity.requires_grad):
+            # ops.propagate registers no autograd formula; the reference face is plain bmm.
+            cam = ops.propagate_reference(affinity, m)
+        else:
+            cam = ops.propagate(affinity, m)
+        cam = cam.transpose(1, 2).reshape(b, self.num_classes, h, w)
+        return conv_logits, trans_logits, cam
+
+    def cam_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """TransCAM's CAM ``A*·M``: ``(B, num_classes, h, w)`` fp32 on the token grid (index 0 is
+        the unused background slot), ``A* = Σ_blocks mean_h A[1:, 1:]``, ``M`` the conv head map
+        without ReLU. No normalization (the generator normalizes after merging passes)."""
+        return self.forward_cam(x)[2]
+
+
+def transcam_small(num_classes: int = 21) -> Conformer:
+    """Conformer-S as TransCAM uses it (``Net_sm``): patch 16, channel_ratio 4, D 384, 12 blocks,
+    6 heads, mlp_ratio 4, qkv_bias."""
+    return Conformer(patch_size=16, num_classes=num_classes, base_channel=64, channel_ratio=4,
+                     embed_dim=384, depth=12, num_heads=6, mlp_ratio=4, qkv_bias=True)
+
+
+def transcam_golden_tiny() -> Conformer:
+    """The configuration of ``/work/shared/golden/transcam/weights_tiny.pth``."""
+    return Conformer(patch_size=16, num_classes=21, base_channel=64, channel_ratio=1,
+                     embed_dim=64, depth=6, num_heads=2, mlp_ratio=4, qkv_bias=True)
