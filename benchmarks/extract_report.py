@@ -7,6 +7,8 @@ Variants, same random ViT-S weights (12 blocks, 6 heads, D=384, 20 class tokens)
 * floor — a plain fused forward of the same passes (SDPA blocks, image and flip batched, PatchCAM
   head), producing no CAM: what any extraction must at least cost;
 * engine — ``CamEngine(model, "mctformer-v2")``: the whole generator, CAMs included;
+* engine-bf16 — the same under CPU bf16 autocast (linear layers and convs in bf16; attention
+  statistics and softmax stay fp32); its error against fp32 is reported;
 * materializing — the upstream-style generator (eager attention, all blocks' maps stacked, one pass
   per forward, maps summed on the host: ``wsss_fast.cams.upstream_mctformer``).
 Each variant runs in its own subprocess (peak RSS above the loaded model and image, via VmHWM), in
@@ -26,7 +28,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-VARIANTS = ("floor", "engine", "materializing")
+VARIANTS = ("floor", "engine", "engine-bf16", "materializing")
 
 
 def setup(quick: bool):
@@ -52,6 +54,9 @@ def make_run(variant: str, quick: bool):
     engine = CamEngine(model, "mctformer-v2", scales=scales)
     if variant == "engine":
         return lambda: engine(image, label)
+    if variant == "engine-bf16":
+        engine_bf16 = CamEngine(model, "mctformer-v2", scales=scales, dtype=torch.bfloat16)
+        return lambda: engine_bf16(image, label)
     if variant == "materializing":
         return lambda: upstream_mctformer.generate(model, image, label, scales)
 
@@ -87,26 +92,43 @@ def child(variant: str, quick: bool) -> dict:
     return {"seconds": seconds, "peak_mib": (_status_kib("VmHWM") - baseline) / 1024}
 
 
+def bf16_error(quick: bool) -> dict:
+    """Max and mean |bf16 - fp32| over the present classes' normalized maps."""
+    from wsss_fast.engine import CamEngine
+
+    model, image, label, scales = setup(quick)
+    fp32 = CamEngine(model, "mctformer-v2", scales=scales)(image, label)
+    bf16 = CamEngine(model, "mctformer-v2", scales=scales, dtype=torch.bfloat16)(image, label)
+    diff = (bf16.high_res[fp32.keys] - fp32.high_res[fp32.keys]).abs()
+    return {"max": diff.max().item(), "mean": diff.mean().item()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=VARIANTS + ("bf16-error",), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child == "bf16-error":
+        print(json.dumps(bf16_error(args.quick)))
+        return 0
     if args.child:
         print(json.dumps(child(args.child, args.quick)))
         return 0
     _, image, _, scales = setup(args.quick)
     print(f"MCTformer-V2 (ViT-S, random weights), {image.size[0]}x{image.size[1]}, scales "
           f"{scales} x flip, fp32, {torch.get_num_threads()} threads")
+    def run_child(name):
+        cmd = [sys.executable, "-m", "benchmarks.extract_report", "--child", name]
+        cmd += ["--quick"] if args.quick else []
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
     best = {v: {"seconds": float("inf"), "peak_mib": 0.0} for v in VARIANTS}
     for _ in range(args.rounds):
         for variant in VARIANTS:
-            cmd = [sys.executable, "-m", "benchmarks.extract_report", "--child", variant]
-            cmd += ["--quick"] if args.quick else []
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                                 env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            result = json.loads(out.stdout.strip().splitlines()[-1])
+            result = run_child(variant)
             best[variant]["seconds"] = min(best[variant]["seconds"], result["seconds"])
             best[variant]["peak_mib"] = max(best[variant]["peak_mib"], result["peak_mib"])
     floor, mat = best["floor"], best["materializing"]
@@ -123,6 +145,9 @@ def main(argv=None) -> int:
           f"materializing / engine = {mat['seconds'] / engine['seconds']:.2f} (target >= 2.5); "
           f"engine peak = 1/{mat['peak_mib'] / max(engine['peak_mib'], 1):.1f} of materializing "
           f"(target <= 1/10)")
+    err = run_child("bf16-error")
+    print(f"engine-bf16 / engine = {best['engine-bf16']['seconds'] / engine['seconds']:.2f}; "
+          f"|bf16 - fp32| over the normalized maps: max {err['max']:.3g}, mean {err['mean']:.3g}")
     return 0
 
 

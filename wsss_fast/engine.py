@@ -68,8 +68,23 @@ class CamEngine:
     """
 
     def __init__(self, model: torch.nn.Module, preset: Union[str, Preset] = "mctformer-v2", *,
-                 device: Union[str, torch.device, None] = None, **overrides):
+                 device: Union[str, torch.device, None] = None,
+                 dtype: Optional[torch.dtype] = None,
+                 max_affinity_mib: Optional[float] = None, **overrides):
+        """
+        Args:
+            dtype: run the model under autocast in ``torch.bfloat16`` or ``torch.float16``
+                (attention statistics and softmax stay fp32); None: fp32.
+            max_affinity_mib: for models whose ``cam_maps`` take ``affinity=``, passes whose dense
+                (B, P, P) patch affinity would exceed this many MiB are refined by streaming
+                instead (O(T·d) memory per block rather than O(P²)).
+            overrides: preset fields (``scales=``, ``flip=``, ...).
+        """
         self.preset = get_preset(preset, **overrides)
+        if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be None, torch.bfloat16 or torch.float16, got {dtype}")
+        self.dtype = None if dtype == torch.float32 else dtype
+        self.max_affinity_mib = max_affinity_mib
         if not hasattr(model, "cam_maps"):
             raise ValueError(f"{type(model).__name__} has no cam_maps(); wrap it in a wsss_fast "
                              "model class")
@@ -105,7 +120,9 @@ class CamEngine:
         width, height = image.size
         maps, flips = [], []
         for batch in self.pass_inputs(image):
-            cams = self.model.cam_maps(batch, **self.preset.cam_kwargs).float()
+            with torch.autocast(self.device.type, dtype=self.dtype or torch.bfloat16,
+                                enabled=self.dtype is not None):
+                cams = self.model.cam_maps(batch, **self._cam_kwargs(batch)).float()
             cams = cams[:, self.preset.drop_channels:]
             for i in range(cams.shape[0]):
                 maps.append(cams[i:i + 1])
@@ -119,6 +136,14 @@ class CamEngine:
                                        **merge)[0]
         keys = torch.nonzero(label_tensor > 0).flatten().cpu().numpy()
         return CamResult(keys=keys, high_res=high_res, low_res=low_res)
+
+    def _cam_kwargs(self, batch: torch.Tensor) -> dict:
+        kwargs = dict(self.preset.cam_kwargs)
+        if self.max_affinity_mib is not None and hasattr(self.model, "grid"):
+            h0, w0 = self.model.grid(*batch.shape[-2:])
+            dense_mib = batch.shape[0] * (h0 * w0) ** 2 * 4 / 2**20
+            kwargs["affinity"] = "streaming" if dense_mib > self.max_affinity_mib else "dense"
+        return kwargs
 
     def _labels(self, labels, num_classes: int) -> torch.Tensor:
         if labels is None:

@@ -85,14 +85,17 @@ class MCTformer(nn.Module):
                                f"expected {(h0, w0)}")
         return torch.cat([cls_pos, patch_pos.flatten(2).transpose(1, 2)], dim=1)
 
-    def forward_features(self, x: torch.Tensor, stats: Optional[ops.AttentionStats] = None):
-        """Raw tokens of the last block (no final norm): class tokens (B, C, D), patches (B, P, D)."""
+    def forward_features(self, x: torch.Tensor, stats: Optional[ops.AttentionStats] = None,
+                         qk_out: Optional[list] = None):
+        """Raw tokens of the last block (no final norm): class tokens (B, C, D), patches (B, P, D).
+        ``qk_out``: a list that receives every block's ``(q, k)``."""
         b, _, height, width = x.shape
         tokens = self.patch_embed(x)
         tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
         tokens = tokens + self.interpolate_pos_encoding(height, width)
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, self.num_classes, stats.block_kwargs(i) if stats else None)
+            tokens = block(tokens, self.num_classes, stats.block_kwargs(i) if stats else None,
+                           qk_out)
         return tokens[:, :self.num_classes], tokens[:, self.num_classes:]
 
     def patch_cam(self, patches: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -112,7 +115,7 @@ class MCTformer(nn.Module):
 
     @torch.no_grad()
     def cam_maps(self, x: torch.Tensor, *, cls_layers: int = 3, attention_type: str = "fused",
-                 refine: bool = True) -> torch.Tensor:
+                 refine: bool = True, affinity: str = "dense") -> torch.Tensor:
         """Low-resolution CAMs ``(B, C, h, w)`` as the official generator computes them per pass.
 
         Args:
@@ -121,9 +124,15 @@ class MCTformer(nn.Module):
             attention_type: V2 only: ``"fused"`` (class attention ⊙ ReLU(PatchCAM)),
                 ``"patchcam"`` or ``"mct"`` (class attention alone).
             refine: multiply by the patch affinity summed over all blocks (``--patch-attn-refine``).
+            affinity: ``"dense"`` accumulates the (B, P, P) affinity during the forward;
+                ``"streaming"`` keeps the blocks' q, k instead (O(L·T·d), not O(P²)) and refines
+                with ``propagate_streaming`` — for the largest inputs.
         """
         if attention_type not in ATTENTION_TYPES:
             raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}")
+        if affinity not in ("dense", "streaming"):
+            raise ValueError(f"affinity must be 'dense' or 'streaming', got {affinity!r}")
+        streaming = refine and affinity == "streaming"
         b, _, height, width = x.shape
         h0, w0 = self.grid(height, width)
         if h0 == 0 or w0 == 0:
@@ -131,9 +140,10 @@ class MCTformer(nn.Module):
                              f"{self.patch_embed.patch_size}-pixel patch")
         stats = ops.AttentionStats.allocate(b, self.num_classes, h0 * w0, self.depth,
                                             cls2patch_layers=cls_layers,
-                                            patch2patch_layers="all" if refine else None,
-                                            device=x.device)
-        _, patches = self.forward_features(x, stats)
+                                            patch2patch_layers="all" if refine and not streaming
+                                            else None, device=x.device)
+        qk = [] if streaming else None
+        _, patches = self.forward_features(x, stats, qk)
         cams = stats.cls2patch                                              # (B, C, P)
         if self.version == "v2" and attention_type != "mct":
             patch_cam = self.patch_cam(patches, height, width).flatten(2).float()
@@ -141,7 +151,12 @@ class MCTformer(nn.Module):
                 cams = ops.class_patch_reweight(cams, 1.0, patchcam=patch_cam)
             else:
                 cams = patch_cam.clamp_min(0)
-        if refine:
+        if streaming:
+            q, k = torch.stack([q for q, _ in qk]), torch.stack([k for _, k in qk])
+            cams = ops.propagate_streaming(
+                q, k, cams.transpose(1, 2).float().contiguous(), scale=self.blocks[0].attn.scale,
+                num_cls=self.num_classes, weights=[1.0] * self.depth).transpose(1, 2)
+        elif refine:
             cams = ops.propagate(stats.patch2patch, cams.transpose(1, 2).contiguous()).transpose(1, 2)
         return cams.reshape(b, self.num_classes, h0, w0)
 

@@ -3,7 +3,8 @@
 Parameter names follow timm / DeiT (``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``,
 ``mlp.fc1``, ``mlp.fc2``), so upstream checkpoints load unchanged. A block given the keyword
 arguments of ``AttentionStats.block_kwargs`` accumulates the CAM statistics while it computes its
-attention (one attention per block); without them it runs plain fused SDPA.
+attention (one attention per block); without them it runs plain fused SDPA. Given a list as
+``qk_out``, a block appends its ``(q, k)`` (for ``propagate_streaming``).
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, num_cls: int = 0,
-                stats: Optional[dict] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_cls: int = 0, stats: Optional[dict] = None,
+                qk_out: Optional[list] = None) -> torch.Tensor:
         b, t, dim = x.shape
         # qkv rows are [q | k | v], each head-major (the upstream layout).
         qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if qk_out is not None:
+            qk_out.append((q, k))
         if stats:
             out = ops.attention_stats(q, k, v, self.scale, num_cls, **stats)
         else:
@@ -63,7 +66,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, num_cls: int = 0,
-                stats: Optional[dict] = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), num_cls, stats)
+    def forward(self, x: torch.Tensor, num_cls: int = 0, stats: Optional[dict] = None,
+                qk_out: Optional[list] = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), num_cls, stats, qk_out)
         return x + self.mlp(self.norm2(x))
