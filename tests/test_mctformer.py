@@ -12,10 +12,13 @@ import torch
 from wsss_fast.cams import upstream_mctformer
 from wsss_fast.engine import CamEngine
 from wsss_fast.models import CheckpointMismatch, load_checkpoint
-from wsss_fast.models.mctformer import mctformer_v1, mctformer_v2
+from wsss_fast.models.mctformer import (global_ranking_pool, mctformer_plus, mctformer_v1,
+                                        mctformer_v2)
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden")
-FACTORIES = {"v1": mctformer_v1, "v2": mctformer_v2}
+FACTORIES = {"v1": mctformer_v1, "v2": mctformer_v2, "plus": mctformer_plus}
+PRESET = {"v1": "mctformer-v1", "v2": "mctformer-v2", "plus": "mctformer-plus"}
+UPSTREAM_LAYERS = {"v1": 3, "v2": 3, "plus": 12}  # --layer-index of each generator
 TINY = dict(embed_dim=64, depth=4, num_heads=2)
 
 
@@ -55,7 +58,7 @@ def random_image(height, width, seed):
     return PIL.Image.fromarray(smooth).resize((width, height), PIL.Image.BILINEAR)
 
 
-@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("version", ["v1", "v2", "plus"])
 @pytest.mark.parametrize("size, scales", [((375, 500), (1.0,)), ((224, 224), (1.0,)),
                                           ((375, 500), (1.0, 0.75, 1.25))])
 def test_engine_matches_eager_upstream_generator(version, size, scales):
@@ -63,9 +66,10 @@ def test_engine_matches_eager_upstream_generator(version, size, scales):
     image = random_image(*size, seed=len(scales))
     label = np.zeros(20, dtype=np.float32)
     label[[2, 7, 19]] = 1
-    expected, expected_sum = upstream_mctformer.generate(model, image, label, scales)
-    ours = CamEngine(model, f"mctformer-{version}", scales=scales)(image, label).as_dict()
-    ours_sum = CamEngine(model, f"mctformer-{version}", scales=scales, norm="none")(image, label)
+    expected, expected_sum = upstream_mctformer.generate(model, image, label, scales,
+                                                         n_layers=UPSTREAM_LAYERS[version])
+    ours = CamEngine(model, PRESET[version], scales=scales)(image, label).as_dict()
+    ours_sum = CamEngine(model, PRESET[version], scales=scales, norm="none")(image, label)
     assert sorted(ours) == sorted(expected)
     for k in expected:
         raw, raw_expected = ours_sum.high_res[k].numpy(), expected_sum[k]
@@ -79,14 +83,19 @@ def test_engine_matches_eager_upstream_generator(version, size, scales):
                                    rtol=0, err_msg=f"class {k} (max/range {conditioning:.0f})")
 
 
-@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("version", ["v1", "v2", "plus"])
 def test_cam_maps_options_match_upstream_forward(version):
     model = random_model(version, seed=3)
+    if version == "plus":
+        with torch.no_grad():
+            model.head.weight.abs_()  # sqrt of the fused product needs a non-empty support
     x = torch.randn(2, 3, 160, 208)
     for n_layers in (1, 3, 4):
         expected, patch_attn = upstream_mctformer.forward_return_att(model, x, n_layers)
         ours = model.cam_maps(x, cls_layers=n_layers, refine=False)
-        torch.testing.assert_close(ours, expected.reshape(ours.shape), rtol=1e-4, atol=1e-6)
+        # atol relative to the map's scale: + takes a sqrt, which magnifies rounding near 0.
+        torch.testing.assert_close(ours, expected.reshape(ours.shape), rtol=1e-4,
+                                   atol=1e-5 * expected.abs().max().item())
     refined = model.cam_maps(x, cls_layers=3)
     cams, patch_attn = upstream_mctformer.forward_return_att(model, x, 3)
     expected = torch.bmm(patch_attn.sum(0), cams.reshape(2, 20, -1).transpose(1, 2))
@@ -171,3 +180,34 @@ def test_engine_bf16_autocast_stays_close_to_fp32():
         # bf16 matmuls (3 significant digits) on deliberately peaky random weights: different
         # (so autocast did run), but the same maps (seen: mean 0.02-0.03, correlation 0.98-0.99).
         assert 0 < diff.mean() < 0.05 and correlation > 0.95, (diff.mean(), correlation)
+
+
+def test_global_ranking_pool_by_hand():
+    logits = torch.tensor([[[1.0, 3.0, 2.0]]])
+    w = [1.0, 0.996, 0.996 ** 2]
+    expected = (3.0 * w[0] + 2.0 * w[1] + 1.0 * w[2]) / sum(w)
+    assert global_ranking_pool(logits).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_plus_checkpoint_keys_and_unresizable_sizes():
+    model = mctformer_plus(**TINY)
+    state = model.state_dict()
+    assert state["pos_embed"].shape == (1, 197, 64)         # DeiT's, unused
+    assert state["pos_embed_cls"].shape == (1, 20, 64)
+    assert state["pos_embed_pat"].shape == (1, 784, 64)     # 448 training input
+    assert state["head.weight"].shape == (20, 64, 3, 3)
+    sizes = [(h, w) for h in range(16, 600, 16) for w in range(16, 600, 16)]
+    failing = []
+    for h, w in sizes:
+        try:
+            model.interpolate_pos_encoding(h, w)
+        except ValueError as error:
+            failing.append((h, w))
+            assert "cannot resize" in str(error)
+    expected_failing = []
+    for h, w in sizes:
+        out = torch.nn.functional.interpolate(torch.zeros(1, 1, 28, 28), mode="bicubic",
+                                              scale_factor=(h // 16 / 28, w // 16 / 28))
+        if out.shape[-2:] != (h // 16, w // 16):
+            expected_failing.append((h, w))
+    assert failing == expected_failing

@@ -45,6 +45,11 @@ PRESETS = {
     "mctformer-v1": Preset("mctformer-v1", cam_kwargs={"cls_layers": 3, "refine": True}),
     "mctformer-v2": Preset("mctformer-v2", cam_kwargs={"cls_layers": 3, "refine": True,
                                                        "attention_type": "fused"}),
+    # MCTformer+ (HEAD): scales 1.0, 0.75, 1.25 + flips, class attention averaged over all 12
+    # blocks, sqrt-fused with PatchCAM, refined by the affinity of all blocks.
+    "mctformer-plus": Preset("mctformer-plus", scales=(1.0, 0.75, 1.25),
+                             cam_kwargs={"cls_layers": 12, "refine": True,
+                                         "attention_type": "fused"}),
     # infer_TransCAM.py: square 256/512/768 + flips, bg output dropped, TransCAM's normalization.
     "transcam": Preset("transcam", square_sizes=(256, 512, 768), norm="transcam", drop_channels=1),
     # ToCo's multi_scale_cam2: bilinear rescales, image and flip merged by max, ReLU, sum over

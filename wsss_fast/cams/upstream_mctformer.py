@@ -1,4 +1,4 @@
-"""The official MCTformer-V1/V2 generator re-implemented eagerly, in upstream's order of operations:
+"""The official MCTformer-V1/V2/+ generator re-implemented eagerly, in upstream's order of operations:
 attention materialized per block and stacked, head-mean, sliced; one pass per forward; numpy sum
 of label-masked, flipped-back passes; per-class min-max. It is the equivalence-test oracle (same
 weights as a ``wsss_fast.models.mctformer`` model) and the materializing baseline of the benchmarks.
@@ -26,6 +26,21 @@ def block_forward(block, x):
     return x, attn
 
 
+def plus_pos_embed(model, patch_tokens, w, h):
+    """MCTformer+ (eval): note its 'unchanged' test sees patch tokens only, minus C."""
+    c = model.num_classes
+    n = model.pos_embed_pat.shape[1]
+    npatch = patch_tokens.shape[1] - c
+    if npatch == n and w == h:
+        return model.pos_embed_pat
+    dim = patch_tokens.shape[-1]
+    w0, h0 = w // 16, h // 16
+    patch = F.interpolate(
+        model.pos_embed_pat.reshape(1, int(math.sqrt(n)), int(math.sqrt(n)), dim).permute(0, 3, 1, 2),
+        scale_factor=(w0 / math.sqrt(n), h0 / math.sqrt(n)), mode="bicubic")
+    return patch.permute(0, 2, 3, 1).reshape(1, -1, dim)
+
+
 def pos_embed(model, x_tokens, w, h):
     c = model.num_classes
     npatch = x_tokens.shape[1] - c
@@ -46,21 +61,29 @@ def forward_return_att(model, images, n_layers):
     c = model.num_classes
     b, _, w, h = images.shape
     x = model.patch_embed.proj(images).flatten(2).transpose(1, 2)
-    x = torch.cat((model.cls_token.expand(b, -1, -1), x), dim=1)
-    x = x + pos_embed(model, x, w, h)
+    if model.version == "plus":
+        x = x + plus_pos_embed(model, x, w, h)
+        x = torch.cat((model.cls_token.expand(b, -1, -1) + model.pos_embed_cls, x), dim=1)
+    else:
+        x = torch.cat((model.cls_token.expand(b, -1, -1), x), dim=1)
+        x = x + pos_embed(model, x, w, h)
     weights = []
     for block in model.blocks:
         x, attn = block_forward(block, x)
         weights.append(attn)
     attn = torch.stack(weights).mean(dim=2)
-    mtatt = attn[-n_layers:].sum(0)[:, :c, c:]
+    if model.version == "plus":
+        mtatt = attn[-n_layers:].mean(0)[:, :c, c:]
+    else:
+        mtatt = attn[-n_layers:].sum(0)[:, :c, c:]
     patch_attn = attn[:, :, c:, c:]
     if model.version == "v1":
         return mtatt, patch_attn
     w0, h0 = w // 16, h // 16
     x_patch = x[:, c:].reshape(b, w0, h0, -1).permute(0, 3, 1, 2).contiguous()
     feature = F.relu(model.head(x_patch))
-    return mtatt.reshape(b, c, w0, h0) * feature, patch_attn
+    cams = mtatt.reshape(b, c, w0, h0) * feature
+    return (torch.sqrt(cams) if model.version == "plus" else cams), patch_attn
 
 
 def generate(model, image, label, scales, n_layers=3):

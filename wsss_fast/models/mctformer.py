@@ -1,9 +1,11 @@
-"""MCTformer-V1 / V2 (Xu et al., CVPR 2022): DeiT with one class token per class.
+"""MCTformer-V1 / V2 (Xu et al., CVPR 2022) and MCTformer+: DeiT with one class token per class.
 
 Checkpoint-compatible with the official ``MCTformerV1`` / ``MCTformerV2`` classes (keys
 ``cls_token (1, C, D)``, ``pos_embed (1, C + N, D)``, ``patch_embed.proj``, ``blocks.i.*``,
 ``norm`` (present but unused: the final norm is not applied), ``head``: a 3×3 conv PatchCAM head
-for V2, an unused linear layer for V1). See reference/vit_methods.md §1.
+for V2, an unused linear layer for V1) and ``MCTformerPlus`` (separate ``pos_embed_cls (1, C, D)``
+and ``pos_embed_pat (1, N, D)`` for a 448 training input; the base ``pos_embed (1, 197, D)`` stays
+in its checkpoints, unused; PatchCAM head). See reference/vit_methods.md §1.
 
 CAMs come from ``cam_maps``: the class→patch attention of the last ``cls_layers`` blocks and the
 patch affinity of all blocks are accumulated by ``attention_stats`` while the forward runs (no
@@ -24,6 +26,7 @@ from wsss_fast import ops
 from wsss_fast.models.vit_blocks import Block
 
 ATTENTION_TYPES = ("fused", "patchcam", "mct")
+VERSIONS = ("v1", "v2", "plus")
 
 
 class PatchEmbed(nn.Module):
@@ -44,8 +47,8 @@ class MCTformer(nn.Module):
                  patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384, depth: int = 12,
                  num_heads: int = 6, mlp_ratio: float = 4.0, qkv_bias: bool = True):
         super().__init__()
-        if version not in ("v1", "v2"):
-            raise ValueError(f"version must be 'v1' or 'v2', got {version!r}")
+        if version not in VERSIONS:
+            raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
         self.version = version
         self.num_classes = num_classes
         self.embed_dim = embed_dim
@@ -53,11 +56,20 @@ class MCTformer(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.train_grid = img_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, num_classes, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_classes + self.train_grid ** 2, embed_dim))
+        if version == "plus":
+            # The DeiT base embedding (1 + 14², 224 input) is kept by upstream but never used.
+            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (224 // patch_size) ** 2, embed_dim))
+            self.pos_embed_cls = nn.Parameter(torch.zeros(1, num_classes, embed_dim))
+            self.pos_embed_pat = nn.Parameter(torch.zeros(1, self.train_grid ** 2, embed_dim))
+            nn.init.trunc_normal_(self.pos_embed_cls, std=0.02)
+            nn.init.trunc_normal_(self.pos_embed_pat, std=0.02)
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_classes + self.train_grid ** 2,
+                                                      embed_dim))
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, eps=1e-6)
                                     for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)  # in the checkpoints; never applied
-        if version == "v2":
+        if version in ("v2", "plus"):
             self.head = nn.Conv2d(embed_dim, num_classes, kernel_size=3, padding=1)
         else:
             self.head = nn.Linear(embed_dim, num_classes)  # unused ('average' logits)
@@ -74,6 +86,8 @@ class MCTformer(nn.Module):
         factor itself maps the sampling coordinates, so values differ from a size-based resize)."""
         h0, w0 = self.grid(height, width)
         n = self.train_grid
+        if self.version == "plus":
+            return torch.cat([self.pos_embed_cls, self._plus_patch_pos(h0, w0)], dim=1)
         if h0 * w0 == n * n and height == width:
             return self.pos_embed
         cls_pos = self.pos_embed[:, :self.num_classes]
@@ -84,6 +98,20 @@ class MCTformer(nn.Module):
             raise RuntimeError(f"pos-embed resize gave {tuple(patch_pos.shape[-2:])}, "
                                f"expected {(h0, w0)}")
         return torch.cat([cls_pos, patch_pos.flatten(2).transpose(1, 2)], dim=1)
+
+    def _plus_patch_pos(self, h0: int, w0: int) -> torch.Tensor:
+        """MCTformer+ (eval): bicubic with ``scale_factor = grid / train_grid`` and no +0.1. Its
+        'unchanged' test compares the patch count minus C with N, so the resize always runs (it is
+        exact at factor 1). Sizes whose factor floors to the wrong grid fail, as upstream."""
+        n = self.train_grid
+        patch_pos = self.pos_embed_pat.reshape(1, n, n, -1).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos, scale_factor=(h0 / n, w0 / n), mode="bicubic",
+                                  align_corners=False)
+        if patch_pos.shape[-2:] != (h0, w0):
+            raise ValueError(f"MCTformer+ cannot resize its {n}x{n} position embedding to "
+                             f"{h0}x{w0} (upstream's scale factor floors to "
+                             f"{tuple(patch_pos.shape[-2:])}); use another input size")
+        return patch_pos.flatten(2).transpose(1, 2)
 
     def forward_features(self, x: torch.Tensor, stats: Optional[ops.AttentionStats] = None,
                          qk_out: Optional[list] = None):
@@ -105,13 +133,16 @@ class MCTformer(nn.Module):
         return self.head(grid)
 
     def forward(self, x: torch.Tensor):
-        """Training logits: V1 ``cls_logits``; V2 ``(cls_logits, patch_logits)`` (GAP of PatchCAM)."""
+        """Training logits: V1 ``cls_logits``; V2 ``(cls_logits, patch_logits)`` (GAP of
+        PatchCAM); MCTformer+ ``(cls_logits, patch_logits)`` with global ranking pooling."""
         cls_tokens, patches = self.forward_features(x)
         cls_logits = cls_tokens.mean(dim=-1)
         if self.version == "v1":
             return cls_logits
-        patch_logits = self.patch_cam(patches, *x.shape[-2:]).mean(dim=(-2, -1))
-        return cls_logits, patch_logits
+        patch_cam = self.patch_cam(patches, *x.shape[-2:]).flatten(2)
+        if self.version == "v2":
+            return cls_logits, patch_cam.mean(dim=-1)
+        return cls_logits, global_ranking_pool(patch_cam)
 
     @torch.no_grad()
     def cam_maps(self, x: torch.Tensor, *, cls_layers: int = 3, attention_type: str = "fused",
@@ -119,10 +150,10 @@ class MCTformer(nn.Module):
         """Low-resolution CAMs ``(B, C, h, w)`` as the official generator computes them per pass.
 
         Args:
-            cls_layers: class→patch attention summed over the last ``cls_layers`` blocks
-                (``--layer-index``; the published scripts use 3).
-            attention_type: V2 only: ``"fused"`` (class attention ⊙ ReLU(PatchCAM)),
-                ``"patchcam"`` or ``"mct"`` (class attention alone).
+            cls_layers: class→patch attention summed (MCTformer+: averaged) over the last
+                ``cls_layers`` blocks (``--layer-index``; the V1/V2 scripts use 3, + uses 12).
+            attention_type: V2 / +: ``"fused"`` (class attention ⊙ ReLU(PatchCAM), square-rooted
+                for +), ``"patchcam"`` or ``"mct"`` (class attention alone).
             refine: multiply by the patch affinity summed over all blocks (``--patch-attn-refine``).
             affinity: ``"dense"`` accumulates the (B, P, P) affinity during the forward;
                 ``"streaming"`` keeps the blocks' q, k instead (O(L·T·d), not O(P²)) and refines
@@ -138,17 +169,19 @@ class MCTformer(nn.Module):
         if h0 == 0 or w0 == 0:
             raise ValueError(f"input {height}x{width} is smaller than one "
                              f"{self.patch_embed.patch_size}-pixel patch")
+        plus = self.version == "plus"
         stats = ops.AttentionStats.allocate(b, self.num_classes, h0 * w0, self.depth,
                                             cls2patch_layers=cls_layers,
+                                            cls2patch_reduce="mean" if plus else "sum",
                                             patch2patch_layers="all" if refine and not streaming
                                             else None, device=x.device)
         qk = [] if streaming else None
         _, patches = self.forward_features(x, stats, qk)
         cams = stats.cls2patch                                              # (B, C, P)
-        if self.version == "v2" and attention_type != "mct":
+        if self.version != "v1" and attention_type != "mct":
             patch_cam = self.patch_cam(patches, height, width).flatten(2).float()
-            if attention_type == "fused":
-                cams = ops.class_patch_reweight(cams, 1.0, patchcam=patch_cam)
+            if attention_type == "fused":  # MCTformer+: sqrt(mean class attention ⊙ ReLU(F))
+                cams = ops.class_patch_reweight(cams, 1.0, patchcam=patch_cam, sqrt=plus)
             else:
                 cams = patch_cam.clamp_min(0)
         if streaming:
@@ -159,6 +192,14 @@ class MCTformer(nn.Module):
         elif refine:
             cams = ops.propagate(stats.patch2patch, cams.transpose(1, 2).contiguous()).transpose(1, 2)
         return cams.reshape(b, self.num_classes, h0, w0)
+
+
+def global_ranking_pool(patch_cam: torch.Tensor, decay: float = 0.996) -> torch.Tensor:
+    """MCTformer+'s patch logits: per class, the patch logits sorted in descending order,
+    weighted by ``decay**rank`` and divided by the sum of the weights. ``(B, C, P) -> (B, C)``."""
+    ranked = patch_cam.sort(dim=-1, descending=True).values
+    weights = decay ** torch.arange(ranked.shape[-1], device=ranked.device, dtype=ranked.dtype)
+    return (ranked * weights).sum(dim=-1) / weights.sum()
 
 
 def _mctformer(version: str, **kwargs) -> MCTformer:
@@ -175,3 +216,8 @@ def mctformer_v1(num_classes: int = 20, **kwargs) -> MCTformer:
 def mctformer_v2(num_classes: int = 20, **kwargs) -> MCTformer:
     """``deit_small_MCTformerV2_patch16_224``."""
     return _mctformer("v2", num_classes=num_classes, **kwargs)
+
+
+def mctformer_plus(num_classes: int = 20, img_size: int = 448, **kwargs) -> MCTformer:
+    """``deit_small_MCTformerPlus`` (448 training input: a 28×28 patch position embedding)."""
+    return _mctformer("plus", num_classes=num_classes, img_size=img_size, **kwargs)

@@ -127,7 +127,7 @@ LayerSpec = Union[None, int, str, Sequence[int]]
 
 def block_weights(num_blocks: int, layers: LayerSpec, reduce: str = "sum") -> tuple[float, ...]:
     """Per-block weights for a statistic: ``layers`` is None (no block), an int K (the last K
-    blocks), ``"all"``, or block indices (negative from the end); ``reduce`` is ``"sum"`` (weight 1)
+    blocks; all of them when K exceeds their number), ``"all"``, or block indices (negative from the end); ``reduce`` is ``"sum"`` (weight 1)
     or ``"mean"`` (weight 1/n over the selected blocks)."""
     if reduce not in ("sum", "mean"):
         raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
@@ -136,9 +136,10 @@ def block_weights(num_blocks: int, layers: LayerSpec, reduce: str = "sum") -> tu
     elif layers == "all":
         chosen = set(range(num_blocks))
     elif isinstance(layers, int) and not isinstance(layers, bool):
-        if not 1 <= layers <= num_blocks:
-            raise ValueError(f"last-K layers must be in [1, {num_blocks}], got {layers}")
-        chosen = set(range(num_blocks - layers, num_blocks))
+        if layers < 1:
+            raise ValueError(f"last-K layers must be >= 1, got {layers}")
+        # K > num_blocks means all blocks, like upstream's attn[-K:] slicing.
+        chosen = set(range(max(0, num_blocks - layers), num_blocks))
     else:
         chosen = set()
         for index in layers:
