@@ -211,3 +211,23 @@ def test_plus_checkpoint_keys_and_unresizable_sizes():
         if out.shape[-2:] != (h // 16, w // 16):
             expected_failing.append((h, w))
     assert failing == expected_failing
+
+
+def test_engine_batches_images_of_one_size_with_the_same_results():
+    model = random_model("v2", seed=8)
+    images = [random_image(120, 176, 0), random_image(96, 96, 1), random_image(120, 176, 2)]
+    labels = [np.eye(20, dtype=np.float32)[i] for i in (1, 5, 9)]
+    engine = CamEngine(model, "mctformer-v2", scales=(1.0, 0.5))
+    calls = []
+    original = model.cam_maps
+    model.cam_maps = lambda x, **kw: calls.append(x.shape[0]) or original(x, **kw)
+    batched = engine.extract(images, labels)
+    assert calls == [4, 4, 2, 2]  # two 120x176 images (+ flips) share each forward
+    model.cam_maps = original
+    for image, label, result in zip(images, labels, batched):
+        single = engine(image, label)
+        assert list(result.keys) == list(single.keys)
+        torch.testing.assert_close(result.high_res, single.high_res, rtol=0, atol=1e-5)
+        torch.testing.assert_close(result.low_res, single.low_res, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="2 label vectors for 3 images"):
+        engine.extract(images, labels[:2])

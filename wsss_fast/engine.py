@@ -4,7 +4,7 @@ For each pass of its preset the image is resized exactly as the official generat
 bicubic to ``(round(W·s), round(H·s))``, or to a square), normalized, and run together with its
 horizontal flip as one batch through ``model.cam_maps``; ``multiscale_merge`` then resizes every
 pass to the image size, flips back, masks absent classes, merges and normalizes. The result holds
-the full-resolution maps and IRN's stride-4 maps.
+the full-resolution maps and IRN's stride-4 maps. ``extract`` batches images of equal size.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import PIL.Image
@@ -116,19 +116,43 @@ class CamEngine:
 
     @torch.no_grad()
     def __call__(self, image: ImageLike, labels=None) -> CamResult:
-        image = load_image(image)
-        width, height = image.size
-        maps, flips = [], []
-        for batch in self.pass_inputs(image):
-            with torch.autocast(self.device.type, dtype=self.dtype or torch.bfloat16,
-                                enabled=self.dtype is not None):
-                cams = self.model.cam_maps(batch, **self._cam_kwargs(batch)).float()
-            cams = cams[:, self.preset.drop_channels:]
-            for i in range(cams.shape[0]):
-                maps.append(cams[i:i + 1])
-                flips.append(i == 1)
-        num_classes = maps[0].shape[1]
-        label_tensor = self._labels(labels, num_classes)
+        return self.extract([image], [labels])[0]
+
+    @torch.no_grad()
+    def extract(self, images: Sequence[ImageLike],
+                labels: Optional[Sequence] = None) -> list[CamResult]:
+        """CAMs of several images; images of one size share each forward (their passes and flips
+        are batched together), so small images fill the batch."""
+        images = [load_image(image) for image in images]
+        labels = [None] * len(images) if labels is None else list(labels)
+        if len(labels) != len(images):
+            raise ValueError(f"got {len(labels)} label vectors for {len(images)} images")
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, image in enumerate(images):
+            groups.setdefault(image.size, []).append(index)
+        results: list[Optional[CamResult]] = [None] * len(images)
+        for indices in groups.values():
+            per_image = [([], []) for _ in indices]   # (maps, flips) of each image
+            for batches in zip(*(self.pass_inputs(images[i]) for i in indices)):
+                batch = torch.cat(batches)
+                with torch.autocast(self.device.type, dtype=self.dtype or torch.bfloat16,
+                                    enabled=self.dtype is not None):
+                    cams = self.model.cam_maps(batch, **self._cam_kwargs(batch)).float()
+                cams = cams[:, self.preset.drop_channels:]
+                per_pass = cams.shape[0] // len(indices)
+                for slot in range(len(indices)):
+                    for j in range(per_pass):
+                        row = slot * per_pass + j
+                        per_image[slot][0].append(cams[row:row + 1])
+                        per_image[slot][1].append(j == 1)
+            for slot, index in enumerate(indices):
+                maps, flips = per_image[slot]
+                results[index] = self._merge(maps, flips, images[index].size, labels[index])
+        return results
+
+    def _merge(self, maps, flips, size, labels) -> CamResult:
+        width, height = size
+        label_tensor = self._labels(labels, maps[0].shape[1])
         merge = dict(flips=flips, relu=self.preset.relu, labels=label_tensor[None],
                      merge=self.preset.merge, norm=self.preset.norm, eps=self.preset.eps)
         high_res = ops.multiscale_merge(maps, (height, width), **merge)[0]
