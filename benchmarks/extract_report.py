@@ -28,6 +28,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from benchmarks.memory import peak_growth_mib, reset_peak
+
 VARIANTS = ("floor", "engine", "engine-bf16", "materializing")
 
 
@@ -71,25 +73,15 @@ def make_run(variant: str, quick: bool):
     return floor
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def child(variant: str, quick: bool) -> dict:
     run = make_run(variant, quick)
     warm = make_run(variant, True) if not quick else run
     warm()  # lazy imports and first-call costs (torch imports torch._dynamo on first custom op)
-    baseline = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    baseline = reset_peak()
     start = time.perf_counter()
     run()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_mib": (_status_kib("VmHWM") - baseline) / 1024}
+    return {"seconds": seconds, "peak_mib": peak_growth_mib(baseline)}
 
 
 def bf16_error(quick: bool) -> dict:

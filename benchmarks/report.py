@@ -12,7 +12,6 @@ inputs exist, so the figure is what the variant itself adds on top of its inputs
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -22,6 +21,7 @@ import time
 import torch
 
 from benchmarks import cases
+from benchmarks.memory import peak_growth_mib, reset_peak
 
 
 def groups(quick: bool):
@@ -40,7 +40,7 @@ def groups(quick: bool):
             },
         },
         "propagate": {
-            "title": f"refinement by the all-block affinity, K=20, same attention case",
+            "title": "refinement by the all-block affinity, K=20, same attention case",
             "baseline": "dense",
             "variants": {
                 "dense": lambda: cases.make_propagate("dense", attention),
@@ -67,23 +67,13 @@ def groups(quick: bool):
     }
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def peak_of(group: str, variant: str, quick: bool) -> float:
     """Run in a child: warm up, build the inputs, reset the peak, run once, report the growth."""
     cases.warm_up()
     run = groups(quick)[group]["variants"][variant]()
-    baseline = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := current RSS
+    baseline = reset_peak()
     run()
-    return (_status_kib("VmHWM") - baseline) / 1024
+    return peak_growth_mib(baseline)
 
 
 def measure_peak(group: str, variant: str, quick: bool) -> float:

@@ -15,7 +15,6 @@ attention map is kept), V2 fuses PatchCAM through ``class_patch_reweight``, and 
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
