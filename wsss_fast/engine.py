@@ -95,9 +95,8 @@ class CamEngine:
         """[(batch of the resized image and, if flipping, its flip)] per scale or square side."""
         width, height = image.size
         preset = self.preset
-        sizes = preset.square_sizes if preset.square_sizes is not None else preset.scales
         full = None
-        for size in sizes:
+        for size in preset.sizes:
             if preset.resize == "tensor_bilinear":
                 if full is None:
                     full = to_normalized_tensor(image, preset.mean, preset.std)[None]

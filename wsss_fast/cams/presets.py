@@ -33,10 +33,10 @@ class Preset:
     drop_channels: int = 0             # leading model outputs that are not classes (TransCAM bg)
     cam_kwargs: dict = field(default_factory=dict)  # passed to model.cam_maps
 
-    def passes(self) -> list[tuple[object, bool]]:
-        """[(scale or square side, flipped)] in upstream order: each scale, then its flip."""
-        sizes = self.square_sizes if self.square_sizes is not None else self.scales
-        return [(s, f) for s in sizes for f in ((False, True) if self.flip else (False,))]
+    @property
+    def sizes(self) -> tuple:
+        """Per pass (before its flip): a square side, or a scale of the image."""
+        return self.square_sizes if self.square_sizes is not None else self.scales
 
 
 PRESETS = {

@@ -94,25 +94,6 @@ class _Bottleneck(nn.Module):
         return F.relu(y + shortcut), x2
 
 
-class _MedBottleneck(nn.Module):
-    """Upstream ``Med_ConvBlock`` (only built when ``num_med_block > 0``)."""
-
-    def __init__(self, planes: int):
-        super().__init__()
-        med = planes // _EXPANSION
-        self.conv1 = nn.Conv2d(planes, med, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(med, eps=_BN_EPS)
-        self.conv2 = nn.Conv2d(med, med, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(med, eps=_BN_EPS)
-        self.conv3 = nn.Conv2d(med, planes, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes, eps=_BN_EPS)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = F.relu(self.bn2(self.conv2(y)))
-        return F.relu(self.bn3(self.conv3(y)) + x)
-
-
 class _Squeeze(nn.Module):
     """Upstream ``FCUDown``: CNN mid map → patch tokens, with the current class token prepended."""
 
@@ -158,8 +139,9 @@ class _ConvTransBlock(nn.Module):
         super().__init__()
         self.cnn_block = _Bottleneck(inplanes, outplanes, stride=stride, res_conv=res_conv)
         self.fusion_block = _Bottleneck(outplanes, outplanes, stride=1, res_conv=last_fusion)
-        if num_med_block > 0:
-            self.med_block = nn.ModuleList(_MedBottleneck(outplanes) for _ in range(num_med_block))
+        if num_med_block > 0:  # upstream Med_ConvBlock: the same bottleneck, identity shortcut
+            self.med_block = nn.ModuleList(_Bottleneck(outplanes, outplanes)
+                                           for _ in range(num_med_block))
         else:
             self.med_block = None
         self.squeeze_block = _Squeeze(outplanes // _EXPANSION, embed_dim, dw_stride)
@@ -174,7 +156,7 @@ class _ConvTransBlock(nn.Module):
         x_t = self.trans_block(x_t + self.squeeze_block(x2, x_t), 1, stats)
         if self.med_block is not None:
             for block in self.med_block:
-                x = block(x)
+                x, _ = block(x)
         x_up = self.expand_block(x_t, h // self.dw_stride, w // self.dw_stride)
         x, _ = self.fusion_block(x, x_up)
         return x, x_t
@@ -321,12 +303,7 @@ class Conformer(nn.Module):
                              f"{(h, w)} differ (patch_size {self.patch_size} != 16?); "
                              f"TransCAM's A*·M needs them equal")
         m = conv_map.float().flatten(2).transpose(1, 2)                     # (B, P, K)
-        affinity = stats.patch2patch
-        if torch.is_grad_enabled() and (m.requires_grad or affinity.requires_grad):
-            # ops.propagate registers no autograd formula; the reference face is plain bmm.
-            cam = ops.propagate_reference(affinity, m)
-        else:
-            cam = ops.propagate(affinity, m)
+        cam = ops.propagate(stats.patch2patch, m)  # differentiable when m requires grad
         cam = cam.transpose(1, 2).reshape(b, self.num_classes, h, w)
         return conv_logits, trans_logits, cam
 
@@ -345,6 +322,6 @@ def transcam_small(num_classes: int = 21) -> Conformer:
 
 
 def transcam_golden_tiny() -> Conformer:
-    """The configuration of ``/work/shared/golden/transcam/weights_tiny.pth``."""
+    """The configuration of ``shared/golden/transcam/weights_tiny.pth`` (the test oracle)."""
     return Conformer(patch_size=16, num_classes=21, base_channel=64, channel_ratio=1,
                      embed_dim=64, depth=6, num_heads=2, mlp_ratio=4, qkv_bias=True)

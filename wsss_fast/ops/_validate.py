@@ -63,6 +63,11 @@ def check_accumulator(op: str, name: str, t: torch.Tensor | None, expected: Sequ
                          f"got strides {t.stride()} for {_describe(t)}")
 
 
+def requires_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd must see the op (then the differentiable reference face runs)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def check_finite_number(op: str, name: str, value, *, positive: bool = False) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:

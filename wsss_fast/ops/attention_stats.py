@@ -21,7 +21,8 @@ import torch
 
 from wsss_fast.ops import _backend
 from wsss_fast.ops._validate import (check_accumulator, check_finite_number, check_same_device,
-                                     check_same_dtype, check_shape, check_tensor)
+                                     check_same_dtype, check_shape, check_tensor,
+                                     requires_grad)
 
 OP = "attention_stats"
 FACES = ("reference", "cpu", "triton")
@@ -115,7 +116,7 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     weights = [check_finite_number(OP, name, w) for name, w in
                (("cls2patch_weight", cls2patch_weight), ("patch2patch_weight", patch2patch_weight),
                 ("cls_row_weight", cls_row_weight))]
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if requires_grad(q, k, v):
         return attention_stats_reference(q, k, v, scale, num_cls, cls2patch, weights[0],
                                          patch2patch, weights[1], cls_row, weights[2])
     return _attention_stats_op(q.contiguous(), k.contiguous(), v.contiguous(), scale, num_cls,
@@ -127,8 +128,9 @@ LayerSpec = Union[None, int, str, Sequence[int]]
 
 def block_weights(num_blocks: int, layers: LayerSpec, reduce: str = "sum") -> tuple[float, ...]:
     """Per-block weights for a statistic: ``layers`` is None (no block), an int K (the last K
-    blocks; all of them when K exceeds their number), ``"all"``, or block indices (negative from the end); ``reduce`` is ``"sum"`` (weight 1)
-    or ``"mean"`` (weight 1/n over the selected blocks)."""
+    blocks; all of them when K exceeds their number), ``"all"``, or block indices (negative from
+    the end); ``reduce`` is ``"sum"`` (weight 1) or ``"mean"`` (weight 1/n over the selected
+    blocks)."""
     if reduce not in ("sum", "mean"):
         raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
     if layers is None:

@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 
 from wsss_fast.ops import _backend
-from wsss_fast.ops._validate import check_finite_number, check_same_device, check_tensor
+from wsss_fast.ops._validate import (check_finite_number, check_same_device, check_tensor,
+                                     requires_grad)
 
 OP = "class_patch_reweight"
 FACES = ("reference", "cpu", "triton", "cuda")
@@ -100,8 +101,7 @@ def class_patch_reweight(attn: torch.Tensor, gamma: float = 1.0, *,
                              f"attn of shape {tuple(attn.shape)} (expected {tuple(attn.shape)} "
                              f"or {tuple(attn.shape[:lead])} + (h, w) with h*w={attn.shape[-1]})")
         patchcam = patchcam.reshape(attn.shape).to(attn.dtype)
-    if torch.is_grad_enabled() and (attn.requires_grad or (patchcam is not None
-                                                          and patchcam.requires_grad)):
+    if requires_grad(attn, patchcam):
         return class_patch_reweight_reference(attn, gamma, patchcam, bool(sqrt))
     rows = attn.reshape(-1, attn.shape[-1]).contiguous()
     if patchcam is not None:

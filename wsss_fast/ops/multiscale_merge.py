@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from wsss_fast.ops import _backend
-from wsss_fast.ops._validate import check_finite_number, check_same_device, check_tensor
+from wsss_fast.ops._validate import (check_finite_number, check_same_device, check_tensor,
+                                     requires_grad)
 
 OP = "multiscale_merge"
 FACES = ("reference", "cpu", "triton", "cuda")
@@ -159,7 +160,7 @@ def multiscale_merge(maps: Sequence[torch.Tensor], out_size: tuple[int, int], *,
             raise ValueError(f"{OP}: labels must have shape ({b}, {k}), got {tuple(labels.shape)}")
         labels = labels.float().contiguous()
     eps = DEFAULT_EPS[norm] if eps is None else check_finite_number(OP, "eps", eps)
-    if torch.is_grad_enabled() and any(cam.requires_grad for cam in maps):
+    if requires_grad(*maps):
         return multiscale_merge_reference(maps, flips, out_h, out_w, bool(relu), labels, merge,
                                           norm, eps)
     maps = [cam.float().contiguous() for cam in maps]

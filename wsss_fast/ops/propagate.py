@@ -14,7 +14,7 @@ import torch
 
 from wsss_fast.ops import _backend
 from wsss_fast.ops._validate import (check_finite_number, check_same_device, check_same_dtype,
-                                     check_shape, check_tensor)
+                                     check_shape, check_tensor, requires_grad)
 
 OP = "propagate"
 OP_STREAMING = "propagate_streaming"
@@ -102,7 +102,7 @@ def propagate(affinity: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
     check_shape(OP, "affinity", affinity, (b, p, p))
     if min(cam.shape) == 0:
         raise ValueError(f"{OP}: cam must be non-empty, got shape {tuple(cam.shape)}")
-    if torch.is_grad_enabled() and (affinity.requires_grad or cam.requires_grad):
+    if requires_grad(affinity, cam):
         return propagate_reference(affinity, cam)  # differentiable (training: BNR)
     return _propagate_op(affinity.contiguous(), cam.contiguous())
 
@@ -141,7 +141,7 @@ def propagate_streaming(q: torch.Tensor | Sequence[torch.Tensor],
     weights = [check_finite_number(OP_STREAMING, "weights[i]", w) for w in weights]
     if len(weights) != num_layers:
         raise ValueError(f"{OP_STREAMING}: got {len(weights)} weights for {num_layers} blocks")
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or cam.requires_grad):
+    if requires_grad(q, k, cam):
         return propagate_streaming_reference(q, k, cam, scale, num_cls, weights)
     return _propagate_streaming_op(q.contiguous(), k.contiguous(), cam.contiguous(), scale,
                                    num_cls, weights)
