@@ -1,0 +1,1 @@
+"""Datasets (VOC, COCO, folder, synthetic), image decoding and class names."""
