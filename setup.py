@@ -72,5 +72,6 @@ setup(
     package_dir={"wsss_fast.kernels": "kernels"},
     ext_modules=[_cpu_extension()],
     cmdclass={"build_ext": BuildWithCuda.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["wsss-fast = wsss_fast.cli:main"]},
     zip_safe=False,
 )

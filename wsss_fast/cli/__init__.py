@@ -1,0 +1,84 @@
+"""The ``wsss-fast`` command line: one subcommand per pipeline step.
+
+Every subcommand takes ``--config FILE.yaml`` whose keys (option names with ``-`` or ``_``) set
+that subcommand's defaults; options given on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Optional, Sequence
+
+import wsss_fast
+
+# subcommand -> module in wsss_fast.cli (each defines add_arguments(parser) and run(args) -> int)
+COMMANDS = {
+    "synth": "synth", "extract": "extract", "pseudo-label": "pseudo_label", "refine": "refine",
+    "evaluate": "evaluate", "bench": "bench",
+}
+
+
+def _load_config(path: str, parser: argparse.ArgumentParser) -> dict:
+    import yaml
+    try:
+        with open(path) as handle:
+            config = yaml.safe_load(handle) or {}
+    except OSError as error:
+        parser.error(f"--config {path}: {error.strerror}")
+    except yaml.YAMLError as error:
+        parser.error(f"--config {path}: not valid YAML ({error})")
+    if not isinstance(config, dict):
+        parser.error(f"--config {path}: expected a mapping of option names to values")
+    known = {action.dest for action in parser._actions}
+    values = {str(key).replace("-", "_"): value for key, value in config.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        parser.error(f"--config {path}: unknown options {', '.join(unknown)}")
+    return values
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(
+        prog="wsss-fast", description="Fast CAMs, pseudo-labels and evaluation for weakly "
+        "supervised semantic segmentation.")
+    parser.add_argument("--version", action="version", version=f"wsss-fast {wsss_fast.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parsers = {}
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(f"wsss_fast.cli.{module_name}")
+        doc = (module.__doc__ or "").strip()
+        child = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        child.add_argument("--config", metavar="FILE.yaml",
+                           help="YAML file of option defaults for this command")
+        module.add_arguments(child)
+        child.set_defaults(_run=module.run)
+        parsers[name] = child
+    return parser, parsers
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, parsers = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        child = parsers[args.command]
+        child.set_defaults(**_load_config(args.config, child))
+        args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except _reported_errors() as error:
+        if os.environ.get("WSSS_FAST_DEBUG"):
+            raise
+        print(f"wsss-fast {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _reported_errors() -> tuple:
+    """Errors that describe bad arguments or inputs: one line, no traceback (set
+    WSSS_FAST_DEBUG=1 for it)."""
+    from wsss_fast.io.run_state import ConfigConflict
+    return (ValueError, OSError, ConfigConflict)

@@ -1,0 +1,1 @@
+"""Pseudo-labels from CAMs: background rules, dense CRF, random-walk refinement."""
