@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     if not items:
         raise UsageError(f"no ground-truth labels found for the {len(dataset.ids)} images")
     thresholds = parse_thresholds(args.thresholds)
-    pred_ignore_as = None if args.ignore_pred_255 else 0
+    pred_ignore_as = "exclude" if args.ignore_pred_255 else 0
     shards = max(1, args.workers)
     tasks = [(mode, str(folder), items[i::shards], len(names), thresholds, pred_ignore_as)
              for i in range(shards)]
