@@ -6,6 +6,8 @@ entries); label PNGs use ``index + 1`` with 0 = background and 255 = ignore.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 VOC_CLASSES = (
@@ -50,3 +52,28 @@ def voc_palette() -> np.ndarray:
 def with_background(class_names) -> tuple[str, ...]:
     """Names of label-PNG values 0..K: background first."""
     return ("background",) + tuple(class_names)
+
+
+def read_class_names(classes) -> tuple[str, ...]:
+    """Foreground class names from a sequence of names or a text file (one name a line; blank
+    lines and ``#`` comments skipped). Names must be non-empty and unique."""
+    source = "classes"
+    if isinstance(classes, (str, os.PathLike)):
+        source = os.fspath(classes)
+        try:
+            with open(source, encoding="utf-8") as handle:
+                lines = handle.read().splitlines()
+        except OSError as exc:
+            raise ValueError(f"{source}: cannot read the class-name file ({exc})") from None
+        names = [line.strip() for line in lines
+                 if line.strip() and not line.lstrip().startswith("#")]
+    else:
+        names = [str(name).strip() for name in classes]
+    if not names:
+        raise ValueError(f"{source}: no class names given")
+    if any(not name for name in names):
+        raise ValueError(f"{source}: empty class name in {names}")
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"{source}: duplicate class names {duplicates}")
+    return tuple(names)
