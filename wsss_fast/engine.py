@@ -97,6 +97,7 @@ class CamEngine:
         preset = self.preset
         full = None
         for size in preset.sizes:
+            self._check_pass_size(width, height, size)
             if preset.resize == "tensor_bilinear":
                 if full is None:
                     full = to_normalized_tensor(image, preset.mean, preset.std)[None]
@@ -112,6 +113,20 @@ class CamEngine:
                 x = to_normalized_tensor(resized, preset.mean, preset.std)
             batch = torch.stack([x, x.flip(-1)]) if preset.flip else x[None]
             yield batch.to(self.device)
+
+    def _check_pass_size(self, width: int, height: int, size) -> None:
+        """A clear error for images too small (or too thin) for the model at some pass."""
+        preset = self.preset
+        if preset.square_sizes is not None:
+            target = (int(size), int(size))
+        elif preset.resize == "tensor_bilinear":
+            target = (int(height * size), int(width * size))
+        else:
+            target = (round(height * size), round(width * size))
+        grid = self.model.grid(*target) if hasattr(self.model, "grid") else target
+        if min(grid) < 1:
+            raise ValueError(f"image {width}×{height} is too small for the model: the pass at "
+                             f"{size} is {target[1]}×{target[0]}, less than one patch")
 
     @torch.no_grad()
     def __call__(self, image: ImageLike, labels=None) -> CamResult:
@@ -171,7 +186,7 @@ class CamEngine:
     def _labels(self, labels, num_classes: int) -> torch.Tensor:
         if labels is None:
             return torch.ones(num_classes, device=self.device)
-        labels = torch.as_tensor(np.asarray(labels), dtype=torch.float32).flatten()
+        labels = torch.as_tensor(np.array(labels, dtype=np.float32)).flatten()
         if labels.numel() != num_classes:
             raise ValueError(f"labels must have {num_classes} entries (one per class of "
                              f"{self.preset.name}), got {labels.numel()}")

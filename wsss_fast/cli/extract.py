@@ -116,7 +116,7 @@ class _Writer:
         outputs = self.outputs(item, keys)
         save_cam_file(outputs["cam"], keys, high_res, low_res, fmt=self.args.format,
                       fp16=self.args.fp16)
-        for i, k in enumerate(keys):
+        for i, k in enumerate(keys if self.args.overlays else ()):
             save_rgb_png(outputs[f"overlay_{k}"], jet_overlay(image, high_res[i]))
         self.state.record_done(item, outputs)
 
@@ -136,8 +136,8 @@ def _extract_batch(engine, batch, writer, state) -> None:
     for item, result in zip(batch, results):
         keys = torch.as_tensor(result.keys, dtype=torch.long)
         writer.write(item["id"], item["image"], result.keys,
-                     result.high_res[keys.to(result.high_res.device)].cpu(),
-                     result.low_res[keys.to(result.low_res.device)].cpu())
+                     result.high_res[keys.to(result.high_res.device)].cpu().numpy(),
+                     result.low_res[keys.to(result.low_res.device)].cpu().numpy())
 
 
 def run(args: argparse.Namespace) -> int:

@@ -83,6 +83,7 @@ class RunState:
         remove_stale_temps(self.out_dir)
         self.counts = {"assigned": 0, "done": 0, "already_done": 0, "skipped": 0}
         self.skipped: list[dict] = []
+        self._skipped_ids: set[str] = set()
         self._journal = open(self.state_dir / f"{command}.rank{rank}.jsonl", "a")
 
     @property
@@ -149,6 +150,10 @@ class RunState:
             self.counts["done"] += 1
 
     def record_skipped(self, item: str, reason: str) -> None:
+        """``item`` could not be done; listed in the manifest (once per id)."""
+        if item in self._skipped_ids:
+            return
+        self._skipped_ids.add(item)
         self.counts["skipped"] += 1
         self.skipped.append({"id": item, "reason": reason})
 
@@ -171,11 +176,15 @@ class RunState:
             if path.exists():
                 ranks.append(json.loads(path.read_text()))
         counts = {key: sum(r["counts"].get(key, 0) for r in ranks) for key in self.counts}
+        skipped = {}   # one entry per id (rank 0 also reports the dataset's indexing problems)
+        for entry in (item for r in ranks for item in r["skipped"]):
+            skipped.setdefault(entry["id"], entry)
+        counts["skipped"] = len(skipped)
         manifest = {
             "command": self.command, "config": self.config, "versions": library_versions(),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world": self.world,
             "counts": counts, "outputs_total": len(self._read_journals()),
-            "skipped": [item for r in ranks for item in r["skipped"]],
+            "skipped": list(skipped.values()),
             "ranks": [{k: r[k] for k in ("rank", "host", "seconds", "counts")} for r in ranks],
             **(extra or {}),
         }
