@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from wsss_fast import ops
+from wsss_fast.postprocess import upstream_random_walk
+from wsss_fast.postprocess.random_walk import irn_affinity
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,36 @@ def make_propagate(form: str, case: AttentionCase = AttentionCase(), classes: in
     return dense
 
 
+@dataclass(frozen=True)
+class RandomWalkCase:
+    """IRN's random walk on a VOC image (500×375): the stride-4 grid 94×125 (N = 11,750), K = 3
+    classes, β = 10, 2^8 = 256 steps, radius 5."""
+
+    height: int = 94
+    width: int = 125
+    classes: int = 3
+    beta: float = 10
+    exp_times: int = 8
+
+    def inputs(self, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        cams = torch.rand(self.classes, self.height, self.width, generator=g)
+        edge = torch.rand(self.height, self.width, generator=g) ** 3
+        return cams, edge
+
+
+def make_random_walk(case: RandomWalkCase, form: str):
+    """From CAMs and a boundary map to walked maps: ``fused`` (``irn_affinity`` + the
+    ``random_walk`` op, 69-tap stencil) or ``dense`` (upstream's ``propagate_to_edge``: dense
+    N×N build on the padded grid, crop, 8 fp32 squarings)."""
+    cams, edge = case.inputs()
+    if form == "dense":
+        return lambda: upstream_random_walk.propagate_to_edge(cams, edge, beta=case.beta,
+                                                              exp_times=case.exp_times)
+    return lambda: ops.random_walk(cams * (1 - edge), irn_affinity(edge, case.beta),
+                                   2 ** case.exp_times)
+
+
 def warm_up() -> None:
     """Call every op once on tiny inputs: loads the extension, registers the custom ops and starts
     the thread pool, so that memory measured afterwards belongs to the variant alone."""
@@ -154,3 +186,4 @@ def warm_up() -> None:
     ops.multiscale_merge([torch.rand(1, 2, 3, 4)], (5, 6), norm="minmax")
     ops.multiscale_merge_reference([torch.rand(1, 2, 3, 4)], [False], 5, 6, False, None, "sum",
                                    "minmax", 1e-8)
+    ops.random_walk(torch.rand(2, 3, 4), irn_affinity(torch.rand(3, 4)), 2)

@@ -14,6 +14,7 @@ from benchmarks import cases
 QUICK = os.environ.get("WSSS_BENCH_QUICK") == "1"
 ATTENTION = cases.AttentionCase(patches=576, blocks=6) if QUICK else cases.AttentionCase()
 MERGE = cases.MergeCase(height=240, width=320) if QUICK else cases.MergeCase()
+WALK = cases.RandomWalkCase(height=24, width=32) if QUICK else cases.RandomWalkCase()
 
 
 @pytest.mark.benchmark(group="attention_stats")
@@ -34,6 +35,15 @@ def test_propagate(benchmark, form):
 @pytest.mark.parametrize("face", ["fused", "reference"])
 def test_multiscale_merge(benchmark, face):
     benchmark.pedantic(cases.make_merge(MERGE, face), rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.benchmark(group="random_walk")
+@pytest.mark.parametrize("form", ["fused", "dense"])
+def test_random_walk(benchmark, form):
+    # The dense walk takes minutes at VOC size: one round, no warm-up.
+    slow = form == "dense" and not QUICK
+    benchmark.pedantic(cases.make_random_walk(WALK, form), rounds=1 if slow else 3,
+                       warmup_rounds=0 if slow else 1)
 
 
 @pytest.mark.benchmark(group="class_patch_reweight")

@@ -81,6 +81,22 @@ int wsss_fast_multiscale_merge(const float* const* maps, const int64_t* heights,
                                float* out, int64_t out_h, int64_t out_w, int relu, int merge,
                                int norm, float eps, void* stream);
 
+/* Affinity random walk (DESIGN §3.5), see random_walk_reference: out = x0 @ T^steps per batch
+ * item, T = A / colsum(A), A = I + W + Wᵀ over the half-disk pair offsets of `radius` (2..64;
+ * O = 34 offsets for 5), never forming T.
+ * x0, out: (batch, classes, h, w) of `dtype`; weights: fp32 (batch, O, h, w), non-negative.
+ * workspace: device scratch of at least wsss_fast_random_walk_workspace_bytes(...) bytes (the
+ *   tap table and two zero-padded fp32 buffers), used in stream order; workspace_size: its size.
+ * steps >= 1: one kernel launch per step. */
+int wsss_fast_random_walk(const void* x0, const float* weights, void* out, void* workspace,
+                          int64_t workspace_size, int64_t batch, int64_t classes, int64_t h,
+                          int64_t w, int radius, int64_t steps, int dtype, void* stream);
+
+/* Bytes of workspace wsss_fast_random_walk needs for these sizes; -1 (with a message) when the
+ * sizes or the radius are invalid. */
+int64_t wsss_fast_random_walk_workspace_bytes(int64_t batch, int64_t classes, int64_t h,
+                                              int64_t w, int radius);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

@@ -9,11 +9,12 @@ from wsss_fast.ops.class_patch_reweight import class_patch_reweight, class_patch
 from wsss_fast.ops.multiscale_merge import multiscale_merge, multiscale_merge_reference
 from wsss_fast.ops.propagate import (propagate, propagate_reference, propagate_streaming,
                                      propagate_streaming_reference)
+from wsss_fast.ops.random_walk import half_disk_offsets, random_walk, random_walk_reference
 
 __all__ = [
     "AttentionStats", "BackendUnavailable", "attention_stats", "attention_stats_reference",
     "block_weights", "choose_face", "class_patch_reweight", "class_patch_reweight_reference",
-    "cpu_extension_available", "cpu_extension_error", "multiscale_merge",
+    "cpu_extension_available", "cpu_extension_error", "half_disk_offsets", "multiscale_merge",
     "multiscale_merge_reference", "propagate", "propagate_reference", "propagate_streaming",
-    "propagate_streaming_reference",
+    "propagate_streaming_reference", "random_walk", "random_walk_reference",
 ]

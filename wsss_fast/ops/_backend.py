@@ -20,8 +20,8 @@ FACES = ("reference", "cpu", "triton", "cuda")
 ENV_VAR = "WSSS_FAST_BACKEND"
 
 # Bumped whenever the C++ op schemas change; a built extension reporting another number is stale.
-CPU_ABI_VERSION = 1
-CUDA_ABI_VERSION = 1
+CPU_ABI_VERSION = 2
+CUDA_ABI_VERSION = 2
 
 
 class BackendUnavailable(RuntimeError):

@@ -54,6 +54,17 @@ SIGNATURES = {
         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,  # relu, merge, norm, eps
         ctypes.c_void_p,  # stream
     ]),
+    "wsss_fast_random_walk": (ctypes.c_int, [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # x0, weights, out
+        ctypes.c_void_p, ctypes.c_int64,  # workspace, workspace_size
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # batch, classes, h, w
+        ctypes.c_int, ctypes.c_int64, ctypes.c_int,  # radius, steps, dtype
+        ctypes.c_void_p,  # stream
+    ]),
+    "wsss_fast_random_walk_workspace_bytes": (ctypes.c_int64, [
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # batch, classes, h, w
+        ctypes.c_int,  # radius
+    ]),
 }
 
 _lock = threading.Lock()
@@ -288,5 +299,38 @@ def multiscale_merge(maps: Sequence[torch.Tensor], flips: Sequence[bool], out_h:
             ptrs, heights, widths, flip_codes, n, b, k,
             None if labels is None else labels.data_ptr(), out.data_ptr(), shape[2], shape[3],
             int(bool(relu)), MERGE_CODES[merge], NORM_CODES[norm], float(eps), _stream(device))
+    _check(lib, status, op)
+    return out
+
+
+def random_walk(x0: torch.Tensor, weights: torch.Tensor, steps: int, radius: int, *,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x0 @ T^steps`` of the affinity random walk for ``x0 (B, K, h, w)`` and pair weights
+    ``(B, O, h, w)``; output in ``x0``'s dtype. Semantics: ``random_walk_reference``."""
+    op = "random_walk"
+    device = _require_cuda(op, x0=x0, weights=weights)
+    dtype = _dtype_code(op, x0)
+    if x0.dim() != 4 or weights.dim() != 4 or weights.shape[0] != x0.shape[0] or \
+            weights.shape[2:] != x0.shape[2:]:
+        raise ValueError(f"{op}: expected x0 (B, K, h, w) and weights (B, O, h, w), got "
+                         f"{tuple(x0.shape)} and {tuple(weights.shape)}")
+    b, k, h, w = x0.shape
+    x0, weights = x0.contiguous(), weights.float().contiguous()
+    if out is None:
+        out = torch.empty_like(x0)
+    else:
+        _check_out(op, out, x0.shape, x0.dtype, device)
+    if out.numel() == 0:
+        return out
+    lib = library()
+    size = lib.wsss_fast_random_walk_workspace_bytes(b, k, h, w, int(radius))
+    if size < 0:
+        raise ValueError(f"{op}: {last_error(lib)}")
+    # From torch's caching allocator, in the current stream's order.
+    workspace = torch.empty(size, dtype=torch.uint8, device=device)
+    with torch.cuda.device(device):
+        status = lib.wsss_fast_random_walk(x0.data_ptr(), weights.data_ptr(), out.data_ptr(),
+                                           workspace.data_ptr(), size, b, k, h, w, int(radius),
+                                           int(steps), dtype, _stream(device))
     _check(lib, status, op)
     return out
