@@ -101,3 +101,27 @@ def test_pseudo_label_rejects_mismatched_rule_and_crf(pipeline, tmp_path, capsys
     assert main(["pseudo-label", "--data", str(data), "--cams", str(root / "cams" / "cams"),
                  "--out", str(tmp_path), "--rule", "confident", "--crf", "none"]) == 2
     assert "--rule confident runs label CRFs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["irn", "psa"])
+def test_refine_writes_labels_equal_to_the_python_api(pipeline, tmp_path, preset):
+    from wsss_fast.cli.refine import image_color_features
+    from wsss_fast.data.images import read_image
+    from wsss_fast.postprocess import random_walk as rw
+    root, data = pipeline
+    out = tmp_path / "rw"
+    assert main(["refine", "--data", str(data), "--split", "val", "--cams",
+                 str(root / "cams" / "cams"), "--out", str(out), "--preset", preset,
+                 "--steps", "16", "--device", "cpu", "--workers", "0", "--quiet"]) == 0
+    item = _ids(data)[0]
+    image = read_image(data / "JPEGImages" / f"{item}.jpg")
+    record = load_cam_file(root / "cams" / "cams" / f"{item}.npy")
+    if preset == "irn":
+        edge = rw.image_edge_map(image, record.low_res.shape[1:])
+        expected = rw.refine_irn(record.low_res, record.keys, edge, image.shape[:2], steps=16)
+    else:
+        features = image_color_features(image, (-(-image.shape[0] // 8), -(-image.shape[1] // 8)))
+        expected = rw.refine_psa(record.high_res, record.keys, features, steps=16)
+    label = np.asarray(PIL.Image.open(out / "labels" / f"{item}.png"))
+    np.testing.assert_array_equal(label, np.asarray(expected))
+    assert set(np.unique(label)) <= {0, *(record.keys + 1).tolist()}

@@ -40,13 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _preset_options(args) -> dict:
+    import dataclasses
+
     from wsss_fast.postprocess.random_walk import RANDOM_WALK_PRESETS
-    options = dict(vars(RANDOM_WALK_PRESETS[args.preset])) if not isinstance(
-        RANDOM_WALK_PRESETS[args.preset], dict) else dict(RANDOM_WALK_PRESETS[args.preset])
+    options = dataclasses.asdict(RANDOM_WALK_PRESETS[args.preset])
     for name in ("beta", "steps", "bg_threshold", "alpha"):
         value = getattr(args, name)
         if value is not None:
-            if name not in options:
+            if options[name] is None:
                 raise UsageError(f"--{name.replace('_', '-')} does not apply to --preset "
                                  f"{args.preset}")
             options[name] = value
@@ -61,6 +62,16 @@ def _load_side_input(folder, item: str, expected_ndim: int):
     if array.ndim != expected_ndim:
         raise ValueError(f"{path}: expected {expected_ndim} dimensions, got {array.shape}")
     return array.astype(np.float32)
+
+
+def image_color_features(image: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """A training-free stand-in for AffinityNet features: the image's RGB in [0, 1], averaged
+    over the 8×8 cells of PSA's zero-padded stride-8 grid, ``(3, ⌈H/8⌉, ⌈W/8⌉)``."""
+    height, width = image.shape[:2]
+    padded = np.zeros((grid[0] * 8, grid[1] * 8, 3), np.float32)
+    padded[:height, :width] = image.astype(np.float32) / 255.0
+    cells = padded.reshape(grid[0], 8, grid[1], 8, 3).mean(axis=(1, 3))
+    return np.ascontiguousarray(cells.transpose(2, 0, 1))
 
 
 def refine_one(args, options: dict, item: str, image: np.ndarray, cam_path: Path,
@@ -89,7 +100,7 @@ def refine_one(args, options: dict, item: str, image: np.ndarray, cam_path: Path
     if args.features:
         features = _load_side_input(args.features, item, 3)
     else:
-        features = rw.image_features(image, grid)
+        features = image_color_features(image, grid)
     cams = torch.from_numpy(record.high_res).to(device)
     return rw.refine_psa(cams, keys, torch.from_numpy(features).to(device),
                          alpha=options["alpha"], beta=options["beta"], steps=options["steps"])
