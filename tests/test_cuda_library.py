@@ -23,7 +23,8 @@ from wsss_fast.ops.propagate import propagate_reference
 
 SYMBOLS = ("wsss_fast_cuda_abi_version", "wsss_fast_cuda_last_error", "wsss_fast_cuda_probe",
            "wsss_fast_class_patch_reweight", "wsss_fast_propagate",
-           "wsss_fast_multiscale_merge")
+           "wsss_fast_multiscale_merge", "wsss_fast_random_walk",
+           "wsss_fast_random_walk_workspace_bytes")
 
 needs_nvcc = pytest.mark.skipif(_cuda_build.find_nvcc() is None,
                                 reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")

@@ -23,6 +23,8 @@ def sample_calls():
         "multiscale_merge": (torch.ops.wsss_fast.multiscale_merge.default,
                              ([torch.randn(1, 3, 4, 5), torch.randn(1, 3, 4, 5)], [False, True],
                               9, 7, True, torch.ones(1, 3), "max_flip", "minmax", 1e-8)),
+        "random_walk": (torch.ops.wsss_fast.random_walk.default,
+                        (torch.rand(1, 3, 5, 6), torch.rand(1, 34, 5, 6), 4, 5)),
     }
 
 
