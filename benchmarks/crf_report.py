@@ -20,12 +20,8 @@ import time
 
 import numpy as np
 
-from wsss_fast.postprocess.crf import (
-    CRF_PRESETS,
-    crf_inference_label,
-    crf_inference_prob,
-    run_in_workers,
-)
+from wsss_fast.postprocess.crf import CRF_PRESETS, crf_inference_label, crf_inference_prob
+from wsss_fast.workers import run_in_workers
 from wsss_fast.postprocess.pseudo_label import constant_background, power_background
 
 

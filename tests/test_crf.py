@@ -7,14 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from wsss_fast.postprocess.crf import (
-    CRF_PRESETS,
-    CrfPreset,
-    JobFailure,
-    crf_inference_label,
-    crf_inference_prob,
-    run_in_workers,
-)
+from wsss_fast.postprocess.crf import (CRF_PRESETS, CrfPreset, crf_inference_label,
+                                      crf_inference_prob)
+from wsss_fast.workers import JobFailure, run_in_workers
 
 # Reference §3c table: (unary, gaussian sxy/compat, bilateral sxy/srgb/compat, iterations,
 # gt_prob, background power).

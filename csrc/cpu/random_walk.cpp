@@ -62,11 +62,16 @@ at::Tensor random_walk_cpu(const at::Tensor& x0_in, const at::Tensor& weights_in
       .narrow(3, pad, w)
       .copy_(x0_in);
   const int64_t plane_size = padded_h * pitch;
+  // Every step ends in a barrier, and a thread descheduled by another process stalls the others
+  // for a time slice: on a loaded 2-core machine a 94×125×3 walk took 0.28 s on one thread and
+  // 3.3 s on two. So a chunk gets at least ~2^22 tap updates: one image's walk runs on one
+  // thread, and throughput comes from walking several images at once (refine's workers).
+  const int64_t row_grain = std::max<int64_t>(4, (int64_t{1} << 22) / (taps * w));
   for (int64_t step = 0; step < steps; ++step) {
     const float* from = src.data_ptr<float>();
     float* to = dst.data_ptr<float>();
     // Classes innermost: a row's taps (taps × w floats) stay in cache across the classes.
-    at::parallel_for(0, batch * h * classes, 4, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, batch * h * classes, row_grain, [&](int64_t begin, int64_t end) {
       for (int64_t index = begin; index < end; ++index) {
         const int64_t k = index % classes, y = (index / classes) % h, b = index / (classes * h);
         const int64_t at_row = (b * classes + k) * plane_size + (y + pad) * pitch + pad;

@@ -105,7 +105,7 @@ def label_job(item: str, cam_path: str, image_path: str, outputs: dict, options:
 def run(args: argparse.Namespace) -> int:
     from wsss_fast.distributed import barrier, close, init_ranks, shard
     from wsss_fast.io.run_state import RunState
-    from wsss_fast.postprocess.crf import JobFailure, run_in_workers
+    from wsss_fast.workers import JobFailure, run_in_workers
     require(args, "data", "cams", "out")
     options = _rule_options(args)
     cams_dir, out = Path(args.cams), Path(args.out)

@@ -22,7 +22,7 @@ import torch
 
 from wsss_fast.cli.common import (UsageError, add_dataset_arguments, add_runtime_arguments,
                                   exit_status, item_path, open_dataset_from, print_summary,
-                                  progress, report_problems, require)
+                                  report_problems, require)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,8 +74,9 @@ def image_color_features(image: np.ndarray, grid: tuple[int, int]) -> np.ndarray
     return np.ascontiguousarray(cells.transpose(2, 0, 1))
 
 
-def refine_one(args, options: dict, item: str, image: np.ndarray, cam_path: Path,
+def refine_one(settings: dict, item: str, image: np.ndarray, cam_path: Path,
                device: torch.device) -> np.ndarray:
+    """The label of one image; ``settings``: preset, its options, edges and features folders."""
     from wsss_fast.io.cam_files import load_cam_file
     from wsss_fast.postprocess import random_walk as rw
     record = load_cam_file(cam_path)
@@ -85,20 +86,20 @@ def refine_one(args, options: dict, item: str, image: np.ndarray, cam_path: Path
     if record.high_res.shape[1:] != (height, width):
         raise ValueError(f"CAM size {record.high_res.shape[1:]} differs from the image size "
                          f"{(height, width)}")
-    keys = record.keys
-    if args.preset == "irn":
+    keys, options = record.keys, settings["options"]
+    if settings["preset"] == "irn":
         if record.low_res is None:
             raise ValueError(f"{cam_path} has no stride-4 'cam' maps (write irn-format CAMs)")
         grid = record.low_res.shape[1:]
-        edge = (_load_side_input(args.edges, item, 2) if args.edges
+        edge = (_load_side_input(settings["edges"], item, 2) if settings["edges"]
                 else rw.image_edge_map(image, grid))
         cams = torch.from_numpy(record.low_res).to(device)
         return rw.refine_irn(cams, keys, torch.from_numpy(np.ascontiguousarray(edge)).to(device),
                              (height, width), beta=options["beta"], steps=options["steps"],
                              bg_threshold=options["bg_threshold"])
     grid = (-(-height // 8), -(-width // 8))
-    if args.features:
-        features = _load_side_input(args.features, item, 3)
+    if settings["features"]:
+        features = _load_side_input(settings["features"], item, 3)
     else:
         features = image_color_features(image, grid)
     cams = torch.from_numpy(record.high_res).to(device)
@@ -106,11 +107,27 @@ def refine_one(args, options: dict, item: str, image: np.ndarray, cam_path: Path
                          alpha=options["alpha"], beta=options["beta"], steps=options["steps"])
 
 
+def refine_job(item: str, image_path: str, cam_path: str, label_path: str, settings: dict):
+    """One image (in a worker process on the CPU): read, walk, write atomically. Returns None or
+    the reason the item was skipped."""
+    from wsss_fast.data.images import ImageDecodeError, read_image, write_label_png
+    from wsss_fast.io.cam_files import CamFileError
+    if not Path(cam_path).exists():
+        return f"no CAM file {cam_path}"
+    try:
+        image = read_image(image_path)
+        label = refine_one(settings, item, image, Path(cam_path),
+                           torch.device(settings["device"]))
+    except (CamFileError, ImageDecodeError, ValueError) as error:
+        return str(error)
+    write_label_png(label_path, np.asarray(label, np.uint8))
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
-    from wsss_fast.data.base import image_loader
-    from wsss_fast.data.images import write_label_png
     from wsss_fast.distributed import barrier, close, init_ranks, shard
     from wsss_fast.io.run_state import RunState
+    from wsss_fast.workers import JobFailure, run_in_workers
     require(args, "data", "cams", "out")
     options = _preset_options(args)
     cams_dir, out = Path(args.cams), Path(args.out)
@@ -134,26 +151,22 @@ def run(args: argparse.Namespace) -> int:
                 state.counts["already_done"] += 1
             else:
                 todo.append(item)
-        bar = progress(image_loader(dataset, todo, workers=args.workers), len(todo),
-                       f"refine[{context.rank}]", args.quiet, context.rank)
-        for sample in bar:
-            item = sample["id"]
-            if sample["error"] is not None:
-                state.record_skipped(item, sample["error"])
-                continue
-            cam_path = item_path(cams_dir, item, ".npy")
-            if not cam_path.exists():
-                state.record_skipped(item, f"no CAM file {cam_path}")
-                continue
-            try:
-                label = refine_one(args, options, item, sample["image"], cam_path,
-                                   context.device)
-            except ValueError as error:
-                state.record_skipped(item, str(error))
-                continue
-            outputs = {"label": item_path(out / "labels", item, ".png")}
-            write_label_png(outputs["label"], np.asarray(label, np.uint8))
-            state.record_done(item, outputs)
+        settings = {"preset": args.preset, "options": options, "edges": args.edges,
+                    "features": args.features, "device": str(context.device)}
+        jobs = [(item, dataset.sample(item).image_path, str(item_path(cams_dir, item, ".npy")),
+                 str(item_path(out / "labels", item, ".png")), settings) for item in todo]
+        # One walk runs on one thread (see csrc/cpu/random_walk.cpp): on the CPU, images are
+        # walked in parallel worker processes; on a GPU, in this process.
+        workers = args.workers if context.device.type == "cpu" else 0
+        results = run_in_workers(refine_job, jobs, workers=workers, progress=not args.quiet,
+                                 desc=f"refine[{context.rank}]")
+        for item, result in zip(todo, results):
+            if isinstance(result, JobFailure):
+                state.record_skipped(item, result.error)
+            elif result is not None:
+                state.record_skipped(item, result)
+            else:
+                state.record_done(item, {"label": item_path(out / "labels", item, ".png")})
         state.finish()
         barrier(context)
         if not context.is_main:

@@ -1,5 +1,5 @@
 """Dense CRF (Krähenbühl & Koltun) through ``pydensecrf``, with the parameter sets used by the WSSS
-repositories, and a process pool for running one CRF per image on many CPU cores.
+repositories (run one image per process with ``wsss_fast.workers.run_in_workers``).
 
 Reference: /work/shared/reference/cnn_methods_postprocessing.md §3c. The library normalizes both
 kernels symmetrically and runs mean field ``Q = softmax(-U + sum_k w_k K_k Q)`` from
@@ -9,12 +9,7 @@ bits (the TransCAM golden seeds are reproduced pixel for pixel).
 
 from __future__ import annotations
 
-import multiprocessing
-import traceback
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -156,108 +151,3 @@ def crf_inference_prob(image, probs, preset: str | CrfPreset = "psa", scale_fact
     from pydensecrf.utils import unary_from_softmax
 
     return _densecrf(image, unary_from_softmax(probs), preset, float(scale_factor))
-
-
-@dataclass(frozen=True)
-class JobFailure:
-    """Stands in, in ``run_in_workers``'s result list, for a job that raised or whose worker
-    process died: ``index`` of the job, ``error`` as ``"Type: message"``, and the traceback."""
-
-    index: int
-    error: str
-    traceback: str
-
-
-def _run_job(function: Callable, index: int, args: tuple) -> Any:
-    try:
-        return function(*args)
-    except Exception as exc:  # reported per job; the run goes on
-        return JobFailure(index, f"{type(exc).__name__}: {exc}", traceback.format_exc())
-
-
-def _process_pool(workers: int, function: Callable) -> ProcessPoolExecutor:
-    # forkserver, not fork: forking a parent that has run torch (OpenMP / intra-op thread pools)
-    # can deadlock the child. Spawn is safe too but every worker of every pool re-imports
-    # torch and pydensecrf (measured 1.8 s per pool on 2 cores with wsss_fast imported); the fork
-    # server imports the preloaded modules once per program and then forks ready workers (a
-    # second pool started in 0.03 s). The server never runs torch ops, so forking it is safe.
-    # The preload only applies if this program has not started its fork server yet.
-    context = multiprocessing.get_context("forkserver")
-    preload = ["__main__", __name__, "pydensecrf.densecrf", getattr(function, "__module__", None)]
-    context.set_forkserver_preload([name for name in preload if name])
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
-
-
-def run_in_workers(function: Callable, jobs: Iterable[tuple], workers: int = 0,
-                   progress: bool = True, desc: str | None = None) -> list:
-    """``[function(*args) for args in jobs]`` over ``workers`` processes, in the jobs' order.
-
-    A job that raises (or whose worker dies) yields a ``JobFailure`` in its place instead of
-    stopping the others. ``workers=0`` runs in this process with the same semantics. With
-    workers, ``function`` and the arguments must be picklable (a module-level function) and at
-    most ``4 * workers`` jobs are in flight, so ``jobs`` may be a lazy iterable (e.g. loading the
-    CAMs per image). ``progress`` shows a tqdm bar.
-    """
-    if not callable(function):
-        raise ValueError(f"run_in_workers: function must be callable, got {function!r}")
-    if workers < 0:
-        raise ValueError(f"run_in_workers: workers must be >= 0, got {workers}")
-    from tqdm import tqdm
-
-    total = len(jobs) if hasattr(jobs, "__len__") else None
-    bar = tqdm(total=total, desc=desc, disable=not progress)
-    results: dict[int, Any] = {}
-    try:
-        if workers == 0:
-            for index, args in enumerate(jobs):
-                results[index] = _run_job(function, index, tuple(args))
-                bar.update()
-        else:
-            _run_pooled(function, enumerate(jobs), workers, results, bar)
-    finally:
-        bar.close()
-    return [results[index] for index in range(len(results))]
-
-
-def _run_pooled(function: Callable, jobs, workers: int, results: dict, bar) -> None:
-    pool = _process_pool(workers, function)
-    in_flight: dict = {}
-
-    def collect(done) -> bool:
-        """Record finished jobs; True if the pool broke (a worker died)."""
-        broken = False
-        for future in done:
-            index = in_flight.pop(future)
-            try:
-                results[index] = future.result()
-            except BrokenProcessPool as exc:
-                # Every job in flight when a worker dies (e.g. a segfault in native code) fails
-                # with it; a fresh pool runs the rest.
-                results[index] = JobFailure(index, f"BrokenProcessPool: {exc}", "")
-                broken = True
-            except Exception as exc:  # e.g. arguments or a result that do not pickle
-                results[index] = JobFailure(index, f"{type(exc).__name__}: {exc}",
-                                            traceback.format_exc())
-            bar.update()
-        return broken
-
-    def renewed(pool: ProcessPoolExecutor) -> ProcessPoolExecutor:
-        pool.shutdown(wait=True, cancel_futures=True)
-        return _process_pool(workers, function)
-
-    try:
-        for index, args in jobs:
-            while len(in_flight) >= 4 * workers:
-                if collect(wait(in_flight, return_when=FIRST_COMPLETED).done):
-                    pool = renewed(pool)
-            try:
-                future = pool.submit(_run_job, function, index, tuple(args))
-            except BrokenProcessPool:  # broke since the last collect
-                pool = renewed(pool)
-                future = pool.submit(_run_job, function, index, tuple(args))
-            in_flight[future] = index
-        while in_flight:
-            if collect(wait(in_flight, return_when=FIRST_COMPLETED).done):
-                pool = renewed(pool)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
