@@ -143,7 +143,8 @@ def test_engine_rejects_bad_labels_and_images():
         engine(random_image(64, 64, 0), np.ones(21))
     with pytest.raises(ValueError, match="H×W×3 uint8"):
         engine(np.zeros((64, 64), dtype=np.uint8))
-    with pytest.raises(ValueError, match="smaller than one 16-pixel patch"):
+    with pytest.raises(ValueError, match="image 40×12 is too small for the model: the pass at "
+                                         "1.0 is 40×12, less than one patch"):
         engine(random_image(12, 40, 0))
 
 
