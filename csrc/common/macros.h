@@ -9,5 +9,5 @@
 #endif
 
 // Bumped with the op schemas; the Python side refuses a stale build (wsss_fast/ops/_backend.py).
-#define WSSS_FAST_CPU_ABI_VERSION 2
+#define WSSS_FAST_CPU_ABI_VERSION 3
 #define WSSS_FAST_CUDA_ABI_VERSION 2

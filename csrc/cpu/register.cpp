@@ -20,4 +20,7 @@ TORCH_LIBRARY(wsss_fast_C, m) {
       "multiscale_merge(Tensor[] maps, int[] flips, int out_h, int out_w, bool relu, "
       "Tensor? labels, str merge, str norm, float eps) -> Tensor");
   m.def("random_walk(Tensor x0, Tensor weights, int steps, int radius) -> Tensor");
+  m.def(
+      "kmeans(Tensor features, Tensor init, int max_iter, float tol) -> "
+      "(Tensor, Tensor, Tensor)");
 }
