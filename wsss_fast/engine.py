@@ -169,7 +169,16 @@ class CamEngine:
         label_tensor = self._labels(labels, maps[0].shape[1])
         merge = dict(flips=flips, relu=self.preset.relu, labels=label_tensor[None],
                      merge=self.preset.merge, norm=self.preset.norm, eps=self.preset.eps)
-        high_res = ops.multiscale_merge(maps, (height, width), **merge)[0]
+        grid = self.preset.high_res_grid
+        if grid is None:
+            high_res = ops.multiscale_merge(maps, (height, width), **merge)[0]
+        else:   # IRN: upsample to whole multiples of the grid, crop, then normalize
+            padded = (grid * math.ceil(height / grid), grid * math.ceil(width / grid))
+            summed = ops.multiscale_merge(maps, padded, **{**merge, "norm": "none"})
+            summed = summed[..., :height, :width].contiguous()
+            high_res = ops.multiscale_merge([summed], (height, width), flips=[False],
+                                            relu=False, labels=label_tensor[None], merge="sum",
+                                            norm=self.preset.norm, eps=self.preset.eps)[0]
         low_res = ops.multiscale_merge(maps, (math.ceil(height / 4), math.ceil(width / 4)),
                                        **merge)[0]
         keys = torch.nonzero(label_tensor > 0).flatten().cpu().numpy()

@@ -32,6 +32,8 @@ class Preset:
     relu: bool = False                 # ReLU each resized pass
     drop_channels: int = 0             # leading model outputs that are not classes (TransCAM bg)
     cam_kwargs: dict = field(default_factory=dict)  # passed to model.cam_maps
+    # IRN make_cam: merge the full-resolution maps at g⌈H/g⌉ × g⌈W/g⌉, then crop to H × W.
+    high_res_grid: Optional[int] = None
 
     @property
     def sizes(self) -> tuple:
@@ -50,6 +52,11 @@ PRESETS = {
     "mctformer-plus": Preset("mctformer-plus", scales=(1.0, 0.75, 1.25),
                              cam_kwargs={"cls_layers": 12, "refine": True,
                                          "attention_type": "fused"}),
+    # DOEI (DESIGN §5.3) on MCTformer-V2: the V2 generator's settings; the DOEI hyper-parameters
+    # belong to the model (wsss_fast.cams.doei.DOEI; registry model "mctformer_v2_doei").
+    "mctformer-v2-doei": Preset("mctformer-v2-doei",
+                                cam_kwargs={"cls_layers": 3, "refine": True,
+                                            "attention_type": "fused"}),
     # infer_TransCAM.py: square 256/512/768 + flips, bg output dropped, TransCAM's normalization.
     "transcam": Preset("transcam", square_sizes=(256, 512, 768), norm="transcam", drop_channels=1),
     # ToCo's multi_scale_cam2: bilinear rescales, image and flip merged by max, ReLU, sum over
@@ -57,6 +64,12 @@ PRESETS = {
     "token-cam": Preset("token-cam", scales=(1.0, 0.5, 1.5), resize="tensor_bilinear",
                         merge="max_flip", relu=True, norm="minmax", eps=1e-5,
                         cam_kwargs={"kind": "token"}),
+    # IRN make_cam (also LPCAM's CAM step): PIL bicubic rescales 1.0/0.5/1.5/2.0 + flips, CAMs
+    # ReLU'd at feature resolution by the model, summed, x / (max + 1e-5) per class.
+    "irn-cam": Preset("irn-cam", scales=(1.0, 0.5, 1.5, 2.0), norm="max", eps=1e-5,
+                      high_res_grid=16),
+    # EDAM infer_cls.py: the same 8 passes of DA masks, summed, x / max per class (no epsilon).
+    "edam": Preset("edam", scales=(1.0, 0.5, 1.5, 2.0), norm="max", eps=0.0),
 }
 
 RESIZES = ("pil_bicubic", "tensor_bilinear")

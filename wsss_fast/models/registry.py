@@ -112,6 +112,59 @@ def _register_builtin() -> None:
     register_model("token_cam", ModelEntry(vit.ViTCam, "token-cam",
                                            config_from_state=_token_cam_config,
                                            description="ViT token CAM (1×1 classifier, ToCo)"))
+    _register_cnn_models()
+    _register_small_vit_models()
+
+
+# Small ViT-family configurations for training on the synthetic benchmark on a CPU (DESIGN §9):
+# heads = embed_dim // 64 so that checkpoints reload with no architecture arguments.
+SMALL_VIT = dict(patch_size=16, embed_dim=128, depth=4, num_heads=2, mlp_ratio=4.0, img_size=128)
+# base_channel stays 64: the transcam entries read channel_ratio from checkpoints assuming it.
+SMALL_CONFORMER = dict(patch_size=16, base_channel=64, channel_ratio=0.5, embed_dim=128, depth=6,
+                       num_heads=2, mlp_ratio=4.0)
+
+
+def _register_small_vit_models() -> None:
+    from wsss_fast.cams import doei
+    from wsss_fast.models import conformer, mctformer, vit
+
+    for name, builder, preset, config in (
+            ("mctformer_v1_tiny", mctformer.mctformer_v1, "mctformer-v1", _mctformer_config),
+            ("mctformer_v2_tiny", mctformer.mctformer_v2, "mctformer-v2", _mctformer_config),
+            ("mctformer_plus_tiny", mctformer.mctformer_plus, "mctformer-plus",
+             _mctformer_config),
+            ("mctformer_v2_doei_tiny", doei.doei_mctformer_v2, "mctformer-v2-doei",
+             _mctformer_config),
+            ("token_cam_tiny", vit.ViTCam, "token-cam", _token_cam_config)):
+        # DOEI in the last third of the blocks, as its default 4 of DeiT-S's 12.
+        defaults = dict(SMALL_VIT, blocks=2) if "doei" in name else dict(SMALL_VIT)
+        register_model(name, ModelEntry(builder, preset, config_from_state=config,
+                                        defaults=defaults,
+                                        description=f"small {preset} for CPU training"))
+    register_model("mctformer_v2_doei", ModelEntry(doei.doei_mctformer_v2, "mctformer-v2-doei",
+                                                   config_from_state=_mctformer_config,
+                                                   description="MCTformer-V2 + DOEI (DeiT-S)"))
+    register_model("transcam_tiny", ModelEntry(conformer.Conformer, "transcam",
+                                               background_slot=True,
+                                               config_from_state=_transcam_config,
+                                               defaults=dict(SMALL_CONFORMER),
+                                               description="small TransCAM / BNR Conformer"))
+
+
+def _register_cnn_models() -> None:
+    from wsss_fast.models import edam, resnet_cam
+
+    register_model("resnet50_cam", ModelEntry(resnet_cam.resnet50_cam, "irn-cam",
+                                              config_from_state=resnet_cam.config_from_state,
+                                              description="IRN / LPCAM ResNet-50 CAM (OS 16)"))
+    register_model("resnet_cam_tiny", ModelEntry(resnet_cam.resnet_cam_tiny, "irn-cam",
+                                                 config_from_state=resnet_cam.config_from_state,
+                                                 description="tiny ResNet CAM for CPU training"))
+    register_model("edam", ModelEntry(edam.edam, "edam", config_from_state=edam.config_from_state,
+                                      description="EDAM (ResNet-38 + DA layer + CMA)"))
+    register_model("edam_tiny", ModelEntry(edam.edam_tiny, "edam",
+                                           config_from_state=edam.config_from_state,
+                                           description="tiny EDAM for CPU training"))
 
 
 def create_model(name: str, num_classes: Optional[int] = None, checkpoint=None,

@@ -1,0 +1,90 @@
+"""Training losses of the CNN CAM methods: IRN's CAM classifier (also LPCAM's) and EDAM.
+
+Each loss is ``loss(model, images (B, 3, H, W), labels (B, K) multi-hot) -> (loss, {name: float})``.
+
+* ``irn_cam_loss`` — IRN ``step/train_cam.py``: multilabel soft-margin loss of the GAP logits.
+* ``edam_loss`` — EDAM ``train_EDAM_cls.py``: ``BCEWithLogits`` (mean) of the CMA logits of image
+  pairs, every class of both images (upstream samples 20 classes per pair out of VOC's 20, i.e.
+  all of them; their order does not change the logits). Upstream reads pairs sharing a class from
+  a list file (``voc12/EDAM_train.txt``, not published); here the pairs are formed inside each
+  batch by ``pair_by_shared_class``.
+
+``register_methods()`` registers ``irn_cam`` and ``edam`` with the training layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _check_batch(images: torch.Tensor, labels: torch.Tensor) -> None:
+    if images.dim() != 4 or labels.dim() != 2 or labels.shape[0] != images.shape[0]:
+        raise ValueError(f"expected images (B, 3, H, W) and labels (B, K), got "
+                         f"{tuple(images.shape)} and {tuple(labels.shape)}")
+
+
+def _check_logits(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    if logits.shape != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ "
+                         f"(does the model have one output per dataset class?)")
+
+
+def irn_cam_loss(model, images: torch.Tensor, labels: torch.Tensor):
+    """``multilabel_soft_margin_loss(model(images), labels)``."""
+    _check_batch(images, labels)
+    logits = model(images)
+    _check_logits(logits, labels)
+    loss = F.multilabel_soft_margin_loss(logits.float(), labels.float())
+    return loss, {"cls": loss.item()}
+
+
+def pair_by_shared_class(labels: torch.Tensor) -> torch.Tensor:
+    """Pairs ``(P, 2)`` covering every image of the batch, preferring pairs that share a class.
+
+    Greedy, in batch order: each unpaired image takes the first unpaired image sharing a class
+    with it, else the first unpaired image. With an odd batch the last image also forms a pair
+    with an already paired image (sharing a class if any does), so ``P = ⌈B/2⌉``.
+    """
+    if labels.dim() != 2 or labels.shape[0] < 2:
+        raise ValueError(f"EDAM pairs need labels (B, K) with B >= 2, got {tuple(labels.shape)}")
+    labels = (labels > 0).float()
+    shares = (labels @ labels.T > 0).tolist()
+    unpaired = list(range(labels.shape[0]))
+    pairs = []
+    while len(unpaired) >= 2:
+        first = unpaired.pop(0)
+        partner = next((j for j in unpaired if shares[first][j]), unpaired[0])
+        unpaired.remove(partner)
+        pairs.append((first, partner))
+    if unpaired:
+        last = unpaired[0]
+        others = [j for j in range(labels.shape[0]) if j != last]
+        pairs.append((last, next((j for j in others if shares[last][j]), others[0])))
+    return torch.tensor(pairs, dtype=torch.int64, device=labels.device)
+
+
+def edam_loss(model, images: torch.Tensor, labels: torch.Tensor):
+    """Mean binary cross-entropy of ``model(images, pairs) (P, 2, K)`` against both images'
+    labels."""
+    _check_batch(images, labels)
+    pairs = pair_by_shared_class(labels)
+    logits, targets = model(images, pairs), labels.float()[pairs]
+    _check_logits(logits, targets)
+    loss = F.binary_cross_entropy_with_logits(logits.float(), targets)
+    return loss, {"bce": loss.item()}
+
+
+def register_methods() -> None:
+    """Register ``irn_cam`` and ``edam`` with their CPU-sized models (``train(model=...)`` picks
+    ``resnet50_cam`` / ``edam``); checkpoints are plain state dicts, as upstream's."""
+    from wsss_fast.train.methods import Method, register_method
+
+    register_method(Method(name="irn_cam", model="resnet_cam_tiny", loss=irn_cam_loss,
+                           preset="irn-cam", checkpoint_format="plain",
+                           description="IRN / LPCAM CAM classifier: multilabel soft margin on "
+                                       "GAP logits"))
+    register_method(Method(name="edam", model="edam_tiny", loss=edam_loss, preset="edam",
+                           checkpoint_format="plain",
+                           description="EDAM: BCE on the Collaborative Multi-Attention logits of "
+                                       "image pairs"))

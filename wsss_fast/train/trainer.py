@@ -1,0 +1,396 @@
+"""``train()``: the training loop shared by every method (AdamW, linear warm-up then cosine decay,
+optional gradient clipping), resumable and deterministic.
+
+Outputs in ``out_dir`` (each written atomically, at every epoch end, every ``save_every`` steps
+and when the run stops):
+
+- ``checkpoint.pth`` — the model in its upstream format (``{'model': sd}`` or a plain ``sd``);
+- ``train_state.pth`` — model, optimizer, step, RNG states, loss history: what ``resume`` reads;
+- ``train.json`` — the configuration, per-epoch mean losses (with the training seconds elapsed at
+  each epoch's end), final losses, time, skipped images.
+
+The schedule spans ``epochs``; ``max_steps`` only stops the run early (a later call with
+``resume=True`` and a larger ``max_steps`` continues it). A run stopped or killed and resumed
+gives the same weights as one uninterrupted run with the same settings, whatever ``workers`` is
+(the data order and augmentation depend only on the seed, epoch and image index).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from wsss_fast.data.base import open_dataset
+from wsss_fast.io.atomic import atomic_write, atomic_write_json
+from wsss_fast.models.registry import create_model
+from wsss_fast.train.data import Augmentation, TrainingImages, batches_per_epoch, epoch_loader
+from wsss_fast.train.methods import DEMO_SETTINGS, Method, get_method
+
+CHECKPOINT = "checkpoint.pth"
+STATE = "train_state.pth"
+REPORT = "train.json"
+
+# Used for options neither given nor in the method's DEMO_SETTINGS.
+DEFAULTS = dict(epochs=10, batch_size=16, lr=5e-4, min_lr=1e-6, weight_decay=0.05,
+                warmup_epochs=1.0, crop=128, resize_long=None, color_jitter=True, clip_grad=None)
+DEFAULT_JITTER = (0.3, 0.3, 0.3, 0.1)             # TransCAM's ColorJitter
+# Parameters without weight decay besides biases and norms (timm's no_weight_decay set).
+NO_DECAY_NAMES = ("cls_token", "pos_embed", "pos_embed_cls", "pos_embed_pat")
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite (usually: the learning rate is too high)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines the trained weights (what a resumed run must share)."""
+
+    method: str
+    model: str
+    model_args: dict
+    data: str
+    dataset: str
+    split: Optional[str]
+    labels: Optional[str]
+    classes: Optional[str]
+    epochs: int
+    batch_size: int
+    lr: float
+    min_lr: float
+    weight_decay: float
+    warmup_epochs: float
+    crop: int
+    resize_long: tuple
+    color_jitter: Optional[tuple]
+    clip_grad: Optional[float]
+    seed: int
+
+
+def _resolve(method: Method, given: dict) -> dict:
+    """Given options, else the method's DEMO_SETTINGS, else DEFAULTS."""
+    demo = DEMO_SETTINGS.get(method.name, {}).get("train", {})
+    resolved = {}
+    for key, default in DEFAULTS.items():
+        value = given.get(key)
+        resolved[key] = value if value is not None else demo.get(key, default)
+    crop = int(resolved["crop"])
+    if resolved["resize_long"] is None:   # TransCAM: long side 320..640 for crop 512
+        resolved["resize_long"] = (round(crop * 0.625), round(crop * 1.25))
+    jitter = resolved["color_jitter"]
+    resolved["color_jitter"] = (DEFAULT_JITTER if jitter is True else None if jitter is False
+                                else tuple(float(v) for v in jitter))
+    resolved["resize_long"] = tuple(int(v) for v in resolved["resize_long"])
+    if not resolved["clip_grad"]:
+        resolved["clip_grad"] = None
+    return resolved
+
+
+def _check_config(config: TrainConfig, max_steps, workers, save_every, threads) -> None:
+    problems = []
+    if config.epochs < 1:
+        problems.append(f"epochs must be >= 1, got {config.epochs}")
+    if config.batch_size < 1:
+        problems.append(f"batch_size must be >= 1, got {config.batch_size}")
+    for name in ("lr", "min_lr", "weight_decay", "warmup_epochs"):
+        value = getattr(config, name)
+        if not (math.isfinite(value) and value >= 0):
+            problems.append(f"{name} must be a finite number >= 0, got {value}")
+    if not config.lr > 0:
+        problems.append(f"lr must be > 0, got {config.lr}")
+    if config.clip_grad is not None and not config.clip_grad > 0:
+        problems.append(f"clip_grad must be > 0 (or 0/None: off), got {config.clip_grad}")
+    if max_steps is not None and max_steps < 1:
+        problems.append(f"max_steps must be >= 1, got {max_steps}")
+    if workers < 0:
+        problems.append(f"workers must be >= 0, got {workers}")
+    if save_every is not None and save_every < 1:
+        problems.append(f"save_every must be >= 1, got {save_every}")
+    if threads is not None and threads < 1:
+        problems.append(f"threads must be >= 1, got {threads}")
+    if problems:
+        raise ValueError("train: " + "; ".join(problems))
+
+
+def learning_rate(step: int, total_steps: int, warmup_steps: int, lr: float,
+                  min_lr: float) -> float:
+    """LR of update ``step`` (0-based): linear warm-up ``lr·(step+1)/warmup_steps``, then cosine
+    from ``lr`` to ``min_lr`` over the remaining steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices / kernels only (not biases, norms, tokens, pos-embeds)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES:
+            no_decay.append(parameter)
+        else:
+            decay.append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _resolve_device(device) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:N, auto)") \
+            from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available")
+    return device
+
+
+def _rng_state() -> dict:
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss)}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    name, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _save_torch(path: Path, obj) -> None:
+    with atomic_write(path) as handle:
+        torch.save(obj, handle)
+
+
+def _cpu_state(model: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _jsonable(config: TrainConfig) -> dict:
+    return {key: list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(config).items()}
+
+
+class _Run:
+    """Progress of one training run: what train_state.pth holds besides model and optimizer."""
+
+    def __init__(self):
+        self.step = 0
+        self.seconds = 0.0
+        self.history: list[dict] = []        # one entry per finished epoch
+        self.sums: dict[str, float] = {}     # loss terms summed over the current epoch
+        self.updates = 0                     # steps with a batch in the current epoch
+        self.skipped: dict[str, str] = {}    # image id -> reason
+
+    def state(self) -> dict:
+        return {"step": self.step, "seconds": self.seconds, "history": self.history,
+                "sums": self.sums, "updates": self.updates, "skipped": self.skipped}
+
+    def load(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+    def add(self, terms: dict) -> None:
+        for name, value in terms.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.updates += 1
+
+    def close_epoch(self, epoch: int, lr: float) -> None:
+        means = {name: total / max(1, self.updates) for name, total in self.sums.items()}
+        self.history.append({"epoch": epoch, "step": self.step, "updates": self.updates,
+                             "lr": lr, "elapsed": round(self.seconds, 3), **means})
+        self.sums, self.updates = {}, 0
+
+
+def train(method: str, data_root, out_dir, *, split: Optional[str] = "train",
+          dataset: str = "auto", labels=None, classes=None, model: Optional[str] = None,
+          model_args: Optional[dict] = None, epochs: Optional[int] = None,
+          max_steps: Optional[int] = None, batch_size: Optional[int] = None,
+          lr: Optional[float] = None, min_lr: Optional[float] = None,
+          weight_decay: Optional[float] = None, warmup_epochs: Optional[float] = None,
+          crop: Optional[int] = None, resize_long: Optional[Sequence[int]] = None,
+          color_jitter: Union[None, bool, Sequence[float]] = None,
+          clip_grad: Optional[float] = None, seed: int = 0, workers: int = 2,
+          device: Union[str, torch.device, None] = "cpu", resume: bool = False,
+          overwrite: bool = False, save_every: Optional[int] = None,
+          threads: Optional[int] = None, progress: bool = True) -> Path:
+    """Train ``method`` on the images of ``data_root`` (``split``) that have image-level labels;
+    returns the path of the checkpoint.
+
+    Options left None come from ``DEMO_SETTINGS[method]``, then ``DEFAULTS``. ``model`` replaces
+    the method's model (a registry name), ``model_args`` are its architecture arguments.
+    ``color_jitter``: True (TransCAM's strengths), False, or (brightness, contrast, saturation,
+    hue). ``clip_grad``: max gradient norm (0 / None: off). ``resume``: continue the run in
+    ``out_dir`` (its settings must match; ``max_steps``, ``workers``, ``device`` may differ);
+    without it an existing run there is an error unless ``overwrite``. ``threads``: torch's
+    intra-op threads during the run (default: unchanged); on a CPU shared with other busy
+    processes ``threads=1`` avoids OpenMP's waits for descheduled threads, which made 2-thread
+    steps 3-10 times slower than 1-thread steps on a loaded 2-core machine. Weights are
+    reproducible for the same seed and thread count.
+    """
+    chosen = get_method(method)
+    options = _resolve(chosen, dict(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr,
+                                    weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                                    crop=crop, resize_long=resize_long, color_jitter=color_jitter,
+                                    clip_grad=clip_grad))
+    config = TrainConfig(method=chosen.name, model=model or chosen.model,
+                         model_args=dict(model_args or {}), data=str(Path(data_root).resolve()),
+                         dataset=dataset, split=split,
+                         labels=None if labels is None else str(labels),
+                         classes=None if classes is None else str(classes), seed=int(seed),
+                         **options)
+    _check_config(config, max_steps, workers, save_every, threads)
+    out = Path(out_dir)
+    if resume and overwrite:
+        raise ValueError("train: resume and overwrite exclude each other")
+    if (out / STATE).exists() and not (resume or overwrite):
+        raise ValueError(f"{out} already holds a training run ({STATE}); resume it, choose "
+                         f"another output folder, or overwrite it")
+    if overwrite:   # a crash before the first save must not leave the old run to be resumed
+        for name in (STATE, CHECKPOINT, REPORT):
+            (out / name).unlink(missing_ok=True)
+    target = _resolve_device(device)
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(chosen, config, out, target, max_steps=max_steps, workers=workers,
+                    resume=resume, save_every=save_every, progress=progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(chosen: Method, config: TrainConfig, out: Path, target: torch.device, *,
+         max_steps: Optional[int], workers: int, resume: bool, save_every: Optional[int],
+         progress: bool) -> Path:
+    data = open_dataset(config.dataset, config.data, split=config.split, labels=config.labels,
+                        classes=config.classes)
+    aug = Augmentation(crop=config.crop, resize_long=config.resize_long,
+                       color_jitter=config.color_jitter)
+    images = TrainingImages(data, aug, seed=config.seed)
+    _seed_everything(config.seed)
+    net = create_model(config.model, num_classes=data.num_classes, **config.model_args)
+    net = net.to(target)
+    optimizer = torch.optim.AdamW(parameter_groups(net, config.weight_decay), lr=config.lr)
+    steps_per_epoch = batches_per_epoch(len(images), config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    stop = total_steps if max_steps is None else min(max_steps, total_steps)
+
+    run = _Run()
+    run.skipped.update({id: reason for id, reason in data.problems()})
+    run.skipped.update({id: "no image-level labels" for id in images.unlabelled})
+    if resume and (out / STATE).exists():
+        state = torch.load(out / STATE, map_location="cpu", weights_only=True)
+        _check_resumable(state["config"], _jsonable(config), out)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        run.load(state["run"])
+        _set_rng_state(state["rng"])
+
+    def save() -> None:
+        weights = _cpu_state(net)
+        _save_torch(out / CHECKPOINT,
+                    {"model": weights} if chosen.checkpoint_format == "wrapped" else weights)
+        _save_torch(out / STATE, {"config": _jsonable(config), "model": weights,
+                                  "optimizer": optimizer.state_dict(), "run": run.state(),
+                                  "rng": _rng_state()})
+        _write_report(out / REPORT, config, run, data, len(images), total_steps,
+                      finished=run.step >= total_steps)
+
+    bar = tqdm(total=stop, initial=min(run.step, stop), desc=f"train {chosen.name}",
+               unit="step", dynamic_ncols=True, disable=not progress, file=sys.stderr)
+    try:
+        while run.step < stop:
+            epoch, start_batch = divmod(run.step, steps_per_epoch)
+            started = time.perf_counter()
+            for batch, batch_labels, failed in epoch_loader(images, config.batch_size, epoch,
+                                                            start_batch, workers):
+                run.skipped.update({id: error for id, error in failed})
+                lr_now = learning_rate(run.step, total_steps, warmup_steps, config.lr,
+                                       config.min_lr)
+                if batch is not None:
+                    terms = _step(chosen, net, optimizer, batch.to(target),
+                                  batch_labels.to(target), lr_now, config.clip_grad, run.step)
+                    run.add(terms)
+                    bar.set_postfix(loss=f"{terms['loss']:.4f}", lr=f"{lr_now:.2e}")
+                run.step += 1
+                bar.update(1)
+                now = time.perf_counter()
+                run.seconds += now - started
+                started = now
+                end_of_epoch = run.step % steps_per_epoch == 0
+                if end_of_epoch:
+                    run.close_epoch(epoch, lr_now)
+                if end_of_epoch or run.step >= stop or (save_every and run.step % save_every == 0):
+                    save()
+                if run.step >= stop:
+                    break
+        if not (out / CHECKPOINT).exists():   # a finished run resumed after deleting it
+            save()
+    finally:
+        bar.close()
+    return out / CHECKPOINT
+
+
+def _step(method: Method, net, optimizer, images, labels, lr: float, clip_grad, step: int) -> dict:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    net.train()
+    loss, terms = method.loss(net, images, labels)
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(f"{method.name}: the loss is {float(loss)} at step {step} "
+                               f"(terms {terms}); lower the learning rate")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad is not None:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), clip_grad)
+    optimizer.step()
+    return {"loss": float(loss.detach()), **terms}
+
+
+def _check_resumable(saved: dict, current: dict, out: Path) -> None:
+    differences = [f"{key}: {saved.get(key)!r} in the run, {value!r} now"
+                   for key, value in current.items() if saved.get(key) != value]
+    if differences:
+        raise ValueError(f"cannot resume the run in {out} with other settings ("
+                         + "; ".join(differences) + ")")
+
+
+def _write_report(path: Path, config: TrainConfig, run: _Run, data, num_images: int,
+                  total_steps: int, finished: bool) -> None:
+    atomic_write_json(path, {
+        "config": _jsonable(config),
+        "dataset": {"kind": data.name, "root": data.root, "images": num_images,
+                    "classes": list(data.class_names)},
+        "steps": run.step, "total_steps": total_steps, "finished": finished,
+        "seconds": round(run.seconds, 3),
+        "epochs": run.history,
+        "final": run.history[-1] if run.history else None,   # the last complete epoch
+        "partial_epoch": ({name: total / run.updates for name, total in run.sums.items()}
+                          if run.updates else None),
+        "skipped": [{"id": id, "reason": reason} for id, reason in sorted(run.skipped.items())],
+    })
