@@ -17,7 +17,8 @@ import wsss_fast
 # subcommand -> module in wsss_fast.cli (each defines add_arguments(parser) and run(args) -> int)
 COMMANDS = {
     "synth": "synth", "extract": "extract", "pseudo-label": "pseudo_label", "refine": "refine",
-    "evaluate": "evaluate", "bench": "bench",
+    "evaluate": "evaluate", "bench": "bench", "train": "train", "demo": "demo",
+    "prototypes": "prototypes",
 }
 
 

@@ -8,6 +8,7 @@ skipped, listed in the manifest, and do not stop the run. Rerunning the same com
   wsss-fast extract --data VOC2012 --split train --model mctformer_v2 \\
       --checkpoint MCTformer_v2.pth --out cams_v2
   torchrun --nproc_per_node 4 -m wsss_fast extract ...      # one shard (and GPU) per rank
+  wsss-fast extract --method lpcam --prototypes prototypes.pt --model resnet50_cam ...
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--random-init", action="store_true",
                        help="run without a checkpoint (benchmarks and smoke tests only)")
     group.add_argument("--preset", help="CAM preset (default: the model's own)")
+    group.add_argument("--method", default="cam", choices=("cam", "lpcam"),
+                       help="cam: the preset's CAMs (default); lpcam: LPCAM prototype heatmaps "
+                       "of an IRN CAM classifier (needs --prototypes)")
+    group.add_argument("--prototypes", metavar="FILE",
+                       help="LPCAM prototypes of this checkpoint (wsss-fast prototypes)")
+    group.add_argument("--preset-arg", action="append", default=[], metavar="FIELD=VALUE",
+                       help="override a preset field (YAML value), e.g. square_sizes=[128,256] "
+                       "or 'cam_kwargs={cls_layers: 4, refine: false}' (repeatable)")
     group.add_argument("--scales", type=float, nargs="+", help="override the preset's scales")
     group.add_argument("--no-flip", action="store_true", help="no flipped passes")
     group.add_argument("--dtype", default="fp32", choices=DTYPES,
@@ -55,13 +64,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_runtime_arguments(parser)
 
 
-def parse_model_args(pairs) -> dict:
+def parse_model_args(pairs, option: str = "--model-arg") -> dict:
+    """``["k=v", ...]`` -> ``{k: YAML value of v}``."""
     import yaml
     parsed = {}
     for pair in pairs or ():
         key, sep, value = str(pair).partition("=")
         if not sep or not key:
-            raise UsageError(f"--model-arg {pair!r}: expected KEY=VALUE")
+            raise UsageError(f"{option} {pair!r}: expected KEY=VALUE")
         parsed[key.strip()] = yaml.safe_load(value)
     return parsed
 
@@ -74,25 +84,57 @@ def _build_engine(args, dataset, device):
     torch.manual_seed(0)   # --random-init: the same weights on every rank
     model = create_model(args.model, num_classes=len(dataset.class_names),
                          checkpoint=args.checkpoint, **parse_model_args(args.model_arg))
-    overrides = {}
+    overrides = parse_model_args(args.preset_arg, "--preset-arg")
+    for name, value in overrides.items():
+        if isinstance(value, list):
+            overrides[name] = tuple(value)
     if args.scales:
         overrides["scales"] = tuple(args.scales)
     if args.no_flip:
         overrides["flip"] = False
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if args.method == "lpcam":
+        from wsss_fast.cams.lpcam import LpcamEngine
+        return LpcamEngine(model, _lpcam_prototypes(args, dataset), device=device, dtype=dtype,
+                           **overrides)
     return CamEngine(model, args.preset or model_preset(args.model), device=device, dtype=dtype,
                      max_affinity_mib=args.max_affinity_mib, **overrides)
 
 
+def _lpcam_prototypes(args, dataset):
+    """The --prototypes of --method lpcam, checked against --checkpoint and the classes."""
+    from wsss_fast.cams.lpcam import Prototypes
+    from wsss_fast.io.run_state import file_digest
+    if args.prototypes is None:
+        raise UsageError("--method lpcam needs --prototypes FILE (see wsss-fast prototypes)")
+    if args.preset is not None:
+        raise UsageError("--preset does not apply to --method lpcam (its passes are fixed: "
+                         "use --scales / --no-flip)")
+    prototypes = Prototypes.load(args.prototypes)
+    built_from = prototypes.checkpoint_sha256
+    if built_from is not None and (args.checkpoint is None
+                                   or file_digest(args.checkpoint) != built_from):
+        raise UsageError(f"--prototypes {args.prototypes} was built from another checkpoint "
+                         f"(sha256 {built_from[:12]}…) than --checkpoint {args.checkpoint}")
+    if tuple(prototypes.class_names) != tuple(dataset.class_names):
+        raise UsageError(f"--prototypes {args.prototypes} holds the classes "
+                         f"{list(prototypes.class_names)}, the dataset has "
+                         f"{list(dataset.class_names)}")
+    return prototypes
+
+
 def _config(args, engine, dataset) -> dict:
     from wsss_fast.io.run_state import file_digest
+    method = {} if args.method == "cam" else {
+        "method": args.method, "prototypes": str(Path(args.prototypes).resolve()),
+        "prototypes_sha256": file_digest(args.prototypes)}
     return {
         "model": args.model, "model_args": parse_model_args(args.model_arg),
         "checkpoint": None if args.checkpoint is None else str(Path(args.checkpoint).resolve()),
         "checkpoint_sha256": None if args.checkpoint is None else file_digest(args.checkpoint),
         "preset": vars(engine.preset), "dtype": args.dtype, "format": args.format,
         "fp16": args.fp16, "overlays": args.overlays, "dataset": dataset.name,
-        "classes": list(dataset.class_names),
+        "classes": list(dataset.class_names), **method,
     }
 
 

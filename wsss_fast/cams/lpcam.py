@@ -1,0 +1,467 @@
+"""LPCAM (Chen & Sun, CVPR 2023): class and context prototypes of an IRN CAM classifier, and the
+prototype heatmaps that replace its CAMs (DESIGN §5.4; reference/cnn_methods_postprocessing.md §1).
+
+1. **Feature bank** (§1.2): for every image of the bank split, the classifier's layer4 features
+   at scale 1.0 (no flip) and its ordinary IRN CAMs (from CAM files, or computed with the
+   "irn-cam" preset). Per class ``c`` of the image, the CAM ``high_res[c]`` is resized to the
+   feature grid (nearest) and splits the pixels into *selected* (``cam > select_thres``) and *not
+   selected* (``cam < select_thres``; equal pixels are dropped). Class ``c`` pools these over the
+   images labelled ``c`` (VOC: all of them; COCO: ``images_per_class`` draws with replacement,
+   repeats counted again).
+2. **Clustering** (§1.3): cosine k-means (``wsss_fast.ops.kmeans``) of each pool into
+   ``clusters`` centres (``tol`` 5, v0.3's stop rule).
+3. **Prototypes** (§1.4): with ``p = softmax(U · wᵀ)`` over classes (``w`` the bias-free
+   classifier), the class prototypes are the selected-pixel centres with ``p[:, c] > class_thres``
+   and the context prototypes the other pool's centres with
+   ``context_thres_low < q[:, c] < context_thres``.
+4. **Heatmap** (§1.5–1.6): per scale of (1.0, 0.5, 1.5, 2.0), ``F = f(x) + flip(f(flip(x)))``,
+   ``A_c = F̂ · (p̄_c − q̄_c)``, ReLU'd when ``Q_c`` is non-empty (``wsss_fast.ops.prototype_cam``);
+   bilinear to ``⌈H/4⌉×⌈W/4⌉`` and to ``16⌈H/16⌉×16⌈W/16⌉`` cropped to ``H×W``, mean over scales,
+   divided by the per-class maximum (no epsilon).
+
+Documented deviations from upstream:
+
+* No class prototype passes ``class_thres``: VOC upstream crashes (``torch.cat([])``); we take
+  COCO's fallback for every dataset — the single centre of highest ``p[:, c]`` —
+  (``class_fallback="none"`` keeps the class without prototypes: its maps are 0).
+* A pool with fewer points than ``clusters`` gets as many clusters as points (upstream's
+  ``np.random.choice`` raises); an empty pool gives no centres. Empty k-means clusters are
+  re-seeded (see ``wsss_fast.ops.kmeans``) and k-means stops after ``max_iter`` iterations.
+* A map whose maximum is 0 stays 0 (upstream divides 0 by 0). Features are post-ReLU, so the
+  maps are never negative and upstream's missing epsilon matters only there.
+* COCO's sampling: classes without images draw nothing (upstream's ``np.random.choice`` raises).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from wsss_fast import ops
+from wsss_fast.cams.presets import Preset
+from wsss_fast.engine import CamEngine, CamResult, load_image, to_normalized_tensor
+from wsss_fast.ops.prototype_cam import prototype_cam, prototype_weight
+
+PROTOTYPES_FORMAT = "wsss-fast/lpcam-prototypes"
+PROTOTYPES_VERSION = 1
+OUTPUT_STRIDE = 16          # IRN's get_strided_up_size(size, 16) for the full-resolution maps
+LOW_RES_STRIDE = 4          # IRN's get_strided_size(size, 4) for the stored "cam"
+CLASS_FALLBACKS = ("argmax", "none")
+
+# The heatmap passes: IRN's multi-scale, flipped inference (make_lpcam.py:156). Only the resize,
+# normalization and flip fields are used; aggregation is ``aggregate_scales``.
+LPCAM_PRESET = Preset("lpcam", scales=(1.0, 0.5, 1.5, 2.0), flip=True, norm="max", eps=0.0)
+
+
+@dataclass(frozen=True)
+class LpcamSettings:
+    """Prototype construction; defaults are VOC's (``make_lpcam.py:56``)."""
+
+    clusters: int = 12
+    select_thres: float = 0.1
+    class_thres: float = 0.9
+    context_thres: float = 0.9
+    context_thres_low: float = 0.05
+    tol: float = 5.0
+    max_iter: int = 100                      # upstream: unbounded
+    images_per_class: Optional[int] = None   # None: every image of the class (VOC)
+    sample_seed: int = 666                   # COCO's split_100 seed
+    seed: int = 0                            # k-means initial draws
+    class_fallback: str = "argmax"
+
+    def __post_init__(self):
+        for name in ("clusters", "max_iter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"LPCAM {name} must be an int >= 1, got {value!r}")
+        if self.images_per_class is not None and self.images_per_class < 1:
+            raise ValueError(f"images_per_class must be >= 1, got {self.images_per_class}")
+        for name in ("select_thres", "class_thres", "context_thres", "context_thres_low", "tol"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"LPCAM {name} must be a finite number, got {value!r}")
+        if self.class_fallback not in CLASS_FALLBACKS:
+            raise ValueError(f"class_fallback must be one of {CLASS_FALLBACKS}, got "
+                             f"{self.class_fallback!r}")
+
+
+LPCAM_SETTINGS = {
+    "voc": LpcamSettings(),
+    # step_coco/make_lpcam.py:16-30, :66 (100 images per class drawn with replacement, seed 666).
+    "coco": LpcamSettings(clusters=20, select_thres=0.25, context_thres=0.5,
+                          context_thres_low=0.0, images_per_class=100),
+}
+
+
+# ----------------------------------------------------------------------------- prototypes
+
+@dataclass
+class PrototypeChoice:
+    class_prototypes: torch.Tensor      # (n_p, D) raw centres
+    context_prototypes: torch.Tensor    # (n_q, D)
+    class_scores: torch.Tensor          # (k_fg,) softmax score of the class for every fg centre
+    context_scores: torch.Tensor        # (k_bg,)
+    fallback: bool                      # no centre passed class_thres; the argmax was taken
+
+
+def select_prototypes(fg_centres: torch.Tensor, bg_centres: torch.Tensor,
+                      classifier_weight: torch.Tensor, class_index: int, *,
+                      class_thres: float, context_thres: float, context_thres_low: float,
+                      class_fallback: str = "argmax") -> PrototypeChoice:
+    """LPCAM's prototype choice for class ``class_index`` (§1.4): ``softmax(U·wᵀ)[:, c] >
+    class_thres`` (else the argmax centre under ``class_fallback="argmax"``) and
+    ``context_thres_low < softmax(V·wᵀ)[:, c] < context_thres``. ``classifier_weight`` is
+    ``(C, D)``; centres are ``(k, D)`` (``k`` may be 0)."""
+    if class_fallback not in CLASS_FALLBACKS:
+        raise ValueError(f"class_fallback must be one of {CLASS_FALLBACKS}, got "
+                         f"{class_fallback!r}")
+    w = classifier_weight.float()
+    class_scores = torch.softmax(fg_centres.float() @ w.t(), dim=1)[:, class_index]
+    context_scores = torch.softmax(bg_centres.float() @ w.t(), dim=1)[:, class_index]
+    chosen = class_scores > class_thres
+    fallback = not bool(chosen.any()) and class_fallback == "argmax" and class_scores.numel() > 0
+    if fallback:
+        chosen = torch.zeros_like(chosen)
+        chosen[class_scores.argmax()] = True
+    context = (context_scores > context_thres_low) & (context_scores < context_thres)
+    return PrototypeChoice(fg_centres[chosen], bg_centres[context], class_scores, context_scores,
+                           fallback)
+
+
+@dataclass
+class Prototypes:
+    """Per class (dataset order) the class and context prototypes, with what produced them."""
+
+    class_names: tuple
+    class_prototypes: list            # [(n_p, D) float32] per class
+    context_prototypes: list          # [(n_q, D) float32] per class
+    settings: dict
+    model: Optional[str] = None
+    checkpoint_sha256: Optional[str] = None
+    diagnostics: list = field(default_factory=list)   # per class: pool sizes, scores, ...
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.class_prototypes[0].shape[1])
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W (K, D), relu (K,) bool)`` of ``prototype_cam``."""
+        pairs = [prototype_weight(p, q) for p, q in zip(self.class_prototypes,
+                                                        self.context_prototypes)]
+        return (torch.stack([w for w, _ in pairs]),
+                torch.tensor([relu for _, relu in pairs], dtype=torch.bool))
+
+    def save(self, path) -> None:
+        from wsss_fast.io.atomic import atomic_write
+        payload = {"format": PROTOTYPES_FORMAT, "version": PROTOTYPES_VERSION,
+                   **dataclasses.asdict(self)}
+        payload["class_names"] = list(self.class_names)
+        with atomic_write(path) as handle:
+            torch.save(payload, handle)
+
+    @classmethod
+    def load(cls, path) -> "Prototypes":
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ValueError(f"prototypes file not found: {path}") from None
+        except Exception as error:   # any unpickling failure: not a prototypes file
+            raise ValueError(f"{path}: not a readable prototypes file ({error})") from None
+        if not isinstance(payload, dict) or payload.get("format") != PROTOTYPES_FORMAT:
+            raise ValueError(f"{path}: not a wsss-fast LPCAM prototypes file")
+        if payload.get("version") != PROTOTYPES_VERSION:
+            raise ValueError(f"{path}: prototypes file version {payload.get('version')}, "
+                             f"expected {PROTOTYPES_VERSION}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        prototypes = cls(**{k: v for k, v in payload.items() if k in fields})
+        prototypes.class_names = tuple(prototypes.class_names)
+        sizes = {len(prototypes.class_names), len(prototypes.class_prototypes),
+                 len(prototypes.context_prototypes)}
+        dims = {int(t.shape[1]) for t in (*prototypes.class_prototypes,
+                                          *prototypes.context_prototypes)}
+        if len(sizes) != 1 or len(dims) != 1:
+            raise ValueError(f"{path}: inconsistent prototypes (classes {sizes}, dims {dims})")
+        return prototypes
+
+
+# ----------------------------------------------------------------------------- feature bank
+
+def select_pixels(cams: torch.Tensor, grid: tuple[int, int],
+                  select_thres: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(selected, not_selected)`` ``(n, h·w)`` bool masks: the CAMs ``(n, H, W)`` resized to the
+    feature grid with nearest sampling (``F.interpolate``'s default), ``> select_thres`` and
+    ``< select_thres`` (§1.2)."""
+    small = F.interpolate(cams.float()[None], size=tuple(grid), mode="nearest")[0]
+    small = small.flatten(1)
+    return small > select_thres, small < select_thres
+
+
+@dataclass
+class _BankImage:
+    features: torch.Tensor       # (h·w, D) float32
+    keys: list                   # classes with masks
+    selected: torch.Tensor       # (len(keys), h·w) bool
+    not_selected: torch.Tensor
+
+
+def class_members(dataset, ids: Sequence[str], settings: LpcamSettings) -> list[list[str]]:
+    """Per class, the bank images (in ``ids`` order): every image labelled with it, or
+    ``images_per_class`` draws with replacement (COCO's ``split_100``: one RandomState, classes
+    in order)."""
+    labels = {}
+    for id in ids:
+        sample_labels = dataset.sample(id).labels
+        if sample_labels is not None:
+            labels[id] = np.asarray(sample_labels) > 0
+    rng = np.random.RandomState(settings.sample_seed)
+    members = []
+    for c in range(dataset.num_classes):
+        having = [id for id in ids if id in labels and labels[id][c]]
+        if settings.images_per_class is not None and having:
+            draws = rng.choice(len(having), settings.images_per_class)
+            having = [having[i] for i in draws]
+        members.append(having)
+    return members
+
+
+def _class_pool(bank: dict, members: Sequence[str], class_index: int,
+                dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    selected, not_selected = [], []
+    for id in members:
+        entry = bank.get(id)
+        if entry is None or class_index not in entry.keys:
+            continue
+        row = entry.keys.index(class_index)
+        selected.append(entry.features[entry.selected[row]])
+        not_selected.append(entry.features[entry.not_selected[row]])
+    empty = torch.zeros((0, dim))
+    return (torch.cat(selected) if selected else empty,
+            torch.cat(not_selected) if not_selected else empty)
+
+
+def _cluster(points: torch.Tensor, settings: LpcamSettings, seed: int,
+             device: torch.device) -> tuple[torch.Tensor, int]:
+    """Centres ``(min(clusters, N), D)`` on the CPU and the iterations run."""
+    if points.shape[0] == 0:
+        return points, 0
+    result = ops.kmeans(points.to(device), min(settings.clusters, points.shape[0]), seed=seed,
+                        max_iter=settings.max_iter, tol=settings.tol)
+    return result.centres.cpu(), result.iterations
+
+
+def build_prototypes(model: torch.nn.Module, dataset, *, ids: Optional[Sequence[str]] = None,
+                     settings: LpcamSettings = LpcamSettings(), cams: Union[str, Path, None] = None,
+                     device: Union[str, torch.device, None] = None, workers: int = 0,
+                     progress: bool = False, model_name: Optional[str] = None,
+                     checkpoint_sha256: Optional[str] = None) -> Prototypes:
+    """LPCAM's prototypes of ``model`` (an IRN-style CAM classifier with ``features()`` and a
+    bias-free ``classifier``) from the images ``ids`` of ``dataset`` (default: all).
+
+    ``cams``: a folder of IRN CAM files ``<id>.npy`` to select pixels with (upstream's
+    ``cam_mask/``); default: computed here with the "irn-cam" preset (4 scales × flip).
+    Images that cannot be read or lack a CAM file are left out of the bank and listed in the
+    result's ``settings["skipped"]``.
+    """
+    from wsss_fast.data.base import image_loader
+    from wsss_fast.io.cam_files import CamFileError, load_cam_file
+
+    engine = CamEngine(model, "irn-cam", device=device)
+    device, model = engine.device, engine.model
+    ids = list(dataset.ids if ids is None else ids)
+    members = class_members(dataset, ids, settings)
+    needed = sorted({id for ids_c in members for id in ids_c})
+    bank: dict[str, _BankImage] = {}
+    skipped: dict[str, str] = {}
+    bar = tqdm(image_loader(dataset, needed, workers=workers), total=len(needed),
+               desc="LPCAM feature bank", unit="img", disable=not progress, file=sys.stderr)
+    with torch.no_grad():
+        for item in bar:
+            if item["error"] is not None:
+                skipped[item["id"]] = item["error"]
+                continue
+            image = load_image(item["image"])
+            if cams is not None:
+                try:
+                    record = load_cam_file(Path(cams) / f"{item['id']}.npy")
+                except (CamFileError, OSError) as error:
+                    skipped[item["id"]] = f"no usable CAM file: {error}"
+                    continue
+                keys, high_res = [int(k) for k in record.keys], torch.from_numpy(record.high_res)
+            else:
+                result = engine(image, item["labels"])
+                keys = [int(k) for k in result.keys]
+                high_res = result.high_res[torch.as_tensor(result.keys, dtype=torch.long)]
+            x = to_normalized_tensor(image, LPCAM_PRESET.mean, LPCAM_PRESET.std)[None]
+            features = model.features(x.to(device))[0].float()
+            selected, not_selected = select_pixels(high_res.to(device), features.shape[1:],
+                                                   settings.select_thres)
+            bank[item["id"]] = _BankImage(features.flatten(1).t().contiguous().cpu(), keys,
+                                          selected.cpu(), not_selected.cpu())
+    if not bank:
+        raise ValueError(f"no usable image for the LPCAM feature bank ({len(skipped)} skipped, "
+                         f"e.g. {next(iter(skipped.items()), None)})")
+    dim = next(iter(bank.values())).features.shape[1]
+    weight = model.classifier.weight.detach().flatten(1).float().cpu()
+    class_protos, context_protos, diagnostics = [], [], []
+    for c, name in enumerate(dataset.class_names):
+        fg, bg = _class_pool(bank, members[c], c, dim)
+        fg_centres, fg_iterations = _cluster(fg, settings, settings.seed + 2 * c, device)
+        bg_centres, bg_iterations = _cluster(bg, settings, settings.seed + 2 * c + 1, device)
+        choice = select_prototypes(fg_centres, bg_centres, weight, c,
+                                   class_thres=settings.class_thres,
+                                   context_thres=settings.context_thres,
+                                   context_thres_low=settings.context_thres_low,
+                                   class_fallback=settings.class_fallback)
+        class_protos.append(choice.class_prototypes.contiguous())
+        context_protos.append(choice.context_prototypes.contiguous())
+        diagnostics.append({
+            "class": name, "images": len(members[c]), "selected_pixels": int(fg.shape[0]),
+            "other_pixels": int(bg.shape[0]), "fg_iterations": fg_iterations,
+            "bg_iterations": bg_iterations, "class_scores": choice.class_scores.tolist(),
+            "context_scores": choice.context_scores.tolist(),
+            "class_prototypes": int(choice.class_prototypes.shape[0]),
+            "context_prototypes": int(choice.context_prototypes.shape[0]),
+            "fallback": choice.fallback})
+    recorded = {**dataclasses.asdict(settings), "bank_images": len(bank),
+                "skipped": dict(sorted(skipped.items())),
+                "cams": None if cams is None else str(Path(cams).resolve())}
+    return Prototypes(tuple(dataset.class_names), class_protos, context_protos, recorded,
+                      model=model_name, checkpoint_sha256=checkpoint_sha256,
+                      diagnostics=diagnostics)
+
+
+# ----------------------------------------------------------------------------- heatmaps
+
+def _ceil_div(n: int, d: int) -> int:
+    return -(-n // d)
+
+
+def aggregate_scales(maps: Sequence[torch.Tensor], height: int,
+                     width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(high_res (n, H, W), low_res (n, ⌈H/4⌉, ⌈W/4⌉))`` from per-scale maps ``(n, h_s, w_s)``:
+    bilinear to ``⌈H/4⌉×⌈W/4⌉`` / to ``16⌈H/16⌉×16⌈W/16⌉`` then cropped, mean over scales,
+    divided by each map's maximum (a map with maximum 0 stays 0)."""
+    batch = [m.float()[None] for m in maps]
+    low_size = (_ceil_div(height, LOW_RES_STRIDE), _ceil_div(width, LOW_RES_STRIDE))
+    up_size = (_ceil_div(height, OUTPUT_STRIDE) * OUTPUT_STRIDE,
+               _ceil_div(width, OUTPUT_STRIDE) * OUTPUT_STRIDE)
+    low = ops.multiscale_merge(batch, low_size)[0] / len(maps)
+    high = ops.multiscale_merge(batch, up_size)[0][:, :height, :width] / len(maps)
+
+    def by_max(x: torch.Tensor) -> torch.Tensor:
+        peak = x.amax(dim=(1, 2), keepdim=True)
+        return torch.where(peak != 0, x / torch.where(peak != 0, peak, 1.0), 0.0)
+
+    return by_max(high), by_max(low)
+
+
+class LpcamEngine(CamEngine):
+    """LPCAM heatmaps of an IRN CAM classifier under its prototypes (the ``CamEngine``
+    interface, so ``wsss-fast extract --method lpcam`` reuses the extraction machinery).
+
+    >>> engine = LpcamEngine(model, Prototypes.load("prototypes.pt"))
+    >>> result = engine("2008_000101.jpg", labels)
+    """
+
+    def __init__(self, model: torch.nn.Module, prototypes: Prototypes, *,
+                 device: Union[str, torch.device, None] = None,
+                 dtype: Optional[torch.dtype] = None, **overrides):
+        """``overrides``: ``scales=``, ``flip=`` of the passes; ``dtype``: autocast of the
+        backbone (the heatmap is computed in fp32)."""
+        if not hasattr(model, "features") or not hasattr(model, "classifier"):
+            raise ValueError(f"LPCAM needs an IRN-style CAM classifier with features() and a "
+                             f"classifier, got {type(model).__name__}")
+        super().__init__(model, LPCAM_PRESET, device=device, dtype=dtype, **overrides)
+        classes, dim = model.classifier.weight.shape[:2]
+        if len(prototypes.class_names) != classes or prototypes.feature_dim != dim:
+            raise ValueError(f"the prototypes ({len(prototypes.class_names)} classes, D = "
+                             f"{prototypes.feature_dim}) do not fit the model ({classes} classes,"
+                             f" D = {dim})")
+        weight, relu = prototypes.weights()
+        self.weight, self.relu = weight.to(self.device), relu.to(self.device)
+
+    @torch.no_grad()
+    def extract(self, images: Sequence, labels: Optional[Sequence] = None) -> list[CamResult]:
+        images = [load_image(image) for image in images]
+        labels = [None] * len(images) if labels is None else list(labels)
+        if len(labels) != len(images):
+            raise ValueError(f"got {len(labels)} label vectors for {len(images)} images")
+        num_classes = self.weight.shape[0]
+        keys = [torch.nonzero(self._labels(lab, num_classes) > 0).flatten() for lab in labels]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, image in enumerate(images):
+            groups.setdefault(image.size, []).append(index)
+        results: list[Optional[CamResult]] = [None] * len(images)
+        for (width, height), group in groups.items():
+            low_size = (_ceil_div(height, LOW_RES_STRIDE), _ceil_div(width, LOW_RES_STRIDE))
+            for i in group:   # absent classes stay 0, as in CamEngine's results
+                results[i] = CamResult(keys=keys[i].cpu().numpy(),
+                                       high_res=self.weight.new_zeros((num_classes, height, width)),
+                                       low_res=self.weight.new_zeros((num_classes, *low_size)))
+            indices = [i for i in group if keys[i].numel() > 0]   # others: no maps to compute
+            if not indices:
+                continue
+            per_scale = {i: [] for i in indices}
+            for batches in zip(*(self.pass_inputs(images[i]) for i in indices)):
+                with torch.autocast(self.device.type, dtype=self.dtype or torch.bfloat16,
+                                    enabled=self.dtype is not None):
+                    features = self.model.features(torch.cat(batches)).float()
+                passes = features.shape[0] // len(indices)
+                for slot, i in enumerate(indices):
+                    f = features[slot * passes]
+                    if passes == 2:     # LPCAM sums the features of the image and its flip
+                        f = f + features[slot * passes + 1].flip(-1)
+                    per_scale[i].append(prototype_cam(f, self.weight[keys[i]],
+                                                      self.relu[keys[i]]))
+            for i in indices:
+                high, low = aggregate_scales(per_scale[i], height, width)
+                results[i].high_res[keys[i]], results[i].low_res[keys[i]] = high, low
+        return results
+
+
+# ----------------------------------------------------------------------------- demo
+
+def demo_lpcam_cams(data: Path, work: Path, train_overrides: dict, *, seed: int, workers: int,
+                    device: str, bank_images: Optional[int] = None) -> Path:
+    """The demo's LPCAM step on the synthetic benchmark: trains "irn_cam" into ``work/train``,
+    builds ``work/prototypes.pt`` and extracts LPCAM CAMs of the "val" split into
+    ``work/extract`` (as ``wsss-fast extract``); each step is skipped when its output exists.
+    ``bank_images``: build the feature bank from the first that many training images only (the
+    bank's cost is 9 forward passes per image). Returns ``work/extract/cams``."""
+    from wsss_fast.cli import main
+    from wsss_fast.train.methods import get_method
+    from wsss_fast.train.trainer import CHECKPOINT, STATE, train
+
+    data, work = Path(data), Path(work)
+    method = get_method("irn_cam")
+    checkpoint = work / "train" / CHECKPOINT
+    if not checkpoint.exists():
+        train("irn_cam", data, work / "train", split="train", seed=seed, workers=workers,
+              device=device, resume=(work / "train" / STATE).exists(), **train_overrides)
+    common = ["--data", str(data), "--model", method.model, "--checkpoint", str(checkpoint),
+              "--device", device, "--workers", str(workers), "--quiet"]
+    prototypes = work / "prototypes.pt"
+    bank_split = "train"
+    if bank_images is not None:
+        train_ids = (data / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+        bank_split = str(work / "bank.txt")
+        work.mkdir(parents=True, exist_ok=True)
+        Path(bank_split).write_text("\n".join(train_ids[:bank_images]) + "\n")
+    steps = [] if prototypes.exists() else [
+        ["prototypes", "--split", bank_split, "--out", str(prototypes), "--seed", str(seed)]]
+    steps.append(["extract", "--method", "lpcam", "--prototypes", str(prototypes), "--split",
+                  "val", "--out", str(work / "extract")])
+    for argv in steps:
+        status = main(argv + common)
+        if status != 0:
+            raise RuntimeError(f"wsss-fast {argv[0]} failed with exit status {status}")
+    return work / "extract" / "cams"

@@ -1,0 +1,238 @@
+"""The end-to-end demo on the built-in synthetic benchmark (DESIGN §9), no download.
+
+Generates the data, trains a small model per method, extracts CAMs on the validation split with
+every method, evaluates the seeds (background-threshold sweep), makes pseudo-labels with the dense
+CRF and with the IRN random walk, evaluates those, and writes a report: a markdown table, the
+sweep curves and an overlay gallery. Every step goes through the same code as the CLI and is
+resumable: rerunning the demo in the same folder reuses finished steps.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+# Methods in report order; each is a training method of wsss_fast.train (LPCAM: prototypes
+# over the IRN CAM classifier).
+DEMO_METHODS = ("token_cam", "mctformer_v1", "mctformer_v2", "mctformer_v2_doei", "transcam",
+                "bnr", "lpcam", "edam")
+
+
+@dataclass(frozen=True)
+class DemoScale:
+    num_train: int
+    num_val: int
+    image_size: Optional[tuple] = None      # None: the generator's default size range
+    train_overrides: dict = field(default_factory=dict)   # passed to train() for every method
+    lpcam_bank_images: Optional[int] = None   # LPCAM's feature bank: first N training images
+
+
+FULL = DemoScale(num_train=600, num_val=150, lpcam_bank_images=160)
+QUICK = DemoScale(num_train=48, num_val=12, image_size=(96, 96),
+                  train_overrides={"epochs": 2, "batch_size": 8}, lpcam_bank_images=24)
+
+
+def _log(message: str) -> None:
+    print(f"[demo] {message}", file=sys.stderr, flush=True)
+
+
+def _cli(*argv) -> None:
+    from wsss_fast.cli import main
+    status = main([str(a) for a in argv])
+    if status != 0:
+        raise RuntimeError(f"wsss-fast {argv[0]} failed with exit status {status}")
+
+
+@dataclass
+class MethodResult:
+    method: str
+    seed_miou: float = float("nan")
+    threshold: float = float("nan")
+    fp: float = float("nan")
+    fn: float = float("nan")
+    cooccurrence_iou: float = float("nan")
+    crf_miou: float = float("nan")
+    rw_miou: float = float("nan")
+    seconds_per_image: float = float("nan")
+    train_seconds: float = float("nan")
+    note: str = ""
+
+
+def _cooccurrence_classes(data: Path) -> list[int]:
+    design = json.loads((data / "dataset.json").read_text()).get("cooccurrence", {})
+    indices = {entry["class_index"] for entry in design.get("background", {}).values()}
+    for pair in design.get("pairs", []):
+        indices.update(pair["class_indices"])
+    return sorted(indices)
+
+
+def _train(method: str, data: Path, out: Path, scale: DemoScale, seed: int, workers: int,
+           device: str) -> tuple[Path, str, str]:
+    """Checkpoint, registry model name and CAM preset of a trained method."""
+    from wsss_fast.train.methods import get_method
+    from wsss_fast.train.trainer import CHECKPOINT, train
+    chosen = get_method(method)
+    checkpoint = out / CHECKPOINT
+    if not checkpoint.exists():
+        train(method, data, out, split="train", seed=seed, workers=workers, device=device,
+              resume=(out / "train_state.pth").exists(), **scale.train_overrides)
+    return checkpoint, chosen.model, chosen.preset
+
+
+def _preset_args(method: str) -> list[str]:
+    """``--preset-arg`` options of the method's recommended extraction settings for the small
+    models of the demo (``wsss_fast.train.methods.DEMO_SETTINGS``); JSON values are YAML."""
+    from wsss_fast.train.methods import DEMO_SETTINGS
+    settings = DEMO_SETTINGS.get(method, {}).get("extract", {})
+    return [arg for name, value in settings.items()
+            for arg in ("--preset-arg", f"{name}={json.dumps(value)}")]
+
+
+def _evaluate(data: Path, split: str, source: str, folder: Path, out: Path) -> dict:
+    """The evaluation report (its table goes to out/evaluation.md, not the terminal)."""
+    import contextlib
+    import io
+    flag = "--cams" if source == "cams" else "--pred"
+    with contextlib.redirect_stdout(io.StringIO()):
+        _cli("evaluate", "--data", data, "--split", split, flag, folder, "--out", out,
+             "--thresholds", "0:1:0.01")
+    return json.loads((out / "evaluation.json").read_text())
+
+
+def run_method(method: str, data: Path, out: Path, scale: DemoScale, seed: int, workers: int,
+               device: str, cooccurrence: Sequence[int]) -> MethodResult:
+    result = MethodResult(method)
+    work = out / method
+    start = time.perf_counter()
+    if method == "lpcam":
+        from wsss_fast.cams.lpcam import demo_lpcam_cams
+        cams = demo_lpcam_cams(data, work, scale.train_overrides, seed=seed, workers=workers,
+                               device=device, bank_images=scale.lpcam_bank_images)
+        result.train_seconds = time.perf_counter() - start   # training + prototypes
+    else:
+        checkpoint, model, preset = _train(method, data, work / "train", scale, seed, workers,
+                                           device)
+        result.train_seconds = time.perf_counter() - start
+        extract_dir = work / "extract"
+        _cli("extract", "--data", data, "--split", "val", "--model", model, "--checkpoint",
+             checkpoint, "--preset", preset, *_preset_args(method), "--device", device,
+             "--out", extract_dir, "--workers", workers, "--quiet")
+        cams = extract_dir / "cams"
+    manifest = json.loads((cams.parent / "manifest-extract.json").read_text())
+    done = manifest["counts"]["done"]
+    seconds = sum(r.get("seconds", 0.0) for r in manifest["ranks"])
+    if done:
+        result.seconds_per_image = seconds / done
+    seeds = _evaluate(data, "val", "cams", cams, work / "eval_seeds")
+    result.seed_miou, result.threshold = seeds["best_miou"], seeds["best_threshold"]
+    iou = np.array([np.nan if v is None else v for v in seeds["at_best"]["iou"]])
+    fp = np.array([np.nan if v is None else v for v in seeds["at_best"]["fp_rate"]])
+    fn = np.array([np.nan if v is None else v for v in seeds["at_best"]["fn_rate"]])
+    result.fp, result.fn = float(np.nanmean(fp)), float(np.nanmean(fn))
+    result.cooccurrence_iou = float(np.nanmean(iou[[k + 1 for k in cooccurrence]]))
+    _cli("pseudo-label", "--data", data, "--split", "val", "--cams", cams, "--out",
+         work / "crf", "--rule", "constant", "--threshold", f"{result.threshold:.4f}",
+         "--crf", "irn", "--workers", workers, "--quiet")
+    result.crf_miou = _evaluate(data, "val", "pred", work / "crf" / "labels",
+                                work / "eval_crf")["at_best"]["miou"]["nanmean"]
+    _cli("refine", "--data", data, "--split", "val", "--cams", cams, "--out", work / "rw",
+         "--preset", "irn", "--bg-threshold", f"{result.threshold:.4f}", "--device", device,
+         "--workers", workers, "--quiet")
+    result.rw_miou = _evaluate(data, "val", "pred", work / "rw" / "labels",
+                               work / "eval_rw")["at_best"]["miou"]["nanmean"]
+    return result
+
+
+def _pct(value: float) -> str:
+    return "n/a" if value != value else f"{100 * value:.1f}"
+
+
+def report_table(results: Sequence[MethodResult]) -> str:
+    lines = ["| method | seed mIoU | best τ | FP | FN | co-occ. IoU | +CRF mIoU | +RW mIoU | "
+             "extract s/img | train s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r.method} | {_pct(r.seed_miou)} | {r.threshold:.2f} | {_pct(r.fp)} | "
+                     f"{_pct(r.fn)} | {_pct(r.cooccurrence_iou)} | {_pct(r.crf_miou)} | "
+                     f"{_pct(r.rw_miou)} | {r.seconds_per_image:.3f} | "
+                     f"{r.train_seconds:.0f} |" + (f" {r.note}" if r.note else ""))
+    return "\n".join(lines)
+
+
+def _gallery(data: Path, out: Path, methods: Sequence[str], path: Path, rows: int = 4) -> None:
+    """Rows: validation images; columns: image, ground truth, each method's CAMs (max over the
+    present classes)."""
+    from wsss_fast.data.images import read_image, read_label_png
+    from wsss_fast.io.cam_files import load_cam_file
+    from wsss_fast.io.overlays import jet_overlay, label_overlay, save_rgb_png
+    ids = (data / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[:rows]
+    tiles = []
+    for item in ids:
+        image = read_image(data / "JPEGImages" / f"{item}.jpg")
+        row = [image, label_overlay(image, read_label_png(data / "SegmentationClass" /
+                                                          f"{item}.png"), alpha=0.7)]
+        for method in methods:
+            cam_path = out / method / "extract" / "cams" / f"{item}.npy"
+            if cam_path.exists() and load_cam_file(cam_path).keys.size:
+                row.append(jet_overlay(image, load_cam_file(cam_path).high_res.max(axis=0)))
+            else:
+                row.append(np.zeros_like(image))
+        height = max(t.shape[0] for t in row)
+        tiles.append(np.concatenate([np.pad(t, ((0, height - t.shape[0]), (0, 2), (0, 0)))
+                                     for t in row], axis=1))
+    width = max(t.shape[1] for t in tiles)
+    grid = np.concatenate([np.pad(t, ((0, 2), (0, width - t.shape[1]), (0, 0))) for t in tiles])
+    save_rgb_png(path, grid)
+
+
+def run_demo(out, *, quick: bool = False, seed: int = 0, workers: int = 2, device: str = "cpu",
+             methods: Sequence[str] = DEMO_METHODS) -> Path:
+    """Run the demo into ``out``; returns the report path."""
+    from wsss_fast.data.synthetic import generate_synthetic
+    from wsss_fast.evaluate import plot_sweep
+    from wsss_fast.io.atomic import atomic_write_bytes, atomic_write_json
+    out = Path(out)
+    scale = QUICK if quick else FULL
+    started = time.perf_counter()
+    data = out / "data"
+    options = dict(num_train=scale.num_train, num_val=scale.num_val, seed=seed, workers=workers)
+    if scale.image_size is not None:
+        options["image_size"] = scale.image_size
+    _log(f"synthetic data: {scale.num_train} train / {scale.num_val} val images in {data}")
+    generate_synthetic(data, **options)
+    cooccurrence = _cooccurrence_classes(data)
+    results = []
+    for method in methods:
+        _log(f"{method}: train, extract, evaluate, CRF, random walk")
+        results.append(run_method(method, data, out, scale, seed, workers, device,
+                                  cooccurrence))
+        _log(f"{method}: seed mIoU {_pct(results[-1].seed_miou)}")
+    curves = {}
+    for r in results:
+        report = json.loads((out / r.method / "eval_seeds" / "evaluation.json").read_text())
+        curves[r.method] = (report["thresholds"], [np.nan if v is None else v
+                                                   for v in report["miou_curve"]])
+    plot_sweep(curves, out / "sweep_curves.png", title="seed mIoU vs background threshold")
+    _gallery(data, out, [r.method for r in results], out / "gallery.png")
+    minutes = (time.perf_counter() - started) / 60
+    table = report_table(results)
+    names = (data / "classes.txt").read_text().split()
+    text = (f"# wsss-fast demo ({'quick' if quick else 'full'}, seed {seed})\n\n"
+            f"Synthetic benchmark: {scale.num_train} training / {scale.num_val} validation "
+            f"images, {len(names)} classes; co-occurrence classes: "
+            f"{', '.join(names[k] for k in cooccurrence)}."
+            f"\nSeeds: CAMs at the best background threshold (mIoU, nanmean over background + "
+            f"classes); FP/FN: mean over classes at that threshold (IRN's rates); co-occ. IoU: "
+            f"mean IoU of the co-occurrence classes; +CRF: IRN label CRF of the seed; +RW: IRN "
+            f"random walk over image-gradient edges.\n\n{table}\n\n"
+            f"Total time: {minutes:.1f} min. Curves: sweep_curves.png; overlays: gallery.png.\n")
+    atomic_write_bytes(out / "report.md", text.encode())
+    atomic_write_json(out / "report.json", {"quick": quick, "seed": seed, "minutes": minutes,
+                                            "results": [vars(r) for r in results]})
+    print(text)
+    return out / "report.md"
