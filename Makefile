@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 
-.PHONY: install test test-all bench bench-report demo clean
+.PHONY: install test test-all bench bench-report demo demo-full ops-demo clean
 
 install:  ## pinned dependencies (CPU torch first: never let pip pick a CUDA build), then the build
 	$(PIP) install --disable-pip-version-check -q torch==2.13.0
@@ -21,8 +21,14 @@ bench: install  ## pytest-benchmark suites (full-size cases; minutes)
 bench-report: install  ## one table of side-by-side ratios with peak memory
 	$(PYTHON) -m benchmarks.report
 
-demo: install  ## the ops on a ViT-S-sized case: every face checked against the reference, timed
+demo: install  ## the pipeline on the synthetic benchmark, every method (quick version, minutes)
+	$(PYTHON) -m wsss_fast demo --quick --out demo_quick
+
+demo-full: install  ## the full demo (600 training images, longer training)
+	$(PYTHON) -m wsss_fast demo --out demo_out
+
+ops-demo: install  ## the ops on a ViT-S-sized case: every face checked against the reference, timed
 	$(PYTHON) examples/ops_demo.py
 
 clean:
-	rm -rf build *.egg-info wsss_fast/*.so .pytest_cache .benchmarks
+	rm -rf build *.egg-info wsss_fast/*.so .pytest_cache .benchmarks demo_quick
