@@ -90,3 +90,35 @@ def exit_status(manifest: dict) -> int:
     counts = manifest["counts"]
     finished = counts.get("done", 0) + counts.get("already_done", 0)
     return 1 if counts.get("skipped", 0) and not finished else 0
+
+
+def record_job_results(state, items, results, outputs_of) -> None:
+    """Journal what ``run_in_workers`` returned per item: None = done (its ``outputs_of(item)``
+    written), a string or a ``JobFailure`` = skipped with that reason."""
+    from wsss_fast.workers import JobFailure
+    for item, result in zip(items, results):
+        if isinstance(result, JobFailure):
+            state.record_skipped(item, result.error)
+        elif result is not None:
+            state.record_skipped(item, result)
+        else:
+            state.record_done(item, outputs_of(item))
+
+
+def finish_run(command: str, state, context, extra=None) -> int:
+    """End a rank's run: its summary, the barrier, and on rank 0 the merged manifest, the printed
+    summary and the exit status (other ranks return 0)."""
+    from wsss_fast.distributed import barrier
+    state.finish(extra)
+    barrier(context)
+    if not context.is_main:
+        return 0
+    manifest = state.write_manifest()
+    print_summary(command, manifest)
+    return exit_status(manifest)
+
+
+def validate_label_png(path) -> None:
+    """Raises on a label PNG that cannot be read (resume's check of unjournaled outputs)."""
+    from wsss_fast.data.images import read_label_png
+    read_label_png(path)

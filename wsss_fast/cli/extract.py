@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from wsss_fast.cli.common import (DTYPES, UsageError, add_dataset_arguments,
-                                  add_runtime_arguments, exit_status, item_path,
-                                  open_dataset_from, print_summary, progress, report_problems,
+                                  add_runtime_arguments, finish_run, item_path,
+                                  open_dataset_from, progress, report_problems,
                                   require)
 
 
@@ -184,7 +184,7 @@ def _extract_batch(engine, batch, writer, state) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from wsss_fast.data.base import image_loader
-    from wsss_fast.distributed import barrier, close, init_ranks, shard
+    from wsss_fast.distributed import close, init_ranks, shard
     from wsss_fast.io.cam_files import load_cam_file
     from wsss_fast.io.run_state import RunState
 
@@ -236,13 +236,7 @@ def run(args: argparse.Namespace) -> int:
         if batch:
             _extract_batch(engine, batch, writer, state)
         seconds = time.perf_counter() - start
-        state.finish({"extract_seconds": round(seconds, 3)})
-        barrier(context)
-        if not context.is_main:
-            return 0
-        manifest = state.write_manifest()
-        print_summary("extract", manifest)
-        return exit_status(manifest)
+        return finish_run("extract", state, context, {"extract_seconds": round(seconds, 3)})
     finally:
         close(context)
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from wsss_fast.cli.common import (UsageError, add_dataset_arguments, add_runtime_arguments,
-                                  exit_status, item_path, open_dataset_from, print_summary,
-                                  report_problems, require)
+                                  finish_run, item_path, open_dataset_from,
+                                  record_job_results, report_problems, require,
+                                  validate_label_png)
 
 RULES = ("constant", "power", "confident")
 CRFS = ("none", "irn", "psa", "edam")
@@ -103,9 +104,9 @@ def label_job(item: str, cam_path: str, image_path: str, outputs: dict, options:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsss_fast.distributed import barrier, close, init_ranks, shard
+    from wsss_fast.distributed import close, init_ranks, shard
     from wsss_fast.io.run_state import RunState
-    from wsss_fast.workers import JobFailure, run_in_workers
+    from wsss_fast.workers import run_in_workers
     require(args, "data", "cams", "out")
     options = _rule_options(args)
     cams_dir, out = Path(args.cams), Path(args.out)
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         state.counts["assigned"] = len(ids)
         todo = []
         for item in ids:
-            if state.is_finished(item, outputs(item), validate=_validate_png):
+            if state.is_finished(item, outputs(item), validate=validate_label_png):
                 state.counts["already_done"] += 1
             else:
                 todo.append(item)
@@ -140,24 +141,7 @@ def run(args: argparse.Namespace) -> int:
                  dataset.sample(item).image_path, outputs(item), options) for item in todo]
         results = run_in_workers(label_job, jobs, workers=args.workers,
                                  progress=not args.quiet, desc=f"pseudo-label[{context.rank}]")
-        for item, result in zip(todo, results):
-            if isinstance(result, JobFailure):
-                state.record_skipped(item, result.error)
-            elif result is not None:
-                state.record_skipped(item, result)
-            else:
-                state.record_done(item, outputs(item))
-        state.finish()
-        barrier(context)
-        if not context.is_main:
-            return 0
-        manifest = state.write_manifest()
-        print_summary("pseudo-label", manifest)
-        return exit_status(manifest)
+        record_job_results(state, todo, results, outputs)
+        return finish_run("pseudo-label", state, context)
     finally:
         close(context)
-
-
-def _validate_png(path: Path) -> None:
-    from wsss_fast.data.images import read_label_png
-    read_label_png(path)

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from wsss_fast.cli.common import (UsageError, add_dataset_arguments, add_runtime_arguments,
-                                  exit_status, item_path, open_dataset_from, print_summary,
-                                  report_problems, require)
+                                  finish_run, item_path, open_dataset_from,
+                                  record_job_results, report_problems, require,
+                                  validate_label_png)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,9 +126,9 @@ def refine_job(item: str, image_path: str, cam_path: str, label_path: str, setti
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsss_fast.distributed import barrier, close, init_ranks, shard
+    from wsss_fast.distributed import close, init_ranks, shard
     from wsss_fast.io.run_state import RunState
-    from wsss_fast.workers import JobFailure, run_in_workers
+    from wsss_fast.workers import run_in_workers
     require(args, "data", "cams", "out")
     options = _preset_options(args)
     cams_dir, out = Path(args.cams), Path(args.out)
@@ -147,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         todo = []
         for item in ids:
             outputs = {"label": item_path(out / "labels", item, ".png")}
-            if state.is_finished(item, outputs, validate=_validate_png):
+            if state.is_finished(item, outputs, validate=validate_label_png):
                 state.counts["already_done"] += 1
             else:
                 todo.append(item)
@@ -160,24 +161,8 @@ def run(args: argparse.Namespace) -> int:
         workers = args.workers if context.device.type == "cpu" else 0
         results = run_in_workers(refine_job, jobs, workers=workers, progress=not args.quiet,
                                  desc=f"refine[{context.rank}]")
-        for item, result in zip(todo, results):
-            if isinstance(result, JobFailure):
-                state.record_skipped(item, result.error)
-            elif result is not None:
-                state.record_skipped(item, result)
-            else:
-                state.record_done(item, {"label": item_path(out / "labels", item, ".png")})
-        state.finish()
-        barrier(context)
-        if not context.is_main:
-            return 0
-        manifest = state.write_manifest()
-        print_summary("refine", manifest)
-        return exit_status(manifest)
+        record_job_results(state, todo, results,
+                           lambda item: {"label": item_path(out / "labels", item, ".png")})
+        return finish_run("refine", state, context)
     finally:
         close(context)
-
-
-def _validate_png(path: Path) -> None:
-    from wsss_fast.data.images import read_label_png
-    read_label_png(path)
