@@ -19,9 +19,14 @@ from typing import Optional, Sequence
 import numpy as np
 
 # Methods in report order; each is a training method of wsss_fast.train (LPCAM: prototypes
-# over the IRN CAM classifier).
-DEMO_METHODS = ("token_cam", "mctformer_v1", "mctformer_v2", "mctformer_v2_doei", "transcam",
-                "bnr", "lpcam", "edam")
+# over the IRN CAM classifier), or an inference plug-in in INFERENCE_PLUGINS.
+DEMO_METHODS = ("token_cam", "mctformer_v1", "mctformer_v2", "mctformer_v2+doei",
+                "mctformer_v2_doei", "transcam", "bnr", "lpcam", "edam")
+# Rows that extract with another model over a trained method's checkpoint (no new weights):
+# row -> (trained method, registry model, method whose extraction settings and preset apply).
+INFERENCE_PLUGINS = {
+    "mctformer_v2+doei": ("mctformer_v2", "mctformer_v2_doei_tiny", "mctformer_v2_doei"),
+}
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ def _evaluate(data: Path, split: str, source: str, folder: Path, out: Path) -> d
 
 def run_method(method: str, data: Path, out: Path, scale: DemoScale, seed: int, workers: int,
                device: str, cooccurrence: Sequence[int]) -> MethodResult:
+    from wsss_fast.train.methods import get_method
     result = MethodResult(method)
     work = out / method
     start = time.perf_counter()
@@ -116,12 +122,20 @@ def run_method(method: str, data: Path, out: Path, scale: DemoScale, seed: int, 
                                device=device, bank_images=scale.lpcam_bank_images)
         result.train_seconds = time.perf_counter() - start   # training + prototypes
     else:
-        checkpoint, model, preset = _train(method, data, work / "train", scale, seed, workers,
-                                           device)
-        result.train_seconds = time.perf_counter() - start
+        settings = method
+        if method in INFERENCE_PLUGINS:
+            trained, plugin_model, settings = INFERENCE_PLUGINS[method]
+            checkpoint, _, _ = _train(trained, data, out / trained / "train", scale, seed,
+                                      workers, device)
+            model, preset = plugin_model, get_method(settings).preset
+            result.note = f"{trained}'s checkpoint, {settings} extraction (no training)"
+        else:
+            checkpoint, model, preset = _train(method, data, work / "train", scale, seed,
+                                               workers, device)
+            result.train_seconds = time.perf_counter() - start
         extract_dir = work / "extract"
         _cli("extract", "--data", data, "--split", "val", "--model", model, "--checkpoint",
-             checkpoint, "--preset", preset, *_preset_args(method), "--device", device,
+             checkpoint, "--preset", preset, *_preset_args(settings), "--device", device,
              "--out", extract_dir, "--workers", workers, "--quiet")
         cams = extract_dir / "cams"
     manifest = json.loads((cams.parent / "manifest-extract.json").read_text())
@@ -153,15 +167,21 @@ def _pct(value: float) -> str:
     return "n/a" if value != value else f"{100 * value:.1f}"
 
 
+def _seconds(value: float) -> str:
+    return "—" if value != value else f"{value:.0f}"
+
+
 def report_table(results: Sequence[MethodResult]) -> str:
+    """The markdown table, then a line per note (the row's method name marks it)."""
     lines = ["| method | seed mIoU | best τ | FP | FN | co-occ. IoU | +CRF mIoU | +RW mIoU | "
              "extract s/img | train s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r.method} | {_pct(r.seed_miou)} | {r.threshold:.2f} | {_pct(r.fp)} | "
                      f"{_pct(r.fn)} | {_pct(r.cooccurrence_iou)} | {_pct(r.crf_miou)} | "
                      f"{_pct(r.rw_miou)} | {r.seconds_per_image:.3f} | "
-                     f"{r.train_seconds:.0f} |" + (f" {r.note}" if r.note else ""))
-    return "\n".join(lines)
+                     f"{_seconds(r.train_seconds)} |")
+    notes = [f"- {r.method}: {r.note}" for r in results if r.note]
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def _gallery(data: Path, out: Path, methods: Sequence[str], path: Path, rows: int = 4) -> None:
@@ -191,13 +211,15 @@ def _gallery(data: Path, out: Path, methods: Sequence[str], path: Path, rows: in
 
 
 def run_demo(out, *, quick: bool = False, seed: int = 0, workers: int = 2, device: str = "cpu",
-             methods: Sequence[str] = DEMO_METHODS) -> Path:
-    """Run the demo into ``out``; returns the report path."""
+             methods: Sequence[str] = DEMO_METHODS, scale: Optional[DemoScale] = None) -> Path:
+    """Run the demo into ``out``; returns the report path. ``scale`` replaces the size that
+    ``quick`` picks (QUICK or FULL)."""
     from wsss_fast.data.synthetic import generate_synthetic
     from wsss_fast.evaluate import plot_sweep
     from wsss_fast.io.atomic import atomic_write_bytes, atomic_write_json
     out = Path(out)
-    scale = QUICK if quick else FULL
+    if scale is None:
+        scale = QUICK if quick else FULL
     started = time.perf_counter()
     data = out / "data"
     options = dict(num_train=scale.num_train, num_val=scale.num_val, seed=seed, workers=workers)

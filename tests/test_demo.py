@@ -1,0 +1,76 @@
+"""The demo (``wsss-fast demo``) at a tiny size: every stage runs, the report holds the measured
+numbers, an inference plug-in row reuses its trained method's checkpoint, and a rerun resumes."""
+
+import json
+
+import numpy as np
+import pytest
+
+from wsss_fast.demo import INFERENCE_PLUGINS, DemoScale, MethodResult, report_table, run_demo
+
+TINY = DemoScale(num_train=16, num_val=4, image_size=(64, 64),
+                 train_overrides={"epochs": 1, "batch_size": 8, "crop": 64})
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    report = run_demo(out, workers=0, methods=("mctformer_v2", "mctformer_v2+doei"), scale=TINY)
+    return out, report
+
+
+def test_report_holds_the_measured_numbers(demo):
+    out, report = demo
+    results = {r["method"]: r for r in json.loads((out / "report.json").read_text())["results"]}
+    assert list(results) == ["mctformer_v2", "mctformer_v2+doei"]
+    for method, result in results.items():
+        evaluation = json.loads((out / method / "eval_seeds" / "evaluation.json").read_text())
+        assert result["seed_miou"] == evaluation["best_miou"]
+        assert result["threshold"] == evaluation["best_threshold"]
+        for stage in ("crf", "rw"):
+            measured = json.loads((out / method / f"eval_{stage}" / "evaluation.json").read_text())
+            assert result[f"{stage}_miou"] == measured["at_best"]["miou"]["nanmean"]
+            assert 0.0 <= result[f"{stage}_miou"] <= 1.0
+        assert result["seconds_per_image"] > 0
+        assert f"| {method} | {100 * result['seed_miou']:.1f} |" in report.read_text()
+    for name in ("sweep_curves.png", "gallery.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_plugin_row_reuses_the_trained_checkpoint(demo):
+    out, report = demo
+    trained, model, settings = INFERENCE_PLUGINS["mctformer_v2+doei"]
+    assert not (out / "mctformer_v2+doei" / "train").exists()
+    manifest = json.loads((out / "mctformer_v2+doei" / "extract" /
+                           "manifest-extract.json").read_text())
+    assert manifest["config"]["model"] == model
+    assert manifest["config"]["checkpoint"].endswith(f"{trained}/train/checkpoint.pth")
+    # The plug-in changes the maps: the two rows' CAMs differ.
+    ids = (out / "data" / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    base = np.load(out / trained / "extract" / "cams" / f"{ids[0]}.npy", allow_pickle=True).item()
+    plug = np.load(out / "mctformer_v2+doei" / "extract" / "cams" / f"{ids[0]}.npy",
+                   allow_pickle=True).item()
+    assert not np.allclose(base["high_res"], plug["high_res"])
+    assert f"- mctformer_v2+doei: {trained}'s checkpoint" in report.read_text()
+
+
+def test_rerun_resumes_without_retraining(demo):
+    out, _ = demo
+    checkpoint = out / "mctformer_v2" / "train" / "checkpoint.pth"
+    before = checkpoint.stat().st_mtime_ns
+    first = json.loads((out / "report.json").read_text())["results"]
+    run_demo(out, workers=0, methods=("mctformer_v2", "mctformer_v2+doei"), scale=TINY)
+    assert checkpoint.stat().st_mtime_ns == before
+    again = json.loads((out / "report.json").read_text())["results"]
+    for a, b in zip(first, again):
+        assert a["seed_miou"] == b["seed_miou"] and a["rw_miou"] == b["rw_miou"]
+
+
+def test_report_table_marks_missing_values_and_lists_notes():
+    table = report_table([MethodResult("a", seed_miou=0.5, threshold=0.3, seconds_per_image=0.1,
+                                       train_seconds=12.0),
+                          MethodResult("b", note="reuses a")])
+    rows = table.splitlines()
+    assert rows[2].startswith("| a | 50.0 | 0.30 |") and rows[2].endswith("| 0.100 | 12 |")
+    assert "| b | n/a |" in rows[3] and rows[3].endswith("| — |")
+    assert rows[-1] == "- b: reuses a"
