@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 
-.PHONY: install test test-all bench bench-report demo demo-full ops-demo clean
+.PHONY: install test test-all bench bench-report demo demo-quick ops-demo clean
 
 install:  ## pinned dependencies (CPU torch first: never let pip pick a CUDA build), then the build
 	$(PIP) install --disable-pip-version-check -q torch==2.13.0
@@ -10,7 +10,7 @@ install:  ## pinned dependencies (CPU torch first: never let pip pick a CUDA bui
 	$(PIP) install --disable-pip-version-check -q --no-build-isolation -e .
 
 test: install  ## the test suite (Triton faces in the interpreter; GPU tests skip without a GPU)
-	TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PYTHON) -m pytest tests -q -m "not slow"
+	TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PYTHON) -m pytest tests -q -m "not slow" --durations=10
 
 test-all: install
 	TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PYTHON) -m pytest tests -q
@@ -21,14 +21,14 @@ bench: install  ## pytest-benchmark suites (full-size cases; minutes)
 bench-report: install  ## one table of side-by-side ratios with peak memory
 	$(PYTHON) -m benchmarks.report
 
-demo: install  ## the pipeline on the synthetic benchmark, every method (quick version, minutes)
-	$(PYTHON) -m wsss_fast demo --quick --out demo_quick
-
-demo-full: install  ## the full demo (600 training images, longer training)
+demo: install  ## the pipeline on the synthetic benchmark, every method trained (~20 min, 2 cores)
 	$(PYTHON) -m wsss_fast demo --out demo_out
+
+demo-quick: install  ## the same at a smoke-test size (48 images, 2 epochs: CI)
+	$(PYTHON) -m wsss_fast demo --quick --out demo_quick
 
 ops-demo: install  ## the ops on a ViT-S-sized case: every face checked against the reference, timed
 	$(PYTHON) examples/ops_demo.py
 
 clean:
-	rm -rf build *.egg-info wsss_fast/*.so .pytest_cache .benchmarks demo_quick
+	rm -rf build *.egg-info wsss_fast/*.so .pytest_cache .benchmarks demo_quick demo_out

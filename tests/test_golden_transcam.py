@@ -98,9 +98,10 @@ def test_golden_transcam_cams(golden_model, name):
         np.testing.assert_allclose(ours[12], -1.0, rtol=0, atol=1e-6)
 
 
-def _eager_cam(model, x):
+def _eager_cam(model, x, layers=None):
     """A*·M with each block's attention materialized from its own qkv weights (hooks capture the
-    block inputs and the conv head output of a stats-free forward)."""
+    block inputs and the conv head output of a stats-free forward); ``layers``: the block indices
+    summed into A* (None: all)."""
     inputs, head = [], []
     handles = [blk.register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
                for blk in model.blocks()]
@@ -113,7 +114,9 @@ def _eager_cam(model, x):
             handle.remove()
     assert len(inputs) == model.depth and len(head) == 1
     affinity = 0
-    for blk, tokens in zip(model.blocks(), inputs):
+    for index, (blk, tokens) in enumerate(zip(model.blocks(), inputs)):
+        if layers is not None and index not in layers:
+            continue
         b, t, dim = tokens.shape
         heads = blk.attn.num_heads
         qkv = torch.nn.functional.linear(blk.norm1(tokens).double(), blk.attn.qkv.weight.double(),
@@ -153,6 +156,19 @@ def test_fused_cam_equals_materialized(face, gen, monkeypatch):
     assert torch.equal(cam_only, cam)
     assert_rel_close(conv_logits, conv_ref, 1e-5, what="conv logits with/without stats")
     assert_rel_close(trans_logits, trans_ref, 1e-5, what="trans logits with/without stats")
+    # Ablations: A* of chosen blocks only (last 2 = blocks 4, 5), and M alone.
+    with torch.no_grad():
+        _, cam_some_ref = _eager_cam(model, x, layers={0, 2})
+        assert_rel_close(model.cam_maps(x, layers=[0, 2]), cam_some_ref, 1e-5, what="A*[0,2]·M")
+        _, cam_last_ref = _eager_cam(model, x, layers={4, 5})
+        assert_rel_close(model.cam_maps(x, layers=2), cam_last_ref, 1e-5, what="A*[-2:]·M")
+        head = []
+        handle = model.conv_cls_head.register_forward_hook(lambda mod, a, out: head.append(out))
+        try:
+            m_alone = model.cam_maps(x, refine=False)
+        finally:
+            handle.remove()
+    assert torch.equal(m_alone, head[0].float()) and not torch.allclose(m_alone, cam)
 
 
 def test_cam_is_differentiable(gen):

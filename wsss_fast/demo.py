@@ -47,7 +47,7 @@ def _log(message: str) -> None:
     print(f"[demo] {message}", file=sys.stderr, flush=True)
 
 
-def _cli(*argv) -> None:
+def run_cli(*argv) -> None:
     from wsss_fast.cli import main
     status = main([str(a) for a in argv])
     if status != 0:
@@ -69,7 +69,7 @@ class MethodResult:
     note: str = ""
 
 
-def _cooccurrence_classes(data: Path) -> list[int]:
+def cooccurrence_classes(data: Path) -> list[int]:
     design = json.loads((data / "dataset.json").read_text()).get("cooccurrence", {})
     indices = {entry["class_index"] for entry in design.get("background", {}).values()}
     for pair in design.get("pairs", []):
@@ -90,7 +90,7 @@ def _train(method: str, data: Path, out: Path, scale: DemoScale, seed: int, work
     return checkpoint, chosen.model, chosen.preset
 
 
-def _preset_args(method: str) -> list[str]:
+def preset_args(method: str) -> list[str]:
     """``--preset-arg`` options of the method's recommended extraction settings for the small
     models of the demo (``wsss_fast.train.methods.DEMO_SETTINGS``); JSON values are YAML."""
     from wsss_fast.train.methods import DEMO_SETTINGS
@@ -99,13 +99,13 @@ def _preset_args(method: str) -> list[str]:
             for arg in ("--preset-arg", f"{name}={json.dumps(value)}")]
 
 
-def _evaluate(data: Path, split: str, source: str, folder: Path, out: Path) -> dict:
+def evaluate_folder(data: Path, split: str, source: str, folder: Path, out: Path) -> dict:
     """The evaluation report (its table goes to out/evaluation.md, not the terminal)."""
     import contextlib
     import io
     flag = "--cams" if source == "cams" else "--pred"
     with contextlib.redirect_stdout(io.StringIO()):
-        _cli("evaluate", "--data", data, "--split", split, flag, folder, "--out", out,
+        run_cli("evaluate", "--data", data, "--split", split, flag, folder, "--out", out,
              "--thresholds", "0:1:0.01")
     return json.loads((out / "evaluation.json").read_text())
 
@@ -134,8 +134,8 @@ def run_method(method: str, data: Path, out: Path, scale: DemoScale, seed: int, 
                                                workers, device)
             result.train_seconds = time.perf_counter() - start
         extract_dir = work / "extract"
-        _cli("extract", "--data", data, "--split", "val", "--model", model, "--checkpoint",
-             checkpoint, "--preset", preset, *_preset_args(settings), "--device", device,
+        run_cli("extract", "--data", data, "--split", "val", "--model", model, "--checkpoint",
+             checkpoint, "--preset", preset, *preset_args(settings), "--device", device,
              "--out", extract_dir, "--workers", workers, "--quiet")
         cams = extract_dir / "cams"
     manifest = json.loads((cams.parent / "manifest-extract.json").read_text())
@@ -143,22 +143,22 @@ def run_method(method: str, data: Path, out: Path, scale: DemoScale, seed: int, 
     seconds = sum(r.get("seconds", 0.0) for r in manifest["ranks"])
     if done:
         result.seconds_per_image = seconds / done
-    seeds = _evaluate(data, "val", "cams", cams, work / "eval_seeds")
+    seeds = evaluate_folder(data, "val", "cams", cams, work / "eval_seeds")
     result.seed_miou, result.threshold = seeds["best_miou"], seeds["best_threshold"]
     iou = np.array([np.nan if v is None else v for v in seeds["at_best"]["iou"]])
     fp = np.array([np.nan if v is None else v for v in seeds["at_best"]["fp_rate"]])
     fn = np.array([np.nan if v is None else v for v in seeds["at_best"]["fn_rate"]])
     result.fp, result.fn = float(np.nanmean(fp)), float(np.nanmean(fn))
     result.cooccurrence_iou = float(np.nanmean(iou[[k + 1 for k in cooccurrence]]))
-    _cli("pseudo-label", "--data", data, "--split", "val", "--cams", cams, "--out",
+    run_cli("pseudo-label", "--data", data, "--split", "val", "--cams", cams, "--out",
          work / "crf", "--rule", "constant", "--threshold", f"{result.threshold:.4f}",
          "--crf", "irn", "--workers", workers, "--quiet")
-    result.crf_miou = _evaluate(data, "val", "pred", work / "crf" / "labels",
+    result.crf_miou = evaluate_folder(data, "val", "pred", work / "crf" / "labels",
                                 work / "eval_crf")["at_best"]["miou"]["nanmean"]
-    _cli("refine", "--data", data, "--split", "val", "--cams", cams, "--out", work / "rw",
+    run_cli("refine", "--data", data, "--split", "val", "--cams", cams, "--out", work / "rw",
          "--preset", "irn", "--bg-threshold", f"{result.threshold:.4f}", "--device", device,
          "--workers", workers, "--quiet")
-    result.rw_miou = _evaluate(data, "val", "pred", work / "rw" / "labels",
+    result.rw_miou = evaluate_folder(data, "val", "pred", work / "rw" / "labels",
                                work / "eval_rw")["at_best"]["miou"]["nanmean"]
     return result
 
@@ -227,7 +227,7 @@ def run_demo(out, *, quick: bool = False, seed: int = 0, workers: int = 2, devic
         options["image_size"] = scale.image_size
     _log(f"synthetic data: {scale.num_train} train / {scale.num_val} val images in {data}")
     generate_synthetic(data, **options)
-    cooccurrence = _cooccurrence_classes(data)
+    cooccurrence = cooccurrence_classes(data)
     results = []
     for method in methods:
         _log(f"{method}: train, extract, evaluate, CRF, random walk")

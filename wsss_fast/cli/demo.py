@@ -1,7 +1,8 @@
 """The end-to-end demo on the built-in synthetic benchmark (the README's main command).
 
 Generates the data, trains a small model for every method (token CAM, MCTformer-V1/V2,
-MCTformer-V2 + DOEI, TransCAM, BNR, LPCAM, EDAM), extracts and evaluates CAM seeds, makes
+MCTformer-V2 trained with DOEI, TransCAM, BNR, LPCAM, EDAM; plus DOEI at inference over
+MCTformer-V2's checkpoint), extracts and evaluates CAM seeds, makes
 pseudo-labels with the CRF and the random walk, and writes OUT/report.md with the table, the
 sweep curves (sweep_curves.png) and an overlay gallery (gallery.png). Resumable.
 

@@ -47,17 +47,18 @@ def plot_sweep(curves: Mapping[str, Curve], path: Union[str, os.PathLike],
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for name, (thresholds, mious) in checked.items():
-        (line,) = axes.plot(thresholds, 100 * mious, label=name)
+        label = name
         if np.isfinite(mious).any():
             best = int(np.nanargmax(mious))
+            label = f"{name} (τ={thresholds[best]:.3g}: {100 * mious[best]:.1f}%)"
+        (line,) = axes.plot(thresholds, 100 * mious, label=label)
+        if np.isfinite(mious).any():   # the best point, marked on the curve (one legend entry)
             axes.plot(thresholds[best], 100 * mious[best], marker="*", markersize=12,
-                      color=line.get_color(), linestyle="none",
-                      label=f"best {name}: τ={thresholds[best]:.3g}, "
-                            f"{100 * mious[best]:.2f}%")
+                      color=line.get_color(), linestyle="none")
     axes.set_xlabel("background threshold τ")
     axes.set_ylabel("mIoU (%)")
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize="small")
+    axes.legend(fontsize="x-small")
     if title:
         axes.set_title(title)
     figure.tight_layout()

@@ -290,14 +290,17 @@ class Conformer(nn.Module):
         _, conv_logits, trans_logits = self._heads(x, x_t)
         return conv_logits, trans_logits
 
-    def forward_cam(self, x: torch.Tensor):
+    def forward_cam(self, x: torch.Tensor, *, layers="all", refine: bool = True):
         """``(conv_logits, trans_logits, cam)`` from one pass; ``cam`` as in :meth:`cam_maps`."""
         b = x.shape[0]
         h, w = self.token_grid(x.shape[-2], x.shape[-1])
-        stats = ops.AttentionStats.allocate(b, 1, h * w, self.depth, patch2patch_layers="all",
+        stats = ops.AttentionStats.allocate(b, 1, h * w, self.depth,
+                                            patch2patch_layers=layers if refine else None,
                                             device=x.device)
         x, x_t = self.forward_features(x, stats)
         conv_map, conv_logits, trans_logits = self._heads(x, x_t)
+        if not refine:
+            return conv_logits, trans_logits, conv_map.float()
         if conv_map.shape[-2:] != (h, w):
             raise ValueError(f"Conformer: CNN map {tuple(conv_map.shape[-2:])} and token grid "
                              f"{(h, w)} differ (patch_size {self.patch_size} != 16?); "
@@ -307,11 +310,14 @@ class Conformer(nn.Module):
         cam = cam.transpose(1, 2).reshape(b, self.num_classes, h, w)
         return conv_logits, trans_logits, cam
 
-    def cam_maps(self, x: torch.Tensor) -> torch.Tensor:
+    def cam_maps(self, x: torch.Tensor, *, layers="all", refine: bool = True) -> torch.Tensor:
         """TransCAM's CAM ``A*·M``: ``(B, num_classes, h, w)`` fp32 on the token grid (index 0 is
         the unused background slot), ``A* = Σ_blocks mean_h A[1:, 1:]``, ``M`` the conv head map
-        without ReLU. No normalization (the generator normalizes after merging passes)."""
-        return self.forward_cam(x)[2]
+        without ReLU. No normalization (the generator normalizes after merging passes).
+
+        ``layers``: the blocks summed into ``A*`` (``"all"`` as published, the last K, or block
+        indices); ``refine=False`` gives ``M`` alone (ablations: how much ``A*`` adds)."""
+        return self.forward_cam(x, layers=layers, refine=refine)[2]
 
 
 def transcam_small(num_classes: int = 21) -> Conformer:
