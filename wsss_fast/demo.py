@@ -106,7 +106,7 @@ def evaluate_folder(data: Path, split: str, source: str, folder: Path, out: Path
     flag = "--cams" if source == "cams" else "--pred"
     with contextlib.redirect_stdout(io.StringIO()):
         run_cli("evaluate", "--data", data, "--split", split, flag, folder, "--out", out,
-             "--thresholds", "0:1:0.01")
+                "--thresholds", "0:1:0.01")
     return json.loads((out / "evaluation.json").read_text())
 
 
@@ -135,8 +135,8 @@ def run_method(method: str, data: Path, out: Path, scale: DemoScale, seed: int, 
             result.train_seconds = time.perf_counter() - start
         extract_dir = work / "extract"
         run_cli("extract", "--data", data, "--split", "val", "--model", model, "--checkpoint",
-             checkpoint, "--preset", preset, *preset_args(settings), "--device", device,
-             "--out", extract_dir, "--workers", workers, "--quiet")
+                checkpoint, "--preset", preset, *preset_args(settings), "--device", device,
+                "--out", extract_dir, "--workers", workers, "--quiet")
         cams = extract_dir / "cams"
     manifest = json.loads((cams.parent / "manifest-extract.json").read_text())
     done = manifest["counts"]["done"]
@@ -151,15 +151,15 @@ def run_method(method: str, data: Path, out: Path, scale: DemoScale, seed: int, 
     result.fp, result.fn = float(np.nanmean(fp)), float(np.nanmean(fn))
     result.cooccurrence_iou = float(np.nanmean(iou[[k + 1 for k in cooccurrence]]))
     run_cli("pseudo-label", "--data", data, "--split", "val", "--cams", cams, "--out",
-         work / "crf", "--rule", "constant", "--threshold", f"{result.threshold:.4f}",
-         "--crf", "irn", "--workers", workers, "--quiet")
+            work / "crf", "--rule", "constant", "--threshold", f"{result.threshold:.4f}",
+            "--crf", "irn", "--workers", workers, "--quiet")
     result.crf_miou = evaluate_folder(data, "val", "pred", work / "crf" / "labels",
-                                work / "eval_crf")["at_best"]["miou"]["nanmean"]
+                                      work / "eval_crf")["at_best"]["miou"]["nanmean"]
     run_cli("refine", "--data", data, "--split", "val", "--cams", cams, "--out", work / "rw",
-         "--preset", "irn", "--bg-threshold", f"{result.threshold:.4f}", "--device", device,
-         "--workers", workers, "--quiet")
+            "--preset", "irn", "--bg-threshold", f"{result.threshold:.4f}", "--device", device,
+            "--workers", workers, "--quiet")
     result.rw_miou = evaluate_folder(data, "val", "pred", work / "rw" / "labels",
-                               work / "eval_rw")["at_best"]["miou"]["nanmean"]
+                                     work / "eval_rw")["at_best"]["miou"]["nanmean"]
     return result
 
 
