@@ -5,7 +5,6 @@
 
 import math
 
-import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -13,52 +12,16 @@ import torch.nn.functional as F
 
 import wsss_fast  # noqa: F401  (installs the torchvision shim first)
 import torchvision
-from wsss_fast.cams.presets import IMAGENET_MEAN, IMAGENET_STD
 from wsss_fast.engine import CamEngine
 from wsss_fast.models.edam import Edam, edam, edam_tiny
 from wsss_fast.models.registry import create_model
 from wsss_fast.models.resnet_cam import resnet50_cam, resnet_cam_tiny
 from wsss_fast.train.cnn_methods import edam_loss, irn_cam_loss, pair_by_shared_class
 
-from tests.helpers import assert_rel_close
+from tests.helpers import (assert_rel_close, random_image, randomize_batchnorm,
+                           upstream_normalize, upstream_rescale)
 
 SCALES = (1.0, 0.5, 1.5, 2.0)
-
-
-def random_image(gen, height, width):
-    """A smooth random RGB image (uint8 H×W×3): bicubic-upsampled noise, so CAMs have structure."""
-    coarse = torch.rand(1, 3, max(2, height // 8), max(2, width // 8), generator=gen)
-    image = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
-    image = image + 0.1 * torch.rand(1, 3, height, width, generator=gen)
-    return (image[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-
-
-def upstream_normalize(image: PIL.Image.Image) -> torch.Tensor:
-    """IRN's TorchvisionNormalize / PSA's Normalize: float64 arithmetic, stored as float32, CHW."""
-    array = np.asarray(image).astype(np.float64) / 255.0
-    array = (array - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
-    return torch.from_numpy(array.astype(np.float32)).permute(2, 0, 1)
-
-
-def upstream_rescale(image: PIL.Image.Image, scale: float) -> PIL.Image.Image:
-    """IRN pil_rescale(order=3) / EDAM's MSF dataset: bicubic to (round(H·s), round(W·s))."""
-    width, height = image.size
-    if scale == 1.0:
-        return image
-    return image.resize((round(width * scale), round(height * scale)), PIL.Image.BICUBIC)
-
-
-def randomize_batchnorm(model, gen):
-    """Non-trivial running statistics and affine parameters, so eval-mode BN is not identity."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                n = module.num_features
-                module.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
-                module.running_var.copy_(0.5 + torch.rand(n, generator=gen))
-                module.weight.copy_(0.8 + 0.4 * torch.rand(n, generator=gen))
-                module.bias.copy_(0.1 * torch.randn(n, generator=gen))
-    return model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,14 +27,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import assert_rel_close
+from tests.helpers import (assert_rel_close, random_image, randomize_batchnorm,
+                           upstream_normalize, upstream_rescale)
 from wsss_fast.cams.lpcam import (LPCAM_SETTINGS, LpcamEngine, LpcamSettings, Prototypes,
                                   aggregate_scales, class_members, select_pixels,
                                   select_prototypes)
 from wsss_fast.ops import prototype_cam, prototype_weight
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
-IMAGENET_STD = np.array([0.229, 0.224, 0.225])
 
 
 def naive_lpcam_map(features: torch.Tensor, class_protos: torch.Tensor,
@@ -239,38 +238,17 @@ def tiny_model():
     from wsss_fast.models.resnet_cam import resnet_cam_tiny
     gen = torch.Generator().manual_seed(7)
     model = resnet_cam_tiny(num_classes=5)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                n = module.num_features
-                module.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
-                module.running_var.copy_(0.5 + torch.rand(n, generator=gen))
-                module.bias.copy_(0.1 * torch.randn(n, generator=gen))
+    randomize_batchnorm(model, gen)
     return model.eval()
-
-
-def _random_image(gen, height, width):
-    coarse = torch.rand(1, 3, max(2, height // 8), max(2, width // 8), generator=gen)
-    image = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
-    image = image + 0.1 * torch.rand(1, 3, height, width, generator=gen)
-    return (image[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-
-
-def _irn_normalize(image: PIL.Image.Image) -> torch.Tensor:
-    """IRN's TorchvisionNormalize (float64 arithmetic), as a float32 CHW tensor."""
-    array = np.asarray(image).astype(np.float64) / 255.0
-    return torch.from_numpy(((array - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
-                            ).permute(2, 0, 1)
 
 
 def test_engine_matches_make_lpcam_restated(tiny_model, gen):
     height, width = 45, 61
-    image = PIL.Image.fromarray(_random_image(gen, height, width))
+    image = PIL.Image.fromarray(random_image(gen, height, width))
     features = []
     with torch.no_grad():
         for s in (1.0, 0.5, 1.5, 2.0):
-            scaled = image.resize((round(width * s), round(height * s)), PIL.Image.BICUBIC)
-            x = _irn_normalize(scaled)
+            x = upstream_normalize(upstream_rescale(image, s))
             f = tiny_model.features(torch.stack([x, x.flip(-1)]))
             features.append(f[0] + f[1].flip(-1))
     # Class prototypes: features of random pixels (so the maps peak there); context: random.
@@ -297,7 +275,7 @@ def test_engine_batches_images_and_handles_no_labels(tiny_model, gen):
     prototypes = Prototypes(tuple("abcde"), [torch.rand(2, d, generator=gen)] * 5,
                             [torch.zeros(0, d)] * 5, {})
     engine = LpcamEngine(tiny_model, prototypes, scales=(1.0, 0.5))
-    images = [_random_image(gen, 33, 40), _random_image(gen, 33, 40), _random_image(gen, 20, 30)]
+    images = [random_image(gen, 33, 40), random_image(gen, 33, 40), random_image(gen, 20, 30)]
     labels = [[1, 0, 0, 0, 1], [0, 0, 0, 0, 0], [0, 1, 0, 0, 0]]
     together = engine.extract(images, labels)
     for image, lab, result in zip(images, labels, together):
