@@ -15,50 +15,48 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from wsss_fast.demo import cooccurrence_classes, evaluate_folder, preset_args, run_cli
+from wsss_fast.demo import (cooccurrence_classes, cooccurrence_iou, evaluate_folder,
+                            extraction_plan, preset_args, run_cli)
 from wsss_fast.io.atomic import atomic_write_bytes
 
-# name -> (trained method whose checkpoint is used, registry model, preset, extra CLI options)
-_V2 = ("mctformer_v2", "mctformer_v2_tiny", "mctformer-v2")
-_DOEI = ("mctformer_v2", "mctformer_v2_doei_tiny", "mctformer-v2-doei")
+# name -> (demo report row whose checkpoint, model, preset and extraction settings are used,
+# extra CLI options applied after the row's own)
 VARIANTS = {
-    "v2 (demo row)": (*_V2, []),
-    "v2 + DOEI, defaults (last 2 of 4 blocks, γ_max 2, β 0.5)": (*_DOEI, []),
-    "v2 + DOEI, all 4 blocks": (*_DOEI, ["--model-arg", "blocks=4"]),
-    "v2 + DOEI, γ_max 3": (*_DOEI, ["--model-arg", "gamma_max=3"]),
-    "v2 + DOEI, β 0 (re-weighting only, no residual)": (*_DOEI, ["--model-arg", "beta=0"]),
+    "v2 (demo row)": ("mctformer_v2", []),
+    "v2 + DOEI, defaults (last 2 of 4 blocks, γ_max 2, β 0.5)": ("mctformer_v2+doei", []),
+    "v2 + DOEI, all 4 blocks": ("mctformer_v2+doei", ["--model-arg", "blocks=4"]),
+    "v2 + DOEI, γ_max 3": ("mctformer_v2+doei", ["--model-arg", "gamma_max=3"]),
+    "v2 + DOEI, β 0 (re-weighting only, no residual)": ("mctformer_v2+doei",
+                                                        ["--model-arg", "beta=0"]),
 }
 for method in ("transcam", "bnr"):
-    base = (method, "transcam_tiny", "transcam")
     VARIANTS.update({
-        f"{method} (demo row: A*·M, squares 128/192/256)": (*base, []),
-        f"{method}: M alone (no A*)": (*base, ["--preset-arg", 'cam_kwargs={"refine": false}']),
-        f"{method}: A* of the first 2 blocks": (*base, ["--preset-arg",
-                                                        'cam_kwargs={"layers": [0, 1]}']),
-        f"{method}: A* of the last 2 blocks": (*base, ["--preset-arg", 'cam_kwargs={"layers": 2}']),
-        f"{method}: squares 256/512": (*base, ["--preset-arg", "square_sizes=[256, 512]"]),
+        f"{method} (demo row: A*·M, squares 128/192/256)": (method, []),
+        f"{method}: M alone (no A*)": (method, ["--preset-arg", 'cam_kwargs={"refine": false}']),
+        f"{method}: A* of the first 2 blocks": (method, ["--preset-arg",
+                                                         'cam_kwargs={"layers": [0, 1]}']),
+        f"{method}: A* of the last 2 blocks": (method, ["--preset-arg",
+                                                        'cam_kwargs={"layers": 2}']),
+        f"{method}: squares 256/512": (method, ["--preset-arg", "square_sizes=[256, 512]"]),
     })
 
 
 def run_variant(demo: Path, name: str, workers: int) -> tuple[float, float, float]:
     """(seed mIoU, best threshold, co-occurrence IoU) of one variant."""
-    trained, model, preset, extra = VARIANTS[name]
+    row, extra = VARIANTS[name]
+    trained, model, preset, settings = extraction_plan(row)
     data = demo / "data"
     checkpoint = demo / trained / "train" / "checkpoint.pth"
     if not checkpoint.exists():
         raise SystemExit(f"{checkpoint} is missing: run the demo into {demo} first")
     work = demo / "ablations" / "".join(c if c.isalnum() else "_" for c in name)
-    # The demo's extraction settings of the method, then the variant's (later options win).
-    settings = "mctformer_v2_doei" if preset == "mctformer-v2-doei" else trained
+    # The demo's extraction options of the row, then the variant's (later options win).
     run_cli("extract", "--data", data, "--split", "val", "--model", model, "--checkpoint",
-         checkpoint, "--preset", preset, *preset_args(settings), *extra, "--out",
-         work / "extract", "--workers", workers, "--quiet")
+            checkpoint, "--preset", preset, *preset_args(settings), *extra, "--out",
+            work / "extract", "--workers", workers, "--quiet")
     report = evaluate_folder(data, "val", "cams", work / "extract" / "cams", work / "eval")
-    iou = np.array([np.nan if v is None else v for v in report["at_best"]["iou"]])
-    cooccurrence = [k + 1 for k in cooccurrence_classes(data)]
-    return report["best_miou"], report["best_threshold"], float(np.nanmean(iou[cooccurrence]))
+    return (report["best_miou"], report["best_threshold"],
+            cooccurrence_iou(report, cooccurrence_classes(data)))
 
 
 def main(argv=None) -> int:

@@ -69,6 +69,17 @@ class MethodResult:
     note: str = ""
 
 
+def per_class(values: Sequence) -> np.ndarray:
+    """An evaluation report's per-class list as floats (None, an absent class: NaN)."""
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+def cooccurrence_iou(report: dict, cooccurrence: Sequence[int]) -> float:
+    """Mean IoU at the best threshold of the co-occurrence classes (0-based foreground indices)
+    in an evaluation report."""
+    return float(np.nanmean(per_class(report["at_best"]["iou"])[[k + 1 for k in cooccurrence]]))
+
+
 def cooccurrence_classes(data: Path) -> list[int]:
     design = json.loads((data / "dataset.json").read_text()).get("cooccurrence", {})
     indices = {entry["class_index"] for entry in design.get("background", {}).values()}
@@ -77,17 +88,26 @@ def cooccurrence_classes(data: Path) -> list[int]:
     return sorted(indices)
 
 
-def _train(method: str, data: Path, out: Path, scale: DemoScale, seed: int, workers: int,
-           device: str) -> tuple[Path, str, str]:
-    """Checkpoint, registry model name and CAM preset of a trained method."""
+def extraction_plan(row: str) -> tuple[str, str, str, str]:
+    """``(trained method, registry model, CAM preset, method whose DEMO_SETTINGS extraction
+    options apply)`` of a report row: a training method, or an INFERENCE_PLUGINS row."""
     from wsss_fast.train.methods import get_method
+    if row in INFERENCE_PLUGINS:
+        trained, model, settings = INFERENCE_PLUGINS[row]
+        return trained, model, get_method(settings).preset, settings
+    chosen = get_method(row)
+    return row, chosen.model, chosen.preset, row
+
+
+def _train(method: str, data: Path, out: Path, scale: DemoScale, seed: int, workers: int,
+           device: str) -> Path:
+    """The checkpoint of ``method`` trained into ``out`` (trained there first if missing)."""
     from wsss_fast.train.trainer import CHECKPOINT, train
-    chosen = get_method(method)
     checkpoint = out / CHECKPOINT
     if not checkpoint.exists():
         train(method, data, out, split="train", seed=seed, workers=workers, device=device,
               resume=(out / "train_state.pth").exists(), **scale.train_overrides)
-    return checkpoint, chosen.model, chosen.preset
+    return checkpoint
 
 
 def preset_args(method: str) -> list[str]:
@@ -112,7 +132,6 @@ def evaluate_folder(data: Path, split: str, source: str, folder: Path, out: Path
 
 def run_method(method: str, data: Path, out: Path, scale: DemoScale, seed: int, workers: int,
                device: str, cooccurrence: Sequence[int]) -> MethodResult:
-    from wsss_fast.train.methods import get_method
     result = MethodResult(method)
     work = out / method
     start = time.perf_counter()
@@ -122,17 +141,12 @@ def run_method(method: str, data: Path, out: Path, scale: DemoScale, seed: int, 
                                device=device, bank_images=scale.lpcam_bank_images)
         result.train_seconds = time.perf_counter() - start   # training + prototypes
     else:
-        settings = method
-        if method in INFERENCE_PLUGINS:
-            trained, plugin_model, settings = INFERENCE_PLUGINS[method]
-            checkpoint, _, _ = _train(trained, data, out / trained / "train", scale, seed,
-                                      workers, device)
-            model, preset = plugin_model, get_method(settings).preset
-            result.note = f"{trained}'s checkpoint, {settings} extraction (no training)"
-        else:
-            checkpoint, model, preset = _train(method, data, work / "train", scale, seed,
-                                               workers, device)
+        trained, model, preset, settings = extraction_plan(method)
+        checkpoint = _train(trained, data, out / trained / "train", scale, seed, workers, device)
+        if trained == method:
             result.train_seconds = time.perf_counter() - start
+        else:
+            result.note = f"{trained}'s checkpoint, {settings} extraction (no training)"
         extract_dir = work / "extract"
         run_cli("extract", "--data", data, "--split", "val", "--model", model, "--checkpoint",
                 checkpoint, "--preset", preset, *preset_args(settings), "--device", device,
@@ -145,11 +159,9 @@ def run_method(method: str, data: Path, out: Path, scale: DemoScale, seed: int, 
         result.seconds_per_image = seconds / done
     seeds = evaluate_folder(data, "val", "cams", cams, work / "eval_seeds")
     result.seed_miou, result.threshold = seeds["best_miou"], seeds["best_threshold"]
-    iou = np.array([np.nan if v is None else v for v in seeds["at_best"]["iou"]])
-    fp = np.array([np.nan if v is None else v for v in seeds["at_best"]["fp_rate"]])
-    fn = np.array([np.nan if v is None else v for v in seeds["at_best"]["fn_rate"]])
-    result.fp, result.fn = float(np.nanmean(fp)), float(np.nanmean(fn))
-    result.cooccurrence_iou = float(np.nanmean(iou[[k + 1 for k in cooccurrence]]))
+    result.fp = float(np.nanmean(per_class(seeds["at_best"]["fp_rate"])))
+    result.fn = float(np.nanmean(per_class(seeds["at_best"]["fn_rate"])))
+    result.cooccurrence_iou = cooccurrence_iou(seeds, cooccurrence)
     run_cli("pseudo-label", "--data", data, "--split", "val", "--cams", cams, "--out",
             work / "crf", "--rule", "constant", "--threshold", f"{result.threshold:.4f}",
             "--crf", "irn", "--workers", workers, "--quiet")
@@ -237,8 +249,7 @@ def run_demo(out, *, quick: bool = False, seed: int = 0, workers: int = 2, devic
     curves = {}
     for r in results:
         report = json.loads((out / r.method / "eval_seeds" / "evaluation.json").read_text())
-        curves[r.method] = (report["thresholds"], [np.nan if v is None else v
-                                                   for v in report["miou_curve"]])
+        curves[r.method] = (report["thresholds"], per_class(report["miou_curve"]))
     plot_sweep(curves, out / "sweep_curves.png", title="seed mIoU vs background threshold")
     _gallery(data, out, [r.method for r in results], out / "gallery.png")
     minutes = (time.perf_counter() - started) / 60

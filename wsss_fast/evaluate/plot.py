@@ -47,12 +47,11 @@ def plot_sweep(curves: Mapping[str, Curve], path: Union[str, os.PathLike],
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for name, (thresholds, mious) in checked.items():
-        label = name
-        if np.isfinite(mious).any():
-            best = int(np.nanargmax(mious))
-            label = f"{name} (τ={thresholds[best]:.3g}: {100 * mious[best]:.1f}%)"
+        best = int(np.nanargmax(mious)) if np.isfinite(mious).any() else None
+        label = name if best is None else (f"{name} (τ={thresholds[best]:.3g}: "
+                                           f"{100 * mious[best]:.1f}%)")
         (line,) = axes.plot(thresholds, 100 * mious, label=label)
-        if np.isfinite(mious).any():   # the best point, marked on the curve (one legend entry)
+        if best is not None:   # the best point, marked on the curve (one legend entry)
             axes.plot(thresholds[best], 100 * mious[best], marker="*", markersize=12,
                       color=line.get_color(), linestyle="none")
     axes.set_xlabel("background threshold τ")
