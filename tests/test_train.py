@@ -21,7 +21,7 @@ from wsss_fast.models.checkpoint import load_checkpoint
 from wsss_fast.models.conformer import Conformer
 from wsss_fast.models.mctformer import MCTformer
 from wsss_fast.models.registry import create_model
-from wsss_fast.cams.presets import get_preset
+from wsss_fast.engine.presets import get_preset
 from wsss_fast.train import DEMO_SETTINGS, METHODS, Method, get_method, register_method, train
 from wsss_fast.train import losses
 from wsss_fast.train.data import Augmentation, TrainingImages, augment, epoch_loader

@@ -46,7 +46,7 @@ def _stage(name: str, argv: list[str], images: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsss_fast.data.base import open_dataset
+    from wsss_fast.data.factory import open_dataset
     from wsss_fast.io.atomic import atomic_write_bytes, atomic_write_json
     with tempfile.TemporaryDirectory(prefix="wsss-fast-bench-") as scratch:
         scratch = Path(scratch)

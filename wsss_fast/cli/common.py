@@ -50,7 +50,7 @@ def require(args: argparse.Namespace, *names: str) -> None:
 
 
 def open_dataset_from(args: argparse.Namespace):
-    from wsss_fast.data.base import open_dataset
+    from wsss_fast.data.factory import open_dataset
     if not os.path.isdir(args.data):
         raise UsageError(f"--data {args.data}: not a folder")
     return open_dataset(args.dataset, args.data, split=args.split, labels=args.labels,

@@ -94,7 +94,7 @@ def _build_engine(args, dataset, device):
         overrides["flip"] = False
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     if args.method == "lpcam":
-        from wsss_fast.cams.lpcam import LpcamEngine
+        from wsss_fast.engine.lpcam import LpcamEngine
         return LpcamEngine(model, _lpcam_prototypes(args, dataset), device=device, dtype=dtype,
                            **overrides)
     return CamEngine(model, args.preset or model_preset(args.model), device=device, dtype=dtype,
@@ -103,7 +103,7 @@ def _build_engine(args, dataset, device):
 
 def _lpcam_prototypes(args, dataset):
     """The --prototypes of --method lpcam, checked against --checkpoint and the classes."""
-    from wsss_fast.cams.lpcam import Prototypes
+    from wsss_fast.engine.lpcam import Prototypes
     from wsss_fast.io.run_state import file_digest
     if args.prototypes is None:
         raise UsageError("--method lpcam needs --prototypes FILE (see wsss-fast prototypes)")
@@ -183,7 +183,7 @@ def _extract_batch(engine, batch, writer, state) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsss_fast.data.base import image_loader
+    from wsss_fast.data.loader import image_loader
     from wsss_fast.distributed import close, init_ranks, shard
     from wsss_fast.io.cam_files import load_cam_file
     from wsss_fast.io.run_state import RunState

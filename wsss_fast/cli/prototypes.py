@@ -23,7 +23,7 @@ from wsss_fast.cli.common import (UsageError, add_dataset_arguments, add_runtime
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from wsss_fast.cams.lpcam import CLASS_FALLBACKS, LPCAM_SETTINGS
+    from wsss_fast.engine.lpcam import CLASS_FALLBACKS, LPCAM_SETTINGS
     add_dataset_arguments(parser)
     group = parser.add_argument_group("model")
     group.add_argument("--model", help="registered IRN CAM model (resnet50_cam, resnet_cam_tiny)")
@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_settings(args: argparse.Namespace, dataset_name: str):
     """The LPCAM settings of ``--settings`` with the options given on the command line."""
-    from wsss_fast.cams.lpcam import LPCAM_SETTINGS
+    from wsss_fast.engine.lpcam import LPCAM_SETTINGS
     base = args.settings if args.settings != "auto" else (
         "coco" if dataset_name == "coco" else "voc")
     overrides = {name: getattr(args, name) for name in (
@@ -69,7 +69,7 @@ def resolve_settings(args: argparse.Namespace, dataset_name: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsss_fast.cams.lpcam import build_prototypes
+    from wsss_fast.engine.lpcam import build_prototypes
     from wsss_fast.cli.extract import parse_model_args
     from wsss_fast.distributed import resolve_device
     from wsss_fast.io.run_state import file_digest
