@@ -98,7 +98,7 @@ def test_extract_writes_valid_cams_and_resumes_without_redoing(voc, checkpoint, 
             assert (out / "overlays" / f"{item}_{CLASSES[k]}.png").exists()
     manifest = _read_manifest(out)
     assert manifest["counts"]["done"] == len(ids) and manifest["counts"]["skipped"] == 0
-    assert manifest["config"]["preset"]["name"] == "mctformer-v2"
+    assert manifest["config"]["preset"]["name"] == "mctformer_v2"
     stamps = {p: p.stat().st_mtime_ns for p in (out / "cams").iterdir()}
     assert main(_extract_args(root, checkpoint, out, "--overlays")) == 0
     assert _read_manifest(out)["counts"]["already_done"] == len(ids)

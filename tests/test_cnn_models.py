@@ -1,5 +1,5 @@
 """IRN's ResNet-50 CAM classifier and EDAM: checkpoint layouts, strides, CAM definitions, the
-"irn-cam" / "edam" presets against restatements of IRN ``step/make_cam.py`` and EDAM
+"irn_cam" / "edam" presets against restatements of IRN ``step/make_cam.py`` and EDAM
 ``infer_cls.py``, the DA layer and CMA against upstream's code path, and the training losses
 (reference/cnn_methods_postprocessing.md §1.1, §2)."""
 
@@ -153,7 +153,7 @@ def test_irn_cam_preset_stride4_cam_matches_irn_make_cam(irn_model, gen, size):
     image = PIL.Image.fromarray(random_image(gen, size[1], size[0]))
     labels = [1, 0, 1, 0, 0, 1]
     valid, expected_cam, expected_high = irn_make_cam(irn_model, image, labels)
-    result = CamEngine(irn_model, "irn-cam")(image, labels)
+    result = CamEngine(irn_model, "irn_cam")(image, labels)
     assert result.keys.tolist() == valid.tolist()
     assert_rel_close(result.low_res[valid], expected_cam, rtol=1e-5, what="cam")
     if size[0] % 16 == 0 and size[1] % 16 == 0:  # no crop: the two resize orders coincide
@@ -164,7 +164,7 @@ def test_irn_cam_preset_high_res_matches_irn_make_cam_at_any_size(irn_model, gen
     image = PIL.Image.fromarray(random_image(gen, 75, 101))
     labels = [1, 0, 1, 0, 0, 1]
     valid, _, expected_high = irn_make_cam(irn_model, image, labels)
-    result = CamEngine(irn_model, "irn-cam")(image, labels)
+    result = CamEngine(irn_model, "irn_cam")(image, labels)
     assert_rel_close(result.high_res[valid], expected_high, rtol=1e-5, what="high_res")
 
 
@@ -499,10 +499,12 @@ def test_losses_reject_mismatched_batches(build, loss_fn):
 
 def test_methods_are_registered_with_their_models_and_presets():
     from wsss_fast.models.registry import model_preset
+    from wsss_fast.registry import canonical_name
     from wsss_fast.train import get_method
 
-    for name, model, preset in (("irn_cam", "resnet_cam_tiny", "irn-cam"),
+    for name, model, preset in (("irn_cam", "resnet_cam_tiny", "irn_cam"),
                                 ("edam", "edam_tiny", "edam")):
         method = get_method(name)
-        assert (method.model, method.preset, method.checkpoint_format) == (model, preset, "plain")
+        assert (method.model, canonical_name(method.preset), method.checkpoint_format) == (
+            model, preset, "plain")
         assert model_preset(model) == preset

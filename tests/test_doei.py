@@ -243,7 +243,7 @@ def test_state_dict_and_registry_are_mctformer_compatible(gen, tmp_path):
 
 def test_cam_engine_runs_doei_preset(gen):
     model = tiny_mctformer(gen, classes=3)
-    engine = CamEngine(DOEI(model), "mctformer-v2-doei")
+    engine = CamEngine(DOEI(model), "mctformer_v2_doei")
     image = (torch.rand(70, 90, 3, generator=gen) * 255).to(torch.uint8).numpy()
     result = engine(image, [1, 0, 1])
     assert result.high_res.shape == (3, 70, 90)

@@ -1,35 +1,37 @@
 """TransCAM (Conformer) against the official generator's golden outputs, and the fused CAM path
 against an eager, attention-materializing computation.
 
-Golden: ../shared/golden/transcam (beside the checkout) (liruiwen/TransCAM @4ffe693, ``infer_TransCAM.py --method
+Golden: tests/data/golden/transcam (liruiwen/TransCAM @4ffe693, ``infer_TransCAM.py --method
 transcam`` with a tiny random-weight ``network.conformer.Net``); see its README.
 """
 
-import os
 
 import numpy as np
 import pytest
 import torch
 
+from tests.golden import golden_path
 from tests.helpers import assert_rel_close
-from wsss_fast.models import CheckpointMismatch, load_checkpoint
 from wsss_fast.engine import CamEngine
+from wsss_fast.models import CheckpointMismatch, load_checkpoint
 from wsss_fast.models.conformer import Conformer, transcam_golden_tiny, transcam_small
 from wsss_fast.ops import cpu_extension_available, multiscale_merge
 
-GOLDEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden")
-WEIGHTS = os.path.join(GOLDEN, "transcam", "weights_tiny.pth")
 NAMES = ("2008_000101", "2008_000102", "2008_000103")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-needs_golden = pytest.mark.skipif(not os.path.exists(WEIGHTS), reason="golden data not present")
+
+def golden_weights() -> str:
+    return golden_path("transcam", "weights_tiny.pth")
+
+
 FACES = ["reference"] + (["cpu"] if cpu_extension_available() else [])
 
 
 @pytest.fixture(scope="module")
 def golden_model():
     model = transcam_golden_tiny()
-    load_checkpoint(model, WEIGHTS, strict=True)
+    load_checkpoint(model, golden_weights(), strict=True)
     return model.eval()
 
 
@@ -65,9 +67,8 @@ def _generate_transcam(model, path, label):
     return {int(i): merged[i].numpy() for i in np.nonzero(label > 1e-5)[0]}
 
 
-@needs_golden
 def test_state_dict_matches_official_keys():
-    official = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+    official = torch.load(golden_weights(), map_location="cpu", weights_only=True)
     ours = transcam_golden_tiny().state_dict()
     assert len(official) == 364
     assert list(ours) == list(official)
@@ -79,15 +80,14 @@ def test_state_dict_matches_official_keys():
     assert "conv_trans_12.fusion_block.residual_conv.weight" in small
 
 
-@needs_golden
 @pytest.mark.parametrize("name", NAMES)
 def test_golden_transcam_cams(golden_model, name):
-    labels = np.load(os.path.join(GOLDEN, "images", "labels.npy"), allow_pickle=True).item()
+    labels = np.load(golden_path("images", "labels.npy"), allow_pickle=True).item()
     label = labels[name].astype(np.float32)
-    official = np.load(os.path.join(GOLDEN, "transcam", "official_cam", name + ".npy"),
+    official = np.load(golden_path("transcam", "official_cam", name + ".npy"),
                        allow_pickle=True).item()
     ours = _generate_transcam(golden_model,
-                              os.path.join(GOLDEN, "images", "JPEGImages", name + ".jpg"), label)
+                              golden_path("images", "JPEGImages", name + ".jpg"), label)
     assert set(official) == set(int(i) for i in np.nonzero(label)[0]) == set(ours)
     for cls, expected in official.items():
         assert ours[cls].shape == expected.shape, (name, cls)
@@ -193,9 +193,8 @@ def test_unsupported_size_raises():
     assert model.token_grid(253, 256) == (16, 16)
 
 
-@needs_golden
 def test_checkpoint_mismatch_names_the_key():
-    state = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+    state = torch.load(golden_weights(), map_location="cpu", weights_only=True)
     missing = dict(state)
     del missing["conv_trans_4.squeeze_block.ln.weight"]
     with pytest.raises(CheckpointMismatch, match=r"conv_trans_4\.squeeze_block\.ln\.weight"):
@@ -213,15 +212,14 @@ def test_checkpoint_mismatch_names_the_key():
         load_checkpoint(transcam_golden_tiny(), transcam_small().state_dict())
 
 
-@needs_golden
 def test_engine_transcam_preset_reproduces_golden(golden_model):
     """The same generator through CamEngine's "transcam" preset (square 256/512/768 + flips)."""
-    labels = np.load(os.path.join(GOLDEN, "images", "labels.npy"), allow_pickle=True).item()
+    labels = np.load(golden_path("images", "labels.npy"), allow_pickle=True).item()
     engine = CamEngine(golden_model, "transcam")
     for name in NAMES:
-        ours = engine(os.path.join(GOLDEN, "images", "JPEGImages", name + ".jpg"),
+        ours = engine(golden_path("images", "JPEGImages", name + ".jpg"),
                       labels[name]).as_dict()
-        official = np.load(os.path.join(GOLDEN, "transcam", "official_cam", name + ".npy"),
+        official = np.load(golden_path("transcam", "official_cam", name + ".npy"),
                            allow_pickle=True).item()
         assert sorted(ours) == sorted(official)
         for cls, expected in official.items():

@@ -1,40 +1,38 @@
 """MCTformer-V1/V2: the engine against (a) the official generators' saved outputs in
-../shared/golden and (b) an eager re-implementation of the upstream forward and generator with the
+tests/data/golden and (b) an eager re-implementation of the upstream forward and generator with the
 same random weights; checkpoint loading by upstream key names."""
 
-import os
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 
+from tests.golden import golden_path
 from tests.oracles import upstream_mctformer
 from wsss_fast.engine import CamEngine
 from wsss_fast.models import CheckpointMismatch, load_checkpoint
 from wsss_fast.models.mctformer import (global_ranking_pool, mctformer_plus, mctformer_v1,
                                         mctformer_v2)
 
-GOLDEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden")
 FACTORIES = {"v1": mctformer_v1, "v2": mctformer_v2, "plus": mctformer_plus}
-PRESET = {"v1": "mctformer-v1", "v2": "mctformer-v2", "plus": "mctformer-plus"}
+PRESET = {"v1": "mctformer_v1", "v2": "mctformer_v2", "plus": "mctformer_plus"}
 UPSTREAM_LAYERS = {"v1": 3, "v2": 3, "plus": 12}  # --layer-index of each generator
 TINY = dict(embed_dim=64, depth=4, num_heads=2)
 
 
 def golden_model(version):
     model = FACTORIES[version](**TINY).eval()
-    return load_checkpoint(model, os.path.join(GOLDEN, "mctformer", f"weights_{version}_tiny.pth"))
+    return load_checkpoint(model, golden_path("mctformer", f"weights_{version}_tiny.pth"))
 
 
-@pytest.mark.skipif(not os.path.isdir(GOLDEN), reason="../shared/golden is not beside the checkout")
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_engine_reproduces_the_official_generator_outputs(version):
-    labels = np.load(os.path.join(GOLDEN, "images", "labels.npy"), allow_pickle=True).item()
-    engine = CamEngine(golden_model(version), f"mctformer-{version}", scales=(1.0, 0.75, 1.25))
+    labels = np.load(golden_path("images", "labels.npy"), allow_pickle=True).item()
+    engine = CamEngine(golden_model(version), f"mctformer_{version}", scales=(1.0, 0.75, 1.25))
     for name, label in sorted(labels.items()):
-        ours = engine(os.path.join(GOLDEN, "images", "JPEGImages", f"{name}.jpg"), label).as_dict()
-        official = np.load(os.path.join(GOLDEN, "mctformer", f"official_{version}", f"{name}.npy"),
+        ours = engine(golden_path("images", "JPEGImages", f"{name}.jpg"), label).as_dict()
+        official = np.load(golden_path("mctformer", f"official_{version}", f"{name}.npy"),
                            allow_pickle=True).item()
         assert sorted(ours) == sorted(official) == list(np.nonzero(label)[0])
         for k, expected in official.items():
@@ -138,7 +136,7 @@ def test_checkpoint_formats_and_mismatch_errors(tmp_path):
 
 
 def test_engine_rejects_bad_labels_and_images():
-    engine = CamEngine(random_model("v1", seed=0), "mctformer-v1")
+    engine = CamEngine(random_model("v1", seed=0), "mctformer_v1")
     with pytest.raises(ValueError, match="20 entries"):
         engine(random_image(64, 64, 0), np.ones(21))
     with pytest.raises(ValueError, match="H×W×3 uint8"):
@@ -160,11 +158,11 @@ def test_streaming_affinity_equals_dense(version):
 def test_engine_memory_cap_switches_to_streaming_with_the_same_cams():
     model = random_model("v2", seed=6)
     image, label = random_image(200, 260, 0), np.eye(20, dtype=np.float32)[4]
-    uncapped = CamEngine(model, "mctformer-v2", scales=(1.0, 0.5))(image, label)
+    uncapped = CamEngine(model, "mctformer_v2", scales=(1.0, 0.5))(image, label)
     calls = []
     original = model.cam_maps
     model.cam_maps = lambda x, **kw: calls.append(kw["affinity"]) or original(x, **kw)
-    capped = CamEngine(model, "mctformer-v2", scales=(1.0, 0.5), max_affinity_mib=0.1)(image, label)
+    capped = CamEngine(model, "mctformer_v2", scales=(1.0, 0.5), max_affinity_mib=0.1)(image, label)
     assert calls == ["streaming", "dense"]  # 2×192² fp32 > 0.1 MiB; 2×48² fp32 is not
     torch.testing.assert_close(capped.high_res, uncapped.high_res, rtol=0, atol=1e-4)
 
@@ -172,8 +170,8 @@ def test_engine_memory_cap_switches_to_streaming_with_the_same_cams():
 def test_engine_bf16_autocast_stays_close_to_fp32():
     model = random_model("v2", seed=7)
     image, label = random_image(160, 224, 0), np.eye(20, dtype=np.float32)[[1, 9]].sum(0)
-    fp32 = CamEngine(model, "mctformer-v2")(image, label).high_res
-    bf16 = CamEngine(model, "mctformer-v2", dtype=torch.bfloat16)(image, label).high_res
+    fp32 = CamEngine(model, "mctformer_v2")(image, label).high_res
+    bf16 = CamEngine(model, "mctformer_v2", dtype=torch.bfloat16)(image, label).high_res
     assert bf16.dtype == torch.float32
     for k in (1, 9):
         diff = (bf16[k] - fp32[k]).abs()
@@ -218,7 +216,7 @@ def test_engine_batches_images_of_one_size_with_the_same_results():
     model = random_model("v2", seed=8)
     images = [random_image(120, 176, 0), random_image(96, 96, 1), random_image(120, 176, 2)]
     labels = [np.eye(20, dtype=np.float32)[i] for i in (1, 5, 9)]
-    engine = CamEngine(model, "mctformer-v2", scales=(1.0, 0.5))
+    engine = CamEngine(model, "mctformer_v2", scales=(1.0, 0.5))
     calls = []
     original = model.cam_maps
     model.cam_maps = lambda x, **kw: calls.append(x.shape[0]) or original(x, **kw)

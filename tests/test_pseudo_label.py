@@ -2,16 +2,16 @@
 independent re-statement given the same CRF outputs, and the official TransCAM CRF seeds
 reproduced pixel for pixel.
 
-Golden: ../shared/golden/transcam (beside the checkout): official_cam/<name>.npy (dicts
+Golden: tests/data/golden/transcam: official_cam/<name>.npy (dicts
 {class: H×W float32}) and official_crf_0.60 / official_crf_0.25 (label PNGs) of liruiwen/TransCAM
 @4ffe693 ``infer_TransCAM.py``; see its README.
 """
 
-import os
 
 import numpy as np
 import pytest
 
+from tests.golden import golden_path
 from tests.test_crf import two_region_image
 from wsss_fast.postprocess import crf as crf_module
 from wsss_fast.postprocess.pseudo_label import (
@@ -23,11 +23,7 @@ from wsss_fast.postprocess.pseudo_label import (
     power_background_crf,
 )
 
-GOLDEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden")
-TRANSCAM = os.path.join(GOLDEN, "transcam")
 NAMES = ("2008_000101", "2008_000102", "2008_000103")
-needs_golden = pytest.mark.skipif(not os.path.isdir(os.path.join(TRANSCAM, "official_crf_0.60")),
-                                  reason="golden data not present")
 
 
 # --- constant background ------------------------------------------------------------------------
@@ -165,19 +161,18 @@ def test_confident_thresholds_table():
 
 # --- TransCAM CRF seeds -------------------------------------------------------------------------
 
-@needs_golden
 @pytest.mark.parametrize("threshold", [0.60, 0.25])
 @pytest.mark.parametrize("name", NAMES)
 def test_crf_seed_reproduces_the_official_transcam_seeds(name, threshold):
     from PIL import Image
 
-    cam_dict = np.load(os.path.join(TRANSCAM, "official_cam", name + ".npy"),
+    cam_dict = np.load(golden_path("transcam", "official_cam", name + ".npy"),
                        allow_pickle=True).item()
     keys = np.array(list(cam_dict.keys()))
     cams = np.stack(list(cam_dict.values()))
-    image = np.asarray(Image.open(os.path.join(GOLDEN, "images", "JPEGImages", name + ".jpg"))
+    image = np.asarray(Image.open(golden_path("images", "JPEGImages", name + ".jpg"))
                        .convert("RGB"))
-    golden = np.asarray(Image.open(os.path.join(TRANSCAM, f"official_crf_{threshold:.2f}",
+    golden = np.asarray(Image.open(golden_path("transcam", f"official_crf_{threshold:.2f}",
                                                 name + ".png")))
     seed = crf_seed(image, cams, keys, threshold)
     assert seed.dtype == np.uint8 and seed.shape == golden.shape

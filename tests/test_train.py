@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import wsss_fast  # noqa: F401
+from tests.golden import golden_path
 from tests.helpers import assert_rel_close
 from wsss_fast.cli import main as cli_main
 from wsss_fast.data import open_dataset
@@ -27,8 +28,6 @@ from wsss_fast.train import losses
 from wsss_fast.train.data import Augmentation, TrainingImages, augment, epoch_loader
 from wsss_fast.train.trainer import learning_rate, parameter_groups
 
-GOLDEN = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "shared", "golden")
-GOLDEN = os.environ.get("WSSS_FAST_GOLDEN", os.path.abspath(GOLDEN))
 VIT_METHODS = ("mctformer_v1", "mctformer_v2", "mctformer_plus", "mctformer_v2_doei",
                "transcam", "bnr", "token_cam")
 FAST = dict(batch_size=4, crop=64, workers=0, progress=False)
@@ -343,7 +342,7 @@ def test_checkpoint_formats_load_upstream_style(tiny_root, tmp_path):
     path = train("mctformer_v2", tiny_root, tmp_path / "v2", max_steps=1, **FAST)
     saved = read_weights(path)
     assert set(saved) == {"model"}
-    golden = read_weights(os.path.join(GOLDEN, "mctformer", "weights_v2_tiny.pth"))["model"]
+    golden = read_weights(golden_path("mctformer", "weights_v2_tiny.pth"))["model"]
     assert set(saved["model"]) == set(golden)     # the official MCTformerV2 key set (depth 4)
     by_name = create_model("mctformer_v2_tiny", num_classes=8, checkpoint=path)
     by_architecture = create_model("mctformer_v2", num_classes=8, checkpoint=path)
@@ -353,7 +352,7 @@ def test_checkpoint_formats_load_upstream_style(tiny_root, tmp_path):
 
     path = train("transcam", tiny_root, tmp_path / "transcam", max_steps=1, **FAST)
     saved = read_weights(path)
-    golden = read_weights(os.path.join(GOLDEN, "transcam", "weights_tiny.pth"))
+    golden = read_weights(golden_path("transcam", "weights_tiny.pth"))
     assert set(saved) == set(golden)              # the official Net key set (depth 6), plain
     model = create_model("transcam", num_classes=8, checkpoint=path)
     assert_same_weights(model.state_dict(), saved)

@@ -1,5 +1,5 @@
 """Plain ViT CAMs: timm checkpoint compatibility, class-token attention against materialized
-attention, and the token-cam preset against an eager re-implementation of ToCo's multi-scale CAM
+attention, and the token_cam preset against an eager re-implementation of ToCo's multi-scale CAM
 (reference/vit_methods.md §5.2)."""
 
 import numpy as np
@@ -76,7 +76,7 @@ def test_token_cam_preset_matches_toco(timm_and_ours):
     scales = (1.0, 0.5, 1.5)
     normalized = to_normalized_tensor(PIL.Image.fromarray(image), IMAGENET_MEAN, IMAGENET_STD)
     expected = toco_multi_scale_cam(ours, normalized[None], scales)[0]
-    got = CamEngine(ours, "token-cam", scales=scales)(image).high_res
+    got = CamEngine(ours, "token_cam", scales=scales)(image).high_res
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 

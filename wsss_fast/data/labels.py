@@ -1,4 +1,4 @@
-"""Image-level label files (``.npy`` / ``.csv`` / ``.json``) and matching their keys onto dataset ids.
+"""Image-level label files (``.npy``, ``.csv``, ``.json``) and matching their keys onto ids.
 
 Class indices are 0-based over the foreground classes; labels are float32 multi-hot vectors over
 them (nonzero entries in a labels file count as present).

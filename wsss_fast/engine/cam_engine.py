@@ -62,12 +62,12 @@ def to_normalized_tensor(image: PIL.Image.Image, mean, std) -> torch.Tensor:
 class CamEngine:
     """CAMs of a model under a preset.
 
-    >>> engine = CamEngine(model, "mctformer-v2", scales=(1.0, 0.75, 1.25))
+    >>> engine = CamEngine(model, "mctformer_v2", scales=(1.0, 0.75, 1.25))
     >>> result = engine("2008_000101.jpg", labels)     # labels: (K,) multi-hot
     >>> result.as_dict()                                # {class: H×W}
     """
 
-    def __init__(self, model: torch.nn.Module, preset: Union[str, Preset] = "mctformer-v2", *,
+    def __init__(self, model: torch.nn.Module, preset: Union[str, Preset] = "mctformer_v2", *,
                  device: Union[str, torch.device, None] = None,
                  dtype: Optional[torch.dtype] = None,
                  max_affinity_mib: Optional[float] = None, **overrides):

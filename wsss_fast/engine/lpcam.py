@@ -3,7 +3,7 @@ prototype heatmaps that replace its CAMs (DESIGN §5.4; reference/cnn_methods_po
 
 1. **Feature bank** (§1.2): for every image of the bank split, the classifier's layer4 features
    at scale 1.0 (no flip) and its ordinary IRN CAMs (from CAM files, or computed with the
-   "irn-cam" preset). Per class ``c`` of the image, the CAM ``high_res[c]`` is resized to the
+   "irn_cam" preset). Per class ``c`` of the image, the CAM ``high_res[c]`` is resized to the
    feature grid (nearest) and splits the pixels into *selected* (``cam > select_thres``) and *not
    selected* (``cam < select_thres``; equal pixels are dropped). Class ``c`` pools these over the
    images labelled ``c`` (VOC: all of them; COCO: ``images_per_class`` draws with replacement,
@@ -267,14 +267,14 @@ def build_prototypes(model: torch.nn.Module, dataset, *, ids: Optional[Sequence[
     bias-free ``classifier``) from the images ``ids`` of ``dataset`` (default: all).
 
     ``cams``: a folder of IRN CAM files ``<id>.npy`` to select pixels with (upstream's
-    ``cam_mask/``); default: computed here with the "irn-cam" preset (4 scales × flip).
+    ``cam_mask/``); default: computed here with the "irn_cam" preset (4 scales × flip).
     Images that cannot be read or lack a CAM file are left out of the bank and listed in the
     result's ``settings["skipped"]``.
     """
     from wsss_fast.data.loader import image_loader
     from wsss_fast.io.cam_files import CamFileError, load_cam_file
 
-    engine = CamEngine(model, "irn-cam", device=device)
+    engine = CamEngine(model, "irn_cam", device=device)
     device, model = engine.device, engine.model
     ids = list(dataset.ids if ids is None else ids)
     members = class_members(dataset, ids, settings)

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss_fast import ops
+from wsss_fast.models.registry import ModelEntry, count_blocks, register_model
 from wsss_fast.models.vit_blocks import Block
 
 __all__ = ["Conformer", "transcam_small", "transcam_golden_tiny"]
@@ -328,6 +329,37 @@ def transcam_small(num_classes: int = 21) -> Conformer:
 
 
 def transcam_golden_tiny() -> Conformer:
-    """The configuration of ``shared/golden/transcam/weights_tiny.pth`` (the test oracle)."""
+    """The configuration of ``tests/data/golden/transcam/weights_tiny.pth`` (the test oracle)."""
     return Conformer(patch_size=16, num_classes=21, base_channel=64, channel_ratio=1,
                      embed_dim=64, depth=6, num_heads=2, mlp_ratio=4, qkv_bias=True)
+
+
+# ----------------------------------------------------------------------------- registry
+
+def config_from_state(state: dict) -> dict:
+    config = {}
+    if "trans_cls_head.weight" in state:
+        config["num_classes"], config["embed_dim"] = state["trans_cls_head.weight"].shape
+        config["num_heads"] = max(1, config["embed_dim"] // 64)
+        # Blocks are trans_1 and conv_trans_2 .. conv_trans_<depth>.
+        config["depth"] = max(count_blocks(state, "conv_trans_") - 1, 1)
+    if "conv_1.conv1.weight" in state:
+        # conv_1 is a bottleneck to c1 = base_channel·channel_ratio channels, 4× expansion.
+        config["channel_ratio"] = 4 * state["conv_1.conv1.weight"].shape[0] / 64
+    return config
+
+
+# base_channel stays 64: config_from_state reads channel_ratio from checkpoints assuming it.
+SMALL_CONFORMER = dict(patch_size=16, base_channel=64, channel_ratio=0.5, embed_dim=128, depth=6,
+                       num_heads=2, mlp_ratio=4.0)
+
+register_model("transcam", ModelEntry(Conformer, "transcam", background_slot=True,
+                                      config_from_state=config_from_state,
+                                      defaults=dict(patch_size=16, base_channel=64,
+                                                    channel_ratio=4, embed_dim=384, depth=12,
+                                                    num_heads=6),
+                                      description="TransCAM / BNR (Conformer-S)"))
+register_model("transcam_tiny", ModelEntry(Conformer, "transcam", background_slot=True,
+                                           config_from_state=config_from_state,
+                                           defaults=dict(SMALL_CONFORMER),
+                                           description="small TransCAM / BNR Conformer"))

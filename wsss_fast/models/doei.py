@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss_fast import ops
-from wsss_fast.models.mctformer import MCTformer, mctformer_v2
+from wsss_fast.models.mctformer import SMALL_VIT, MCTformer, config_from_state, mctformer_v2
+from wsss_fast.models.registry import ModelEntry, register_model
 from wsss_fast.ops.attention_stats import block_weights
 
 DEFAULT_BLOCKS = 4
@@ -111,7 +112,7 @@ class DOEI(nn.Module):
     MCTformer checkpoints.
 
     >>> doei = DOEI(model, blocks=4, lambda_e=0.5, lambda_c=0.5, gamma_max=2.0, beta=0.5)
-    >>> CamEngine(doei, "mctformer-v2-doei")(image, labels)     # or doei(x) to train
+    >>> CamEngine(doei, "mctformer_v2_doei")(image, labels)     # or doei(x) to train
 
     Args:
         blocks: an int K (the last K blocks), ``"all"``, or block indices (negative from the end).
@@ -222,3 +223,14 @@ def doei_mctformer_v2(num_classes: int = 20, *, blocks=DEFAULT_BLOCKS, lambda_e:
     """MCTformer-V2 (``mctformer_v2`` arguments) with DOEI (the registry's builder)."""
     return DOEI(mctformer_v2(num_classes=num_classes, **kwargs), blocks=blocks,
                 lambda_e=lambda_e, lambda_c=lambda_c, gamma_max=gamma_max, beta=beta)
+
+
+register_model("mctformer_v2_doei", ModelEntry(doei_mctformer_v2, "mctformer_v2_doei",
+                                               config_from_state=config_from_state,
+                                               description="MCTformer-V2 + DOEI (DeiT-S)"))
+# DOEI in the last third of the blocks, as its default 4 of DeiT-S's 12.
+register_model("mctformer_v2_doei_tiny", ModelEntry(doei_mctformer_v2, "mctformer_v2_doei",
+                                                    config_from_state=config_from_state,
+                                                    defaults=dict(SMALL_VIT, blocks=2),
+                                                    description="small mctformer_v2_doei for "
+                                                                "CPU training"))

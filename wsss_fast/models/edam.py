@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsss_fast.models.registry import ModelEntry, register_model
+
 SEGMENTS = 5  # rows of upstream's segment-embedding table (only rows 0 and 1 are used)
 
 
@@ -345,3 +347,9 @@ def edam_tiny(num_classes: int = 20, **kwargs) -> Edam:
     32, trained from scratch on CPU."""
     config = dict(width=8, blocks=(1, 1, 1, 1), hidden=32, heads=2, ffn=128, finetune=False)
     return Edam(num_classes=num_classes, **{**config, **kwargs})
+
+
+register_model("edam", ModelEntry(edam, "edam", config_from_state=config_from_state,
+                                  description="EDAM (ResNet-38 + DA layer + CMA)"))
+register_model("edam_tiny", ModelEntry(edam_tiny, "edam", config_from_state=config_from_state,
+                                       description="tiny EDAM for CPU training"))

@@ -15,6 +15,7 @@ attention map is kept), V2 fuses PatchCAM through ``class_patch_reweight``, and 
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss_fast import ops
+from wsss_fast.models.registry import ModelEntry, count_blocks, register_model
 from wsss_fast.models.vit_blocks import Block
 
 ATTENTION_TYPES = ("fused", "patchcam", "mct")
@@ -220,3 +222,50 @@ def mctformer_v2(num_classes: int = 20, **kwargs) -> MCTformer:
 def mctformer_plus(num_classes: int = 20, img_size: int = 448, **kwargs) -> MCTformer:
     """``deit_small_MCTformerPlus`` (448 training input: a 28×28 patch position embedding)."""
     return _mctformer("plus", num_classes=num_classes, img_size=img_size, **kwargs)
+
+
+# ----------------------------------------------------------------------------- registry
+
+def vit_config(state: dict, class_tokens: Optional[int]) -> dict:
+    """embed_dim, depth, num_classes and img_size of a DeiT-style checkpoint (``class_tokens``
+    None: one class token per class, as MCTformer)."""
+    config = {}
+    if "cls_token" in state:
+        embed_dim = state["cls_token"].shape[-1]
+        config.update(embed_dim=embed_dim, num_heads=max(1, embed_dim // 64),
+                      depth=count_blocks(state, "blocks."))
+        if "blocks.0.mlp.fc1.weight" in state:
+            config["mlp_ratio"] = state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
+        config["qkv_bias"] = "blocks.0.attn.qkv.bias" in state
+        patch = state.get("patch_embed.proj.weight")
+        if patch is not None:
+            config["patch_size"] = patch.shape[-1]
+        prefix = class_tokens if class_tokens is not None else state["cls_token"].shape[1]
+        if class_tokens is None:
+            config["num_classes"] = prefix
+        for key, skip in (("pos_embed_pat", 0), ("pos_embed", prefix)):
+            if key in state and (key == "pos_embed_pat" or "pos_embed_pat" not in state):
+                grid = math.isqrt(state[key].shape[1] - skip)
+                config["img_size"] = grid * config.get("patch_size", 16)
+                break
+    return config
+
+
+def config_from_state(state: dict) -> dict:
+    return vit_config(state, class_tokens=None)
+
+
+# Small ViT-family configurations for training on the synthetic benchmark on a CPU (DESIGN §9):
+# heads = embed_dim // 64 so that checkpoints reload with no architecture arguments.
+SMALL_VIT = dict(patch_size=16, embed_dim=128, depth=4, num_heads=2, mlp_ratio=4.0, img_size=128)
+
+for _name, _builder, _description in (
+        ("mctformer_v1", mctformer_v1, "MCTformer-V1 (DeiT-S, C class tokens)"),
+        ("mctformer_v2", mctformer_v2, "MCTformer-V2 (+ PatchCAM head)"),
+        ("mctformer_plus", mctformer_plus, "MCTformer+ (GRP, 448 training)")):
+    register_model(_name, ModelEntry(_builder, _name, config_from_state=config_from_state,
+                                     description=_description))
+    register_model(f"{_name}_tiny", ModelEntry(_builder, _name,
+                                               config_from_state=config_from_state,
+                                               defaults=dict(SMALL_VIT),
+                                               description=f"small {_name} for CPU training"))

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsss_fast.models.registry import ModelEntry, register_model
+
 
 class Bottleneck(nn.Module):
     """torchvision's ResNet-50 v1.5 bottleneck (stride on the 3×3 conv), with its key names."""
@@ -162,3 +164,11 @@ def resnet_cam_tiny(num_classes: int = 20, **kwargs) -> ResNetCam:
     """One bottleneck per layer, width 16 (512 feature channels), trained from scratch on CPU."""
     config = dict(layers=(1, 1, 1, 1), width=16, finetune=False)
     return ResNetCam(num_classes=num_classes, **{**config, **kwargs})
+
+
+register_model("resnet50_cam", ModelEntry(resnet50_cam, "irn_cam",
+                                          config_from_state=config_from_state,
+                                          description="IRN / LPCAM ResNet-50 CAM (OS 16)"))
+register_model("resnet_cam_tiny", ModelEntry(resnet_cam_tiny, "irn_cam",
+                                             config_from_state=config_from_state,
+                                             description="tiny ResNet CAM for CPU training"))

@@ -19,7 +19,8 @@ from torch import nn
 
 from wsss_fast import ops
 from wsss_fast.models.checkpoint import load_checkpoint, read_state_dict
-from wsss_fast.models.mctformer import PatchEmbed
+from wsss_fast.models.mctformer import SMALL_VIT, PatchEmbed, vit_config
+from wsss_fast.models.registry import ModelEntry, register_model
 from wsss_fast.models.vit_blocks import Block
 
 CAM_KINDS = ("token", "cls_attention")
@@ -112,3 +113,18 @@ class ViTCam(nn.Module):
                                             device=x.device)
         self.forward_features(x, stats)
         return stats.cls_row.reshape(b, 1, h0, w0)
+
+
+def config_from_state(state: dict) -> dict:
+    config = vit_config(state, class_tokens=1)
+    if "classifier.weight" in state:
+        config["num_classes"] = state["classifier.weight"].shape[0]
+    return config
+
+
+register_model("token_cam", ModelEntry(ViTCam, "token_cam", config_from_state=config_from_state,
+                                       description="ViT token CAM (1×1 classifier, ToCo)"))
+register_model("token_cam_tiny", ModelEntry(ViTCam, "token_cam",
+                                            config_from_state=config_from_state,
+                                            defaults=dict(SMALL_VIT),
+                                            description="small token_cam for CPU training"))
