@@ -14,9 +14,13 @@ HEADER = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.ab
 _DEFINE = re.compile(r"^\s*#\s*define\s+WSSS_FAST_([A-Z0-9_]+)\s+\(?(-?\d+)\)?\s*(?:/[/*].*)?$")
 
 
+def constants() -> dict[str, int]:
+    """``{NAME: value}`` of every ``#define WSSS_FAST_<NAME> <integer>`` in ``HEADER``."""
+    return _read(HEADER)
+
+
 @functools.lru_cache(maxsize=None)
-def constants(path: str = HEADER) -> dict[str, int]:
-    """``{NAME: value}`` of every ``#define WSSS_FAST_<NAME> <integer>`` in ``path``."""
+def _read(path: str) -> dict[str, int]:
     try:
         with open(path, encoding="utf-8") as header:
             lines = header.read().splitlines()

@@ -103,17 +103,20 @@ def _device_of(args: Iterable) -> torch.device:
     raise ValueError("an op needs at least one tensor argument to pick a face")
 
 
+def _check_faces(name: str, faces: Sequence[Face]) -> None:
+    kinds = [face.kind for face in faces]
+    if len(set(kinds)) != len(kinds) or "reference" not in kinds:
+        raise ValueError(f"{name}: faces must be distinct kinds including 'reference', got {kinds}")
+
+
 class Op:
     """A defined op: call it like the signature function; ``faces`` maps kind to ``Face``."""
 
-    def __init__(self, name: str, faces: Sequence[Face], custom_op, signature: Callable):
-        kinds = [face.kind for face in faces]
-        if len(set(kinds)) != len(kinds) or "reference" not in kinds:
-            raise ValueError(f"{name}: faces must be distinct kinds including 'reference', "
-                             f"got {kinds}")
+    def __init__(self, name: str, faces: Sequence[Face], signature: Callable):
+        _check_faces(name, faces)
         self.name = name
         self.faces = {face.kind: face for face in faces}
-        self.custom_op = custom_op
+        self.custom_op = None  # set by define_op once registered
         functools.update_wrapper(self, signature)
 
     def supports(self, kind: str, *args) -> list[str]:
@@ -147,20 +150,14 @@ def define_op(name: str, *, faces: Sequence[Face], mutates_args: Sequence[str] =
     ``setup_context`` register autograd (``torch.library.register_autograd``)."""
 
     def wrap(signature: Callable) -> Op:
-        holder: list[Op] = []
-
-        def implementation(*args):
-            return holder[0].dispatch(*args)
-
-        # The schema comes from the signature (resolved in its own module's globals).
+        op = Op(name, faces, signature)  # checks the faces before anything is registered
+        # The schema comes from the signature (its annotations resolve in its own module).
         schema = torch.library.infer_schema(signature, mutates_args=tuple(mutates_args))
-        custom_op = torch.library.custom_op(f"{namespace}::{name}", implementation,
-                                            mutates_args=tuple(mutates_args), schema=schema)
-        custom_op.register_fake(signature)
+        op.custom_op = torch.library.custom_op(f"{namespace}::{name}", op.dispatch,
+                                               mutates_args=tuple(mutates_args), schema=schema)
+        op.custom_op.register_fake(signature)
         if backward is not None:
-            custom_op.register_autograd(backward, setup_context=setup_context)
-        op = Op(name, faces, custom_op, signature)
-        holder.append(op)
+            op.custom_op.register_autograd(backward, setup_context=setup_context)
         return op
 
     return wrap

@@ -46,7 +46,7 @@ def class_patch_reweight_reference(attn, gamma, patchcam=None, sqrt=False):
 ), **reference_autograd(class_patch_reweight_reference))
 def class_patch_reweight_op(attn: torch.Tensor, gamma: float, patchcam: Optional[torch.Tensor],
                             sqrt: bool) -> torch.Tensor:
-    """Rows ``(R, N)`` in, rows out (validated by ``class_patch_reweight``); this body is the fake."""
+    """Rows ``(R, N)`` in and out (validated by ``class_patch_reweight``); the body is the fake."""
     return torch.empty_like(attn)
 
 
