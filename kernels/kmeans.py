@@ -5,8 +5,8 @@
   scores ``x · μ̂``; a running argmax over the centre tiles (strictly greater replaces, so the
   first maximum wins on ties, as ``argmax``) yields each row's cluster and best score. Nothing of
   size ``N×K×D`` exists; centre tiles are padded to 16 with masked ``-inf`` scores.
-* The update is a segment sum in PyTorch: float64 ``index_add_`` over row chunks, the counts,
-  the shared re-seeding rule and the stop test (one host synchronization per iteration).
+* The iteration around it (the update as a float64 segment sum, the re-seeding rule and the stop
+  test) is the triton face's runner in ``wsss_fast.ops.kmeans``.
 
 fp32 with IEEE dot products (not TF32), so that assignments match the other faces except at
 near-ties.
@@ -19,10 +19,6 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-
-from wsss_fast.ops.kmeans import NORM_EPS, reseed_empty_clusters, unit_rows
-
-SUM_CHUNK_ROWS = 8192   # float64 copies of at most this many rows at a time
 
 
 @triton.jit
@@ -72,27 +68,3 @@ def assign_triton(x: torch.Tensor, unit: torch.Tensor, *, block_n: Optional[int]
                                                BLOCK_N=block_n, BLOCK_K=block_k,
                                                BLOCK_D=block_d)
     return assignments, best
-
-
-def kmeans_triton(features: torch.Tensor, init: torch.Tensor, max_iter: int, tol: float,
-                  **tiles) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(assignments, centres, iterations)`` of cosine k-means from the rows ``init``."""
-    x = features.float().contiguous()
-    n, d = x.shape
-    k = init.numel()
-    x_norm = x.norm(dim=1).clamp_min(NORM_EPS)
-    centres = x[init]
-    for iteration in range(1, max_iter + 1):
-        assignments, best = assign_triton(x, unit_rows(centres).contiguous(), **tiles)
-        assignments = reseed_empty_clusters(assignments, best / x_norm, k)
-        sums = torch.zeros((k, d), dtype=torch.float64, device=x.device)
-        for start in range(0, n, SUM_CHUNK_ROWS):
-            stop = min(start + SUM_CHUNK_ROWS, n)
-            sums.index_add_(0, assignments[start:stop], x[start:stop].double())
-        counts = torch.bincount(assignments, minlength=k).double()
-        updated = (sums / counts[:, None]).float()
-        shift = (updated.double() - centres.double()).norm(dim=1).sum().item()
-        centres = updated
-        if shift * shift < tol:
-            break
-    return assignments, centres, torch.tensor(iteration)

@@ -16,13 +16,11 @@ fp32 throughout; the output is cast to ``x0``'s dtype.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
-
-from wsss_fast.ops.random_walk import half_disk_offsets
 
 
 @triton.jit
@@ -80,17 +78,17 @@ def _walk_step_kernel(coeff_ptr, src_ptr, dst_ptr, shift_ptr, num_taps, classes,
     tl.store(dst_ptr + centre, x + acc, mask=pixel_ok)
 
 
-def random_walk_triton(x0: torch.Tensor, weights: torch.Tensor, steps: int, radius: int, *,
-                       block_p: Optional[int] = None, block_t: Optional[int] = None
-                       ) -> torch.Tensor:
-    """``x0 @ T^steps`` for contiguous ``x0 (B, K, h, w)`` and ``weights (B, O, h, w)``; output
-    in ``x0``'s dtype. ``block_p`` (pixels per program) and ``block_t`` (taps per chunk) override
+def random_walk_triton(x0: torch.Tensor, weights: torch.Tensor, steps: int,
+                       offsets: Sequence[tuple[int, int]], *, block_p: Optional[int] = None,
+                       block_t: Optional[int] = None) -> torch.Tensor:
+    """``x0 @ T^steps`` for contiguous ``x0 (B, K, h, w)`` and ``weights (B, O, h, w)`` of the
+    pair ``offsets`` ``(dy, dx)`` (``wsss_fast.ops.random_walk.half_disk_offsets``); output in
+    ``x0``'s dtype. ``block_p`` (pixels per program) and ``block_t`` (taps per chunk) override
     the tile sizes (powers of two)."""
     batch, classes, h, w = x0.shape
-    offsets = half_disk_offsets(radius)
     num_offsets, n, device = len(offsets), h * w, x0.device
     num_taps = 2 * num_offsets
-    pad = radius - 1
+    pad = max(max(abs(dy_), abs(dx_)) for dy_, dx_ in offsets)  # radius - 1 for a half disk
     pitch, padded_h = w + 2 * pad, h + 2 * pad
     block_p = block_p or min(128, max(16, triton.next_power_of_2(n)))
     block_t = block_t or 32

@@ -8,6 +8,4 @@
 #define WSSS_HD inline
 #endif
 
-// Bumped with the op schemas; the Python side refuses a stale build (wsss_fast/ops/_backend.py).
-#define WSSS_FAST_CPU_ABI_VERSION 3
-#define WSSS_FAST_CUDA_ABI_VERSION 2
+#include "common/abi.h"  // ABI versions and limits shared with Python

@@ -10,8 +10,13 @@
 
 namespace wsss_fast {
 
-enum MergeKind : int { kMergeSum = 0, kMergeMaxFlip = 1 };
-enum NormKind : int { kNormNone = 0, kNormMinMax = 1, kNormMax = 2, kNormTransCam = 3 };
+enum MergeKind : int { kMergeSum = WSSS_FAST_MERGE_SUM, kMergeMaxFlip = WSSS_FAST_MERGE_MAX_FLIP };
+enum NormKind : int {
+  kNormNone = WSSS_FAST_NORM_NONE,
+  kNormMinMax = WSSS_FAST_NORM_MINMAX,
+  kNormMax = WSSS_FAST_NORM_MAX,
+  kNormTransCam = WSSS_FAST_NORM_TRANSCAM
+};
 
 // One axis of a bilinear resize: source index pair and weights for output index `dst`.
 struct LinearTap {

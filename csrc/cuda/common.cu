@@ -1,4 +1,4 @@
-// ABI version and the thread-local last-error message of the CUDA library.
+// ABI version, limits and the thread-local last-error message of the CUDA library.
 #include <stdarg.h>
 #include <stdio.h>
 
@@ -30,6 +30,8 @@ int cuda_status(cudaError_t err, const char* op, const char* what) {
 }  // namespace wsss_fast
 
 extern "C" int wsss_fast_cuda_abi_version(void) { return WSSS_FAST_CUDA_ABI_VERSION; }
+
+extern "C" int wsss_fast_cuda_max_passes(void) { return WSSS_FAST_CUDA_MAX_PASSES; }
 
 namespace {
 __global__ void probe_kernel() {}

@@ -22,19 +22,11 @@
 
 #include <stdint.h>
 
-#include "common/macros.h" /* WSSS_FAST_CUDA_ABI_VERSION */
-
-#define WSSS_FAST_DTYPE_FLOAT32 0
-#define WSSS_FAST_DTYPE_FLOAT16 1
-#define WSSS_FAST_DTYPE_BFLOAT16 2
+#include "common/abi.h" /* ABI version, dtype codes, WSSS_FAST_CUDA_MAX_PASSES */
 
 #define WSSS_FAST_CUDA_ERROR_INVALID_ARGUMENT (-1)
 #define WSSS_FAST_CUDA_ERROR_UNSUPPORTED_DTYPE (-2)
 #define WSSS_FAST_CUDA_ERROR_TOO_MANY_PASSES (-3)
-
-/* The most passes one wsss_fast_multiscale_merge call takes (the per-pass table is a kernel
- * parameter). */
-#define WSSS_FAST_CUDA_MAX_PASSES 32
 
 #ifdef __cplusplus
 extern "C" {
@@ -42,6 +34,9 @@ extern "C" {
 
 /* WSSS_FAST_CUDA_ABI_VERSION of the build; the Python side refuses a library reporting another. */
 int wsss_fast_cuda_abi_version(void);
+
+/* WSSS_FAST_CUDA_MAX_PASSES of the build (the Python side asks the library, not a copy). */
+int wsss_fast_cuda_max_passes(void);
 
 /* 0 when this library's CUDA runtime finds a device and a kernel image for the current device;
  * else the cudaError_t (e.g. an insufficient driver for the CUDA version the library was built

@@ -1,5 +1,6 @@
-"""Public ops. Each has a reference face (the specification) and fused faces chosen by device;
-see ``wsss_fast.ops._backend`` and DESIGN §3."""
+"""Public ops. Each has a reference face (the specification) and fused faces, declared once with
+``wsss_fast.ops._op.define_op`` and chosen per call by device, build and the faces' own input
+limits (``wsss_fast.ops._backend``, DESIGN §3). ABI numbers and limits: ``csrc/common/abi.h``."""
 
 from wsss_fast.ops._backend import (BackendUnavailable, choose_face, cpu_extension_available,
                                     cpu_extension_error)

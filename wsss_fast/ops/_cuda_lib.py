@@ -18,13 +18,13 @@ from typing import Optional, Sequence
 
 import torch
 
+from wsss_fast.ops import _abi
+
 ENV_VAR = "WSSS_FAST_CUDA_LIB"
 LIBRARY_NAME = "libwsss_fast_cuda.so"
-MAX_PASSES = 32  # WSSS_FAST_CUDA_MAX_PASSES in csrc/cuda/wsss_fast_cuda.h
-
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-MERGE_CODES = {"sum": 0, "max_flip": 1}
-NORM_CODES = {"none": 0, "minmax": 1, "max": 2, "transcam": 3}
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+MERGES = ("sum", "max_flip")
+NORMS = ("none", "minmax", "max", "transcam")
 
 _c_int64_p = ctypes.POINTER(ctypes.c_int64)
 _c_int_p = ctypes.POINTER(ctypes.c_int)
@@ -33,6 +33,7 @@ _c_void_p_p = ctypes.POINTER(ctypes.c_void_p)
 # name -> (restype, argtypes) of every exported function.
 SIGNATURES = {
     "wsss_fast_cuda_abi_version": (ctypes.c_int, []),
+    "wsss_fast_cuda_max_passes": (ctypes.c_int, []),
     "wsss_fast_cuda_last_error": (ctypes.c_char_p, []),
     "wsss_fast_cuda_probe": (ctypes.c_int, []),
     "wsss_fast_class_patch_reweight": (ctypes.c_int, [
@@ -96,11 +97,9 @@ def load_library(path: str) -> ctypes.CDLL:
 @functools.lru_cache(maxsize=None)
 def load_error() -> str | None:
     """None when the cuda face can run (a CUDA device, the library loads, reports
-    ``_backend.CUDA_ABI_VERSION`` and its runtime finds a kernel image for the current device);
+    ``WSSS_FAST_CUDA_ABI_VERSION`` of csrc/common/abi.h and its runtime finds a kernel image for the current device);
     otherwise why not. Cached; ``reset()`` clears it."""
     global _library
-    from wsss_fast.ops._backend import CUDA_ABI_VERSION
-
     if not torch.cuda.is_available():
         if torch.version.cuda is None:
             why = f"this torch build ({torch.__version__}) has no CUDA support"
@@ -118,9 +117,9 @@ def load_error() -> str | None:
         return f"the CUDA library {where} cannot be loaded ({exc})"
     except AttributeError as exc:
         return f"the CUDA library {where} lacks a symbol ({exc}); rebuild it"
-    built = lib.wsss_fast_cuda_abi_version()
-    if built != CUDA_ABI_VERSION:
-        return (f"the CUDA library {where} is stale (ABI {built}, expected {CUDA_ABI_VERSION}); "
+    built, expected = lib.wsss_fast_cuda_abi_version(), _abi.value("CUDA_ABI_VERSION")
+    if built != expected:
+        return (f"the CUDA library {where} is stale (ABI {built}, expected {expected}); "
                 "rebuild it")
     if lib.wsss_fast_cuda_probe() != 0:
         return f"the CUDA library {where} cannot run here: {last_error(lib)}"
@@ -151,6 +150,11 @@ def library() -> ctypes.CDLL:
     return _library
 
 
+def max_passes() -> int:
+    """The most passes one ``multiscale_merge`` call of the loaded library takes."""
+    return library().wsss_fast_cuda_max_passes()
+
+
 def last_error(lib: Optional[ctypes.CDLL] = None) -> str:
     message = (lib or library()).wsss_fast_cuda_last_error()
     return message.decode("utf-8", "replace") if message else ""
@@ -163,11 +167,10 @@ def _check(lib: ctypes.CDLL, status: int, op: str) -> None:
 
 
 def _dtype_code(op: str, tensor: torch.Tensor) -> int:
-    try:
-        return DTYPE_CODES[tensor.dtype]
-    except KeyError:
+    if tensor.dtype not in DTYPE_NAMES:
         raise ValueError(f"{op}: the cuda face supports float32/float16/bfloat16, got "
-                         f"{tensor.dtype}") from None
+                         f"{tensor.dtype}")
+    return _abi.value(f"DTYPE_{DTYPE_NAMES[tensor.dtype].upper()}")
 
 
 def _require_cuda(op: str, **tensors: Optional[torch.Tensor]) -> torch.device:
@@ -262,14 +265,14 @@ def multiscale_merge(maps: Sequence[torch.Tensor], flips: Sequence[bool], out_h:
     maps = list(maps)
     if not maps:
         raise ValueError(f"{op}: maps must be a non-empty sequence")
-    if len(maps) > MAX_PASSES:
-        raise ValueError(f"{op}: the cuda face merges at most {MAX_PASSES} passes, got "
+    if len(maps) > max_passes():
+        raise ValueError(f"{op}: the cuda face merges at most {max_passes()} passes, got "
                          f"{len(maps)}")
     if len(flips) != len(maps):
         raise ValueError(f"{op}: got {len(flips)} flips for {len(maps)} maps")
-    if merge not in MERGE_CODES or norm not in NORM_CODES:
-        raise ValueError(f"{op}: merge must be one of {tuple(MERGE_CODES)} and norm one of "
-                         f"{tuple(NORM_CODES)}, got {merge!r}, {norm!r}")
+    if merge not in MERGES or norm not in NORMS:
+        raise ValueError(f"{op}: merge must be one of {MERGES} and norm one of {NORMS}, got "
+                         f"{merge!r}, {norm!r}")
     device = _require_cuda(op, labels=labels, **{f"maps[{i}]": m for i, m in enumerate(maps)})
     for i, cam in enumerate(maps):
         if cam.dim() != 4 or cam.shape[:2] != maps[0].shape[:2]:
@@ -298,7 +301,8 @@ def multiscale_merge(maps: Sequence[torch.Tensor], flips: Sequence[bool], out_h:
         status = lib.wsss_fast_multiscale_merge(
             ptrs, heights, widths, flip_codes, n, b, k,
             None if labels is None else labels.data_ptr(), out.data_ptr(), shape[2], shape[3],
-            int(bool(relu)), MERGE_CODES[merge], NORM_CODES[norm], float(eps), _stream(device))
+            int(bool(relu)), _abi.value(f"MERGE_{merge.upper()}"),
+            _abi.value(f"NORM_{norm.upper()}"), float(eps), _stream(device))
     _check(lib, status, op)
     return out
 

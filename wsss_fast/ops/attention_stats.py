@@ -9,7 +9,8 @@ For one block with ``A = softmax(q kᵀ · scale)`` over all ``T = C + P`` keys 
     cls_row     += r · Ā[:, 0, C:]                      (B, P)
 
 No face ever holds an ``H×T×T`` (let alone ``L×H×T×T``) tensor except the reference.
-Under autograd (any input requiring grad) the differentiable reference runs.
+Under autograd (any input requiring grad) the differentiable reference runs: it accumulates in
+place, which ``torch.library`` autograd does not support.
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from wsss_fast.ops import _backend
+from wsss_fast.ops._op import Face, cpu_kernel, define_op
 from wsss_fast.ops._validate import (check_accumulator, check_finite_number, check_same_device,
                                      check_same_dtype, check_shape, check_tensor,
                                      requires_grad)
 
 OP = "attention_stats"
-FACES = ("reference", "cpu", "triton")
 
 
 def attention_stats_reference(q, k, v, scale, num_cls, cls2patch=None, cls2patch_weight=1.0,
@@ -45,33 +45,16 @@ def attention_stats_reference(q, k, v, scale, num_cls, cls2patch=None, cls2patch
     return out
 
 
-def _run_cpu(*args):
-    return torch.ops.wsss_fast_C.attention_stats(*args)
-
-
-def _run_triton(*args):
-    from wsss_fast.kernels.attention_stats import attention_stats_triton
-
-    return attention_stats_triton(*args)
-
-
-_RUNNERS = {"reference": attention_stats_reference, "cpu": _run_cpu, "triton": _run_triton}
-
-
-@torch.library.custom_op("wsss_fast::attention_stats",
-                         mutates_args=("cls2patch", "patch2patch", "cls_row"))
-def _attention_stats_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                        num_cls: int, cls2patch: Optional[torch.Tensor], cls2patch_weight: float,
-                        patch2patch: Optional[torch.Tensor], patch2patch_weight: float,
-                        cls_row: Optional[torch.Tensor], cls_row_weight: float) -> torch.Tensor:
-    face = _backend.choose_face(OP, FACES, q.device)
-    return _RUNNERS[face](q, k, v, scale, num_cls, cls2patch, cls2patch_weight, patch2patch,
-                          patch2patch_weight, cls_row, cls_row_weight)
-
-
-@_attention_stats_op.register_fake
-def _(q, k, v, scale, num_cls, cls2patch, cls2patch_weight, patch2patch, patch2patch_weight,
-      cls_row, cls_row_weight):
+@define_op(OP, mutates_args=("cls2patch", "patch2patch", "cls_row"), faces=(
+    Face("reference", attention_stats_reference),
+    Face("cpu", cpu_kernel(OP)),
+    Face("triton", "wsss_fast.kernels.attention_stats:attention_stats_triton"),
+))
+def attention_stats_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                       num_cls: int, cls2patch: Optional[torch.Tensor], cls2patch_weight: float,
+                       patch2patch: Optional[torch.Tensor], patch2patch_weight: float,
+                       cls_row: Optional[torch.Tensor], cls_row_weight: float) -> torch.Tensor:
+    """Validated, contiguous inputs (``attention_stats``); this body is the fake."""
     return torch.empty_like(q)
 
 
@@ -119,8 +102,8 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     if requires_grad(q, k, v):
         return attention_stats_reference(q, k, v, scale, num_cls, cls2patch, weights[0],
                                          patch2patch, weights[1], cls_row, weights[2])
-    return _attention_stats_op(q.contiguous(), k.contiguous(), v.contiguous(), scale, num_cls,
-                               cls2patch, weights[0], patch2patch, weights[1], cls_row, weights[2])
+    return attention_stats_op(q.contiguous(), k.contiguous(), v.contiguous(), scale, num_cls,
+                              cls2patch, weights[0], patch2patch, weights[1], cls_row, weights[2])
 
 
 LayerSpec = Union[None, int, str, Sequence[int]]

@@ -17,12 +17,10 @@ from typing import Optional
 
 import torch
 
-from wsss_fast.ops import _backend
-from wsss_fast.ops._validate import (check_finite_number, check_same_device, check_tensor,
-                                     requires_grad)
+from wsss_fast.ops._op import Face, cpu_kernel, define_op, reference_autograd
+from wsss_fast.ops._validate import check_finite_number, check_same_device, check_tensor
 
 OP = "class_patch_reweight"
-FACES = ("reference", "cpu", "triton", "cuda")
 
 
 def class_patch_reweight_reference(attn, gamma, patchcam=None, sqrt=False):
@@ -40,35 +38,15 @@ def class_patch_reweight_reference(attn, gamma, patchcam=None, sqrt=False):
     return out.to(attn.dtype)
 
 
-def _run_cpu(attn, gamma, patchcam, sqrt):
-    return torch.ops.wsss_fast_C.class_patch_reweight(attn, gamma, patchcam, sqrt)
-
-
-def _run_triton(attn, gamma, patchcam, sqrt):
-    from wsss_fast.kernels.class_patch_reweight import class_patch_reweight_triton
-
-    return class_patch_reweight_triton(attn, gamma, patchcam, sqrt)
-
-
-def _run_cuda(attn, gamma, patchcam, sqrt):
-    from wsss_fast.ops import _cuda_lib
-
-    return _cuda_lib.class_patch_reweight(attn, gamma, patchcam, sqrt)
-
-
-_RUNNERS = {"reference": class_patch_reweight_reference, "cpu": _run_cpu,
-            "triton": _run_triton, "cuda": _run_cuda}
-
-
-@torch.library.custom_op("wsss_fast::class_patch_reweight", mutates_args=())
-def _class_patch_reweight_op(attn: torch.Tensor, gamma: float, patchcam: Optional[torch.Tensor],
-                             sqrt: bool) -> torch.Tensor:
-    face = _backend.choose_face(OP, FACES, attn.device)
-    return _RUNNERS[face](attn, gamma, patchcam, sqrt)
-
-
-@_class_patch_reweight_op.register_fake
-def _(attn, gamma, patchcam, sqrt):
+@define_op(OP, faces=(
+    Face("reference", class_patch_reweight_reference),
+    Face("cpu", cpu_kernel(OP)),
+    Face("triton", "wsss_fast.kernels.class_patch_reweight:class_patch_reweight_triton"),
+    Face("cuda", "wsss_fast.ops._cuda_lib:class_patch_reweight"),
+), **reference_autograd(class_patch_reweight_reference))
+def class_patch_reweight_op(attn: torch.Tensor, gamma: float, patchcam: Optional[torch.Tensor],
+                            sqrt: bool) -> torch.Tensor:
+    """Rows ``(R, N)`` in and out (validated by ``class_patch_reweight``); the body is the fake."""
     return torch.empty_like(attn)
 
 
@@ -101,10 +79,8 @@ def class_patch_reweight(attn: torch.Tensor, gamma: float = 1.0, *,
                              f"attn of shape {tuple(attn.shape)} (expected {tuple(attn.shape)} "
                              f"or {tuple(attn.shape[:lead])} + (h, w) with h*w={attn.shape[-1]})")
         patchcam = patchcam.reshape(attn.shape).to(attn.dtype)
-    if requires_grad(attn, patchcam):
-        return class_patch_reweight_reference(attn, gamma, patchcam, bool(sqrt))
     rows = attn.reshape(-1, attn.shape[-1]).contiguous()
     if patchcam is not None:
         patchcam = patchcam.reshape(rows.shape).contiguous()
-    out = _class_patch_reweight_op(rows, gamma, patchcam, bool(sqrt))
+    out = class_patch_reweight_op(rows, gamma, patchcam, bool(sqrt))
     return out.reshape(attn.shape)

@@ -37,12 +37,12 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from wsss_fast.ops import _backend
+from wsss_fast.ops._op import Face, cpu_kernel, define_op
 from wsss_fast.ops._validate import check_finite_number, check_tensor
 
 OP = "kmeans"
-FACES = ("reference", "cpu", "triton")
 NORM_EPS = 1e-8
+SUM_CHUNK_ROWS = 8192   # the triton face's float64 copies of at most this many rows at a time
 FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -103,29 +103,54 @@ def kmeans_reference(features: torch.Tensor, init: torch.Tensor, max_iter: int,
     return assignments, centres, torch.tensor(iteration)
 
 
-def _run_cpu(features, init, max_iter, tol):
-    return torch.ops.wsss_fast_C.kmeans(features, init, max_iter, tol)
+def kmeans_triton(features: torch.Tensor, init: torch.Tensor, max_iter: int, tol: float,
+                  **tiles) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The triton face: assignments by ``wsss_fast.kernels.kmeans.assign_triton`` (``tiles``
+    override its tile sizes), the update as a float64 segment sum over row chunks, the shared
+    re-seeding rule and the stop test (one host synchronization per iteration)."""
+    from wsss_fast.kernels.kmeans import assign_triton
+
+    x = features.float().contiguous()
+    n, d = x.shape
+    k = init.numel()
+    x_norm = x.norm(dim=1).clamp_min(NORM_EPS)
+    centres = x[init]
+    for iteration in range(1, max_iter + 1):
+        assignments, best = assign_triton(x, unit_rows(centres).contiguous(), **tiles)
+        assignments = reseed_empty_clusters(assignments, best / x_norm, k)
+        sums = torch.zeros((k, d), dtype=torch.float64, device=x.device)
+        for start in range(0, n, SUM_CHUNK_ROWS):
+            stop = min(start + SUM_CHUNK_ROWS, n)
+            sums.index_add_(0, assignments[start:stop], x[start:stop].double())
+        counts = torch.bincount(assignments, minlength=k).double()
+        updated = (sums / counts[:, None]).float()
+        shift = (updated.double() - centres.double()).norm(dim=1).sum().item()
+        centres = updated
+        if shift * shift < tol:
+            break
+    return assignments, centres, torch.tensor(iteration)
 
 
-def _run_triton(features, init, max_iter, tol):
-    from wsss_fast.kernels.kmeans import kmeans_triton
+def _iterations_on_device(run):
+    """Faces return the iteration count as they like; the op returns an int64 scalar on the
+    features' device."""
 
-    return kmeans_triton(features, init, max_iter, tol)
+    def wrapped(features, init, max_iter, tol):
+        assignments, centres, iterations = run(features, init, max_iter, tol)
+        return assignments, centres, iterations.to(device=features.device, dtype=torch.int64)
 
-
-_RUNNERS = {"reference": kmeans_reference, "cpu": _run_cpu, "triton": _run_triton}
-
-
-@torch.library.custom_op("wsss_fast::kmeans", mutates_args=())
-def _kmeans_op(features: torch.Tensor, init: torch.Tensor, max_iter: int,
-               tol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    face = _backend.choose_face(OP, FACES, features.device)
-    assignments, centres, iterations = _RUNNERS[face](features, init, max_iter, tol)
-    return assignments, centres, iterations.to(device=features.device, dtype=torch.int64)
+    wrapped.__name__ = getattr(run, "__name__", "face")
+    return wrapped
 
 
-@_kmeans_op.register_fake
-def _(features, init, max_iter, tol):
+@define_op(OP, faces=(
+    Face("reference", _iterations_on_device(kmeans_reference)),
+    Face("cpu", _iterations_on_device(cpu_kernel(OP))),
+    Face("triton", _iterations_on_device(kmeans_triton)),
+))
+def kmeans_op(features: torch.Tensor, init: torch.Tensor, max_iter: int,
+              tol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validated inputs (``kmeans``); this body is the fake."""
     n, d = features.shape
     return (features.new_empty((n,), dtype=torch.int64),
             features.new_empty((init.shape[0], d), dtype=torch.float32),
@@ -194,6 +219,6 @@ def kmeans(features: torch.Tensor, k: int, *,
                          f"{tuple(features.shape)}")
     init = _initial_indices(init, seed, n, k, features.device)
     with torch.no_grad():
-        assignments, centres, iterations = _kmeans_op(features.detach().contiguous(), init,
-                                                      max_iter, tol)
+        assignments, centres, iterations = kmeans_op(features.detach().contiguous(), init,
+                                                     max_iter, tol)
     return KMeansResult(assignments, centres, int(iterations))

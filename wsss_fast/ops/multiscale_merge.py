@@ -26,12 +26,10 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from wsss_fast.ops import _backend
-from wsss_fast.ops._validate import (check_finite_number, check_same_device, check_tensor,
-                                     requires_grad)
+from wsss_fast.ops._op import Face, define_op, reference_autograd
+from wsss_fast.ops._validate import check_finite_number, check_same_device, check_tensor
 
 OP = "multiscale_merge"
-FACES = ("reference", "cpu", "triton", "cuda")
 MERGES = ("sum", "max_flip")
 NORMS = ("none", "minmax", "max", "transcam")
 DEFAULT_EPS = {"none": 0.0, "minmax": 1e-8, "max": 1e-5, "transcam": 1e-5}
@@ -75,32 +73,26 @@ def _run_cpu(maps, flips, out_h, out_w, relu, labels, merge, norm, eps):
                                                   relu, labels, merge, norm, eps)
 
 
-def _run_triton(*args):
-    from wsss_fast.kernels.multiscale_merge import multiscale_merge_triton
-
-    return multiscale_merge_triton(*args)
-
-
-def _run_cuda(*args):
+def _cuda_limits(maps, *args) -> list[str]:
+    # Asked only once the library has loaded; imported here to keep it lazy.
     from wsss_fast.ops import _cuda_lib
 
-    return _cuda_lib.multiscale_merge(*args)
+    limit = _cuda_lib.max_passes()
+    if len(maps) > limit:
+        return [f"the cuda face merges at most {limit} passes, got {len(maps)}"]
+    return []
 
 
-_RUNNERS = {"reference": multiscale_merge_reference, "cpu": _run_cpu, "triton": _run_triton,
-            "cuda": _run_cuda}
-
-
-@torch.library.custom_op("wsss_fast::multiscale_merge", mutates_args=())
-def _multiscale_merge_op(maps: List[torch.Tensor], flips: List[bool], out_h: int, out_w: int,
-                         relu: bool, labels: Optional[torch.Tensor], merge: str, norm: str,
-                         eps: float) -> torch.Tensor:
-    face = _backend.choose_face(OP, FACES, maps[0].device)
-    return _RUNNERS[face](maps, flips, out_h, out_w, relu, labels, merge, norm, eps)
-
-
-@_multiscale_merge_op.register_fake
-def _(maps, flips, out_h, out_w, relu, labels, merge, norm, eps):
+@define_op(OP, faces=(
+    Face("reference", multiscale_merge_reference),
+    Face("cpu", _run_cpu),
+    Face("triton", "wsss_fast.kernels.multiscale_merge:multiscale_merge_triton"),
+    Face("cuda", "wsss_fast.ops._cuda_lib:multiscale_merge", limits=_cuda_limits),
+), **reference_autograd(multiscale_merge_reference))
+def multiscale_merge_op(maps: List[torch.Tensor], flips: List[bool], out_h: int, out_w: int,
+                        relu: bool, labels: Optional[torch.Tensor], merge: str, norm: str,
+                        eps: float) -> torch.Tensor:
+    """Validated fp32 contiguous passes (``multiscale_merge``); this body is the fake."""
     b, k = maps[0].shape[:2]
     return maps[0].new_empty((b, k, out_h, out_w), dtype=torch.float32)
 
@@ -160,8 +152,5 @@ def multiscale_merge(maps: Sequence[torch.Tensor], out_size: tuple[int, int], *,
             raise ValueError(f"{OP}: labels must have shape ({b}, {k}), got {tuple(labels.shape)}")
         labels = labels.float().contiguous()
     eps = DEFAULT_EPS[norm] if eps is None else check_finite_number(OP, "eps", eps)
-    if requires_grad(*maps):
-        return multiscale_merge_reference(maps, flips, out_h, out_w, bool(relu), labels, merge,
-                                          norm, eps)
     maps = [cam.float().contiguous() for cam in maps]
-    return _multiscale_merge_op(maps, flips, out_h, out_w, bool(relu), labels, merge, norm, eps)
+    return multiscale_merge_op(maps, flips, out_h, out_w, bool(relu), labels, merge, norm, eps)

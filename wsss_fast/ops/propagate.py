@@ -4,6 +4,9 @@ Dense: ``cam' = A* @ cam`` with a patch affinity ``A*: (B, P, P)`` and ``cam: (B
 are not re-normalized (as upstream). Streaming: the same product with
 ``A* = Σ_l w_l · mean_h softmax(q_l k_lᵀ · scale)[C:, C:]`` computed from saved per-block ``q, k``
 like flash attention with ``V = [0 for class keys; cam]``, never forming ``P×P``.
+
+Gradients: the dense op registers autograd (the backward differentiates the reference, two
+``bmm``); the streaming op runs its differentiable reference when an input requires grad.
 """
 
 from __future__ import annotations
@@ -12,14 +15,12 @@ from typing import List, Sequence
 
 import torch
 
-from wsss_fast.ops import _backend
+from wsss_fast.ops._op import Face, cpu_kernel, define_op, reference_autograd
 from wsss_fast.ops._validate import (check_finite_number, check_same_device, check_same_dtype,
                                      check_shape, check_tensor, requires_grad)
 
 OP = "propagate"
 OP_STREAMING = "propagate_streaming"
-FACES = ("reference", "cpu", "triton", "cuda")
-FACES_STREAMING = ("reference", "cpu", "triton")
 
 
 def propagate_reference(affinity, cam):
@@ -37,58 +38,25 @@ def propagate_streaming_reference(q, k, cam, scale, num_cls, weights):
     return out.to(cam.dtype)
 
 
-def _run_cpu(affinity, cam):
-    return torch.ops.wsss_fast_C.propagate(affinity, cam)
-
-
-def _run_triton(affinity, cam):
-    from wsss_fast.kernels.propagate import propagate_triton
-
-    return propagate_triton(affinity, cam)
-
-
-def _run_cuda(affinity, cam):
-    from wsss_fast.ops import _cuda_lib
-
-    return _cuda_lib.propagate(affinity, cam)
-
-
-def _run_streaming_cpu(q, k, cam, scale, num_cls, weights):
-    return torch.ops.wsss_fast_C.propagate_streaming(q, k, cam, scale, num_cls, weights)
-
-
-def _run_streaming_triton(q, k, cam, scale, num_cls, weights):
-    from wsss_fast.kernels.propagate import propagate_streaming_triton
-
-    return propagate_streaming_triton(q, k, cam, scale, num_cls, weights)
-
-
-_RUNNERS = {"reference": propagate_reference, "cpu": _run_cpu, "triton": _run_triton,
-            "cuda": _run_cuda}
-_RUNNERS_STREAMING = {"reference": propagate_streaming_reference, "cpu": _run_streaming_cpu,
-                      "triton": _run_streaming_triton}
-
-
-@torch.library.custom_op("wsss_fast::propagate", mutates_args=())
-def _propagate_op(affinity: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
-    face = _backend.choose_face(OP, FACES, cam.device)
-    return _RUNNERS[face](affinity, cam)
-
-
-@_propagate_op.register_fake
-def _(affinity, cam):
+@define_op(OP, faces=(
+    Face("reference", propagate_reference),
+    Face("cpu", cpu_kernel(OP)),
+    Face("triton", "wsss_fast.kernels.propagate:propagate_triton"),
+    Face("cuda", "wsss_fast.ops._cuda_lib:propagate"),
+), **reference_autograd(propagate_reference))
+def propagate_op(affinity: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
+    """Validated, contiguous inputs (``propagate``); this body is the fake."""
     return torch.empty_like(cam)
 
 
-@torch.library.custom_op("wsss_fast::propagate_streaming", mutates_args=())
-def _propagate_streaming_op(q: torch.Tensor, k: torch.Tensor, cam: torch.Tensor, scale: float,
-                            num_cls: int, weights: List[float]) -> torch.Tensor:
-    face = _backend.choose_face(OP_STREAMING, FACES_STREAMING, cam.device)
-    return _RUNNERS_STREAMING[face](q, k, cam, scale, num_cls, weights)
-
-
-@_propagate_streaming_op.register_fake
-def _(q, k, cam, scale, num_cls, weights):
+@define_op(OP_STREAMING, faces=(
+    Face("reference", propagate_streaming_reference),
+    Face("cpu", cpu_kernel(OP_STREAMING)),
+    Face("triton", "wsss_fast.kernels.propagate:propagate_streaming_triton"),
+))
+def propagate_streaming_op(q: torch.Tensor, k: torch.Tensor, cam: torch.Tensor, scale: float,
+                           num_cls: int, weights: List[float]) -> torch.Tensor:
+    """Validated, contiguous inputs (``propagate_streaming``); this body is the fake."""
     return torch.empty_like(cam)
 
 
@@ -102,9 +70,7 @@ def propagate(affinity: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
     check_shape(OP, "affinity", affinity, (b, p, p))
     if min(cam.shape) == 0:
         raise ValueError(f"{OP}: cam must be non-empty, got shape {tuple(cam.shape)}")
-    if requires_grad(affinity, cam):
-        return propagate_reference(affinity, cam)  # differentiable (training: BNR)
-    return _propagate_op(affinity.contiguous(), cam.contiguous())
+    return propagate_op(affinity.contiguous(), cam.contiguous())
 
 
 def propagate_streaming(q: torch.Tensor | Sequence[torch.Tensor],
@@ -142,6 +108,7 @@ def propagate_streaming(q: torch.Tensor | Sequence[torch.Tensor],
     if len(weights) != num_layers:
         raise ValueError(f"{OP_STREAMING}: got {len(weights)} weights for {num_layers} blocks")
     if requires_grad(q, k, cam):
+        # Differentiable; it forms each block's P×P attention, as the gradient needs anyway.
         return propagate_streaming_reference(q, k, cam, scale, num_cls, weights)
-    return _propagate_streaming_op(q.contiguous(), k.contiguous(), cam.contiguous(), scale,
-                                   num_cls, weights)
+    return propagate_streaming_op(q.contiguous(), k.contiguous(), cam.contiguous(), scale,
+                                  num_cls, weights)

@@ -13,7 +13,9 @@ is a 69-tap normalized gather (radius 5). The fused faces tabulate the 68 per-pi
 coefficients ``A_ij / d_j`` once and apply ``steps`` gathers in the difference form
 ``x[j] + Σ_i c_ij (x[i] − x[j])`` (exact in fp32 for constant maps; see
 csrc/common/random_walk.h); nothing of size ``N×N`` exists. The reference face builds the dense
-``N×N`` matrices (small sizes only: it is the specification and the test oracle).
+``N×N`` matrices (small sizes only: it is the specification and the test oracle). Gradients
+exist only through the reference: inputs requiring grad are accepted up to ``GRAD_MAX_PIXELS``
+pixels and refused (ValueError) above.
 
 Each step averages a pixel's neighbourhood, so constant maps are fixed points and the
 degree-weighted mass ``Σ_j d_j x[j]`` (``d = colsum(A)``) is conserved.
@@ -25,13 +27,15 @@ import functools
 
 import torch
 
-from wsss_fast.ops import _backend
+from wsss_fast.ops._op import Face, cpu_kernel, define_op
 from wsss_fast.ops._validate import check_same_device, check_tensor, requires_grad
 
 OP = "random_walk"
-FACES = ("reference", "cpu", "triton", "cuda")
 DEFAULT_RADIUS = 5
 MAX_RADIUS = 64
+# Under autograd the dense reference runs; above this many pixels (N×N = 4 MiB in fp32 per
+# matrix, about log2(steps) of them kept for the backward) random_walk refuses.
+GRAD_MAX_PIXELS = 1024
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,35 +95,21 @@ def random_walk_reference(x0: torch.Tensor, weights: torch.Tensor, steps: int,
     return torch.stack(out).to(x0.dtype)
 
 
-def _run_cpu(x0, weights, steps, radius):
-    return torch.ops.wsss_fast_C.random_walk(x0, weights, steps, radius)
-
-
 def _run_triton(x0, weights, steps, radius):
     from wsss_fast.kernels.random_walk import random_walk_triton
 
-    return random_walk_triton(x0, weights, steps, radius)
+    return random_walk_triton(x0, weights, steps, half_disk_offsets(radius))
 
 
-def _run_cuda(x0, weights, steps, radius):
-    from wsss_fast.ops import _cuda_lib
-
-    return _cuda_lib.random_walk(x0, weights, steps, radius)
-
-
-_RUNNERS = {"reference": random_walk_reference, "cpu": _run_cpu, "triton": _run_triton,
-            "cuda": _run_cuda}
-
-
-@torch.library.custom_op("wsss_fast::random_walk", mutates_args=())
-def _random_walk_op(x0: torch.Tensor, weights: torch.Tensor, steps: int,
-                    radius: int) -> torch.Tensor:
-    face = _backend.choose_face(OP, FACES, x0.device)
-    return _RUNNERS[face](x0, weights, steps, radius)
-
-
-@_random_walk_op.register_fake
-def _(x0, weights, steps, radius):
+@define_op(OP, faces=(
+    Face("reference", random_walk_reference),
+    Face("cpu", cpu_kernel(OP)),
+    Face("triton", _run_triton),
+    Face("cuda", "wsss_fast.ops._cuda_lib:random_walk"),
+))
+def random_walk_op(x0: torch.Tensor, weights: torch.Tensor, steps: int,
+                   radius: int) -> torch.Tensor:
+    """Validated, batched, contiguous inputs (``random_walk``); this body is the fake."""
     return torch.empty_like(x0)
 
 
@@ -170,7 +160,12 @@ def random_walk(x0: torch.Tensor, weights: torch.Tensor, steps: int, *,
     if not batched:
         x0, weights = x0[None], weights[None]
     if requires_grad(x0, weights):
-        out = random_walk_reference(x0, weights, steps, radius)  # differentiable; dense
+        # Only the dense reference is differentiable: allowed where N×N stays small.
+        if h * w > GRAD_MAX_PIXELS:
+            raise ValueError(f"{OP}: gradients need the dense N×N reference, allowed up to "
+                             f"N = h·w = {GRAD_MAX_PIXELS} pixels, got {h}×{w} = {h * w}; call "
+                             "it under torch.no_grad() or on detached inputs")
+        out = random_walk_reference(x0, weights, steps, radius)
     else:
-        out = _random_walk_op(x0.contiguous(), weights.contiguous(), steps, radius)
+        out = random_walk_op(x0.contiguous(), weights.contiguous(), steps, radius)
     return out if batched else out[0]

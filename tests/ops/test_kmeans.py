@@ -1,31 +1,22 @@
-"""``kmeans`` (DESIGN §3.6): cosine k-means as LPCAM runs it (``kmeans-pytorch==0.3``).
+"""``kmeans`` (cosine, kmeans-pytorch v0.3 semantics with re-seeding) on every face: the library's
+iteration replayed step by step, each fused face against the reference, ties, re-seeding, the stop
+rule, validation and the torch.library registration."""
 
-* Every face (reference, cpu, triton in the interpreter) against ``kmeans-pytorch`` v0.3 restated
-  in plain NumPy (its ``N×K×D`` broadcast, ``1 − cos`` argmin, raw means, ``shift² < tol``),
-  iteration by iteration from the same initial indices, and its stop iteration.
-* The fused faces against the reference on random (post-ReLU) and clustered data, odd sizes,
-  k = 1 and k = N: assignments exactly, centres to 1e-5, iteration counts; the cpu face does not
-  depend on the thread count.
-* Ties (exact, in every face: one feature dimension makes every cosine 1) go to the lowest
-  centre; near-ties that rounding decides are avoided by data with a checked margin.
-* The empty-cluster re-seeding rule (our deviation: v0.3 gives NaN) on hand-computed cases.
-* The stop rule's boundary, seeded determinism, fp16 input, validation errors, opcheck.
-"""
-
-from __future__ import annotations
-
-import importlib.util
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
+from tests.ops.faces import HAS_TRITON
 from wsss_fast.ops import _backend, kmeans
 from wsss_fast.ops.kmeans import reseed_empty_clusters
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+# -------------------------------------------------------------- from tests/test_kmeans.py
+
 FACES = ("reference", "cpu", "triton")
+
+
 RTOL = 1e-5
 
 
@@ -91,8 +82,6 @@ def _assert_centres(actual, expected, what=""):
     assert err <= RTOL, f"{what}: centres differ by {err:.3g} (relative)"
 
 
-# ------------------------------------------------------------------ kmeans-pytorch v0.3 restated
-
 LIBRARY_CASES = [   # data, N, D, k, tol
     ("clustered", 300, 16, 5, 1e-6),
     ("clustered", 257, 33, 7, 5.0),
@@ -143,8 +132,6 @@ def test_library_gives_nan_on_an_empty_cluster_and_we_reseed(monkeypatch):
         torch.testing.assert_close(got.centres, expected, rtol=1e-6, atol=1e-6)
 
 
-# ------------------------------------------------------------------ faces against the reference
-
 FACE_CASES = [   # data, N, D, k
     ("random", 1237, 77, 13),
     ("clustered", 1501, 64, 12),
@@ -152,6 +139,8 @@ FACE_CASES = [   # data, N, D, k
     ("clustered", 20, 9, 20),      # k = N
     ("random", 999, 130, 37),      # several centre tiles in the triton kernel
 ]
+
+
 TRITON_CASES = [("random", 157, 19, 5), ("clustered", 90, 40, 17), ("random", 31, 3, 31)]
 
 
@@ -232,8 +221,6 @@ def test_reseeding_rule_on_hand_built_assignments():
     assert reseed_empty_clusters(same, torch.tensor([0.1, 0.2, 0.3]), 2) is same
 
 
-# ------------------------------------------------------------------ stop rule, seeds, dtypes
-
 @pytest.mark.parametrize("face", FACES)
 def test_stop_rule_is_squared_total_shift_below_tol(face, gen, monkeypatch):
     x = _random(gen, 150, 12)
@@ -276,8 +263,6 @@ def test_zero_rows_go_to_centre_zero(face, monkeypatch):
     got = kmeans(x, 2, init=torch.tensor([2, 1]), max_iter=1, tol=0.0)
     assert got.assignments.tolist() == [0, 1, 0, 0]
 
-
-# ------------------------------------------------------------------ validation, opcheck
 
 @pytest.mark.parametrize("call, message", [
     (lambda x: kmeans(x[0], 2), "2 dimensions"),

@@ -1,0 +1,42 @@
+"""Markers and face parameters shared by the per-op tests (tests/ops/test_<op>.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import NamedTuple
+
+import pytest
+import torch
+
+from wsss_fast import _cuda_build
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON,
+                                  reason="triton is not installed (the Triton faces need it)")
+needs_nvcc = pytest.mark.skipif(_cuda_build.find_nvcc() is None,
+                                reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+class FaceCase(NamedTuple):
+    """A face and the device of the tensors it is tested on."""
+
+    name: str
+    device: str
+
+    def __str__(self) -> str:
+        return self.name if self.device == "cpu" else f"{self.name}-{self.device}"
+
+
+def face_params(*names: str) -> list:
+    """``pytest.param`` s for the faces ``names`` of an op: reference, cpu and triton (the
+    interpreter) on CPU tensors; triton and cuda on a GPU, marked ``gpu``."""
+    params = []
+    for name in names:
+        if name in ("reference", "cpu", "triton"):
+            params.append(pytest.param(FaceCase(name, "cpu"), id=name))
+        if name in ("triton", "cuda"):
+            params.append(pytest.param(FaceCase(name, "cuda"), id=f"{name}-cuda",
+                                       marks=pytest.mark.gpu))
+    return params
