@@ -41,12 +41,6 @@ LAYER_OF = {unit: level for level, (_, units) in enumerate(LAYERS) for unit in u
 KNOWN_VIOLATIONS = {
     # Upward: the demo drives the CLI's main() (the pipeline engineer moves it onto the pipeline).
     ("wsss_fast.demo", "wsss_fast.cli"),
-    # Upward (and an ops <-> kernels package cycle): kernels reuse helpers of their ops
-    # (NORM_EPS, reseed_empty_clusters, unit_rows; half_disk_offsets) (ops engineer).
-    ("wsss_fast.kernels.kmeans", "wsss_fast.ops.kmeans"),
-    ("wsss_fast.kernels.random_walk", "wsss_fast.ops.random_walk"),
-    # Module cycle: _cuda_lib checks the ABI version that _backend defines (ops engineer).
-    ("wsss_fast.ops._cuda_lib", "wsss_fast.ops._backend"),
     # Package cycle data <-> io: data.images writes through io.atomic while io.overlays colours
     # labels with data.classes.voc_palette (reliability engineer).
     ("wsss_fast.io.overlays", "wsss_fast.data.classes"),
