@@ -10,6 +10,8 @@ import os
 
 import numpy as np
 
+from wsss_fast.constants import voc_palette  # noqa: F401  (re-exported)
+
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -33,20 +35,6 @@ COCO_CATEGORY_IDS = tuple(i for i in range(1, 91)
                           if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
 
 IGNORE_INDEX = 255
-
-
-def voc_palette() -> np.ndarray:
-    """The standard 256-entry VOC colour map (bit-interleaved), ``(256, 3) uint8``."""
-    palette = np.zeros((256, 3), dtype=np.uint8)
-    for index in range(256):
-        value, r, g, b = index, 0, 0, 0
-        for shift in range(7, -1, -1):
-            r |= (value & 1) << shift
-            g |= ((value >> 1) & 1) << shift
-            b |= ((value >> 2) & 1) << shift
-            value >>= 3
-        palette[index] = (r, g, b)
-    return palette
 
 
 def with_background(class_names) -> tuple[str, ...]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from wsss_fast.data.classes import voc_palette
+from wsss_fast.constants import voc_palette
 from wsss_fast.io.atomic import atomic_write_bytes
 
 
