@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -63,6 +64,17 @@ class BuildWithCuda(BuildExtension):
                   file=sys.stderr)
 
 
+class BuildPyWithAbiHeader(build_py):
+    """Also ships csrc/common/abi.h as wsss_fast/ops/abi.h: wsss_fast.ops._abi reads the ABI
+    numbers from it when the source tree is not beside the package (a wheel install)."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "wsss_fast", "ops", "abi.h")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        self.copy_file(os.path.join(ROOT, "csrc", "common", "abi.h"), target)
+
+
 setup(
     name="wsss-fast",
     version="0.1.0",
@@ -71,7 +83,8 @@ setup(
     packages=find_packages(include=["wsss_fast", "wsss_fast.*"]) + ["wsss_fast.kernels"],
     package_dir={"wsss_fast.kernels": "kernels"},
     ext_modules=[_cpu_extension()],
-    cmdclass={"build_ext": BuildWithCuda.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildWithCuda.with_options(use_ninja=True),
+              "build_py": BuildPyWithAbiHeader},
     entry_points={"console_scripts": ["wsss-fast = wsss_fast.cli:main"]},
     zip_safe=False,
 )

@@ -9,8 +9,11 @@ import functools
 import os
 import re
 
-HEADER = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                      "csrc", "common", "abi.h")
+_SOURCE_HEADER = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "csrc", "common", "abi.h")
+# A wheel has no csrc/: setup.py's build_py puts a copy of the header beside this module.
+_PACKAGED_HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "abi.h")
+HEADER = _SOURCE_HEADER if os.path.exists(_SOURCE_HEADER) else _PACKAGED_HEADER
 _DEFINE = re.compile(r"^\s*#\s*define\s+WSSS_FAST_([A-Z0-9_]+)\s+\(?(-?\d+)\)?\s*(?:/[/*].*)?$")
 
 
