@@ -105,7 +105,7 @@ def test_pseudo_label_rejects_mismatched_rule_and_crf(pipeline, tmp_path, capsys
 
 @pytest.mark.parametrize("preset", ["irn", "psa"])
 def test_refine_writes_labels_equal_to_the_python_api(pipeline, tmp_path, preset):
-    from wsss_fast.cli.refine import image_color_features
+    from wsss_fast.pipeline.refine import image_color_features
     from wsss_fast.data.images import read_image
     from wsss_fast.postprocess import random_walk as rw
     root, data = pipeline

@@ -89,7 +89,7 @@ def cooccurrence_classes(data: Path) -> list[int]:
 
 
 def extraction_plan(row: str) -> tuple[str, str, str, str]:
-    """``(trained method, registry model, CAM preset, method whose DEMO_SETTINGS extraction
+    """``(trained method, registry model, CAM preset, method whose synthetic extraction
     options apply)`` of a report row: a training method, or an INFERENCE_PLUGINS row."""
     from wsss_fast.train.methods import get_method
     if row in INFERENCE_PLUGINS:
@@ -101,20 +101,24 @@ def extraction_plan(row: str) -> tuple[str, str, str, str]:
 
 def _train(method: str, data: Path, out: Path, scale: DemoScale, seed: int, workers: int,
            device: str) -> Path:
-    """The checkpoint of ``method`` trained into ``out`` (trained there first if missing)."""
-    from wsss_fast.train.trainer import CHECKPOINT, train
+    """The checkpoint of ``method`` trained into ``out`` (trained there first if missing) with
+    the synthetic recipe, explicitly."""
+    from wsss_fast.train import TrainConfig, train
+    from wsss_fast.train.trainer import CHECKPOINT, STATE
     checkpoint = out / CHECKPOINT
     if not checkpoint.exists():
-        train(method, data, out, split="train", seed=seed, workers=workers, device=device,
-              resume=(out / "train_state.pth").exists(), **scale.train_overrides)
+        train(TrainConfig.from_recipe(
+            "synthetic", method=method, data=str(data), out=str(out), split="train", seed=seed,
+            workers=workers, device=device, resume=(out / STATE).exists(),
+            **scale.train_overrides))
     return checkpoint
 
 
 def preset_args(method: str) -> list[str]:
     """``--preset-arg`` options of the method's recommended extraction settings for the small
-    models of the demo (``wsss_fast.train.methods.DEMO_SETTINGS``); JSON values are YAML."""
-    from wsss_fast.train.methods import DEMO_SETTINGS
-    settings = DEMO_SETTINGS.get(method, {}).get("extract", {})
+    models of the demo (``Method.synthetic_extract``); JSON values are YAML."""
+    from wsss_fast.train.methods import get_method
+    settings = get_method(method).synthetic_extract
     return [arg for name, value in settings.items()
             for arg in ("--preset-arg", f"{name}={json.dumps(value)}")]
 

@@ -439,14 +439,17 @@ def demo_lpcam_cams(data: Path, work: Path, train_overrides: dict, *, seed: int,
     bank's cost is 9 forward passes per image). Returns ``work/extract/cams``."""
     from wsss_fast.cli import main
     from wsss_fast.train.methods import get_method
-    from wsss_fast.train.trainer import CHECKPOINT, STATE, train
+    from wsss_fast.train import TrainConfig, train
+    from wsss_fast.train.trainer import CHECKPOINT, STATE
 
     data, work = Path(data), Path(work)
     method = get_method("irn_cam")
     checkpoint = work / "train" / CHECKPOINT
     if not checkpoint.exists():
-        train("irn_cam", data, work / "train", split="train", seed=seed, workers=workers,
-              device=device, resume=(work / "train" / STATE).exists(), **train_overrides)
+        train(TrainConfig.from_recipe(
+            "synthetic", method="irn_cam", data=str(data), out=str(work / "train"),
+            split="train", seed=seed, workers=workers, device=device,
+            resume=(work / "train" / STATE).exists(), **train_overrides))
     common = ["--data", str(data), "--model", method.model, "--checkpoint", str(checkpoint),
               "--device", device, "--workers", str(workers), "--quiet"]
     prototypes = work / "prototypes.pt"
