@@ -10,7 +10,7 @@ Variants, same random ViT-S weights (12 blocks, 6 heads, D=384, 20 class tokens)
 * engine-bf16 — the same under CPU bf16 autocast (linear layers and convs in bf16; attention
   statistics and softmax stay fp32); its error against fp32 is reported;
 * materializing — the upstream-style generator (eager attention, all blocks' maps stacked, one pass
-  per forward, maps summed on the host: ``wsss_fast.cams.upstream_mctformer``).
+  per forward, maps summed on the host: ``tests.oracles.upstream_mctformer``).
 Each variant runs in its own subprocess (peak RSS above the loaded model and image, via VmHWM), in
 interleaved rounds; the best round counts.
 """
@@ -49,7 +49,7 @@ def setup(quick: bool):
 
 
 def make_run(variant: str, quick: bool):
-    from wsss_fast.cams import upstream_mctformer
+    from tests.oracles import upstream_mctformer
     from wsss_fast.engine import CamEngine
 
     model, image, label, scales = setup(quick)

@@ -6,7 +6,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from wsss_fast.cams.presets import IMAGENET_MEAN, IMAGENET_STD
+from wsss_fast.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
 def assert_rel_close(actual, expected, rtol=1e-5, *, what=""):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from wsss_fast.cli import main
-from wsss_fast.data.base import open_dataset
+from wsss_fast.data.factory import open_dataset
 from wsss_fast.io.cam_files import load_cam_file
 from wsss_fast.train.methods import get_method, list_methods
 

@@ -15,7 +15,8 @@ from wsss_fast.data import (COCO_CLASSES, VOC_CLASSES, COCODataset, FolderDatase
                             ImageDecodeError, VOCDataset, build_coco_label_masks, image_loader,
                             open_dataset, read_image, read_label_png, voc_palette,
                             write_label_png)
-from wsss_fast.data.base import DecodedImages, _single_threaded_worker, read_labels_file
+from wsss_fast.data.labels import read_labels_file
+from wsss_fast.data.loader import DecodedImages, _single_threaded_worker
 
 
 def _rgb(height, width, seed=0):

@@ -10,7 +10,7 @@ import torch
 
 import wsss_fast  # noqa: F401
 from tests.helpers import assert_rel_close
-from wsss_fast.cams.doei import (DOEI, cosine_affinity, decouple, hybrid_attention,
+from wsss_fast.models.doei import (DOEI, cosine_affinity, decouple, hybrid_attention,
                                  progressive_gammas, rgb_similarity)
 from wsss_fast.engine import CamEngine
 from wsss_fast.models.mctformer import MCTformer

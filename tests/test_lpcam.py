@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from tests.helpers import (assert_rel_close, random_image, randomize_batchnorm,
                            upstream_normalize, upstream_rescale)
-from wsss_fast.cams.lpcam import (LPCAM_SETTINGS, LpcamEngine, LpcamSettings, Prototypes,
+from wsss_fast.engine.lpcam import (LPCAM_SETTINGS, LpcamEngine, LpcamSettings, Prototypes,
                                   aggregate_scales, class_members, select_pixels,
                                   select_prototypes)
 from wsss_fast.ops import prototype_cam, prototype_weight
@@ -370,7 +370,7 @@ def test_cli_prototypes_file(synthetic, built):
 
 
 def test_cli_lpcam_extraction(synthetic, built):
-    from wsss_fast.data.base import open_dataset
+    from wsss_fast.data.factory import open_dataset
     from wsss_fast.data.images import read_image
     from wsss_fast.io.cam_files import load_cam_file
     from wsss_fast.io.run_state import file_digest
@@ -420,7 +420,7 @@ def test_cli_prototypes_from_cam_files_equal_in_process_cams(synthetic, built):
 
 @pytest.mark.slow
 def test_demo_helper_trains_builds_and_extracts(synthetic, tmp_path):
-    from wsss_fast.cams.lpcam import demo_lpcam_cams
+    from wsss_fast.demo import demo_lpcam_cams
     work = tmp_path / "lpcam"
     cams = demo_lpcam_cams(Path(synthetic.data), work, {"epochs": 1, "batch_size": 4}, seed=0,
                            workers=0, device="cpu")

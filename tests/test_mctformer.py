@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 import torch
 
-from wsss_fast.cams import upstream_mctformer
+from tests.oracles import upstream_mctformer
 from wsss_fast.engine import CamEngine
 from wsss_fast.models import CheckpointMismatch, load_checkpoint
 from wsss_fast.models.mctformer import (global_ranking_pool, mctformer_plus, mctformer_v1,

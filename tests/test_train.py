@@ -21,7 +21,7 @@ from wsss_fast.models.checkpoint import load_checkpoint
 from wsss_fast.models.conformer import Conformer
 from wsss_fast.models.mctformer import MCTformer
 from wsss_fast.models.registry import create_model
-from wsss_fast.cams.presets import get_preset
+from wsss_fast.engine.presets import get_preset
 from wsss_fast.train import (METHODS, SYNTHETIC_TRAIN, Method, TrainConfig, get_method,
                              register_method)
 from wsss_fast.train import train as train_config

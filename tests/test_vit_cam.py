@@ -10,8 +10,8 @@ import PIL.Image
 
 import wsss_fast._compat  # noqa: F401
 import timm
-from wsss_fast.cams.presets import IMAGENET_MEAN, IMAGENET_STD
-from wsss_fast.cams.upstream_mctformer import block_forward
+from wsss_fast.constants import IMAGENET_MEAN, IMAGENET_STD
+from tests.oracles.upstream_mctformer import block_forward
 from wsss_fast.engine import CamEngine, to_normalized_tensor
 from wsss_fast.models.vit import ViTCam
 

@@ -134,13 +134,49 @@ def evaluate_folder(data: Path, split: str, source: str, folder: Path, out: Path
     return json.loads((out / "evaluation.json").read_text())
 
 
+def demo_lpcam_cams(data: Path, work: Path, train_overrides: dict, *, seed: int, workers: int,
+                    device: str, bank_images: Optional[int] = None) -> Path:
+    """The demo's LPCAM step on the synthetic benchmark: trains "irn_cam" into ``work/train``,
+    builds ``work/prototypes.pt`` and extracts LPCAM CAMs of the "val" split into
+    ``work/extract`` (as ``wsss-fast extract``); each step is skipped when its output exists.
+    ``bank_images``: build the feature bank from the first that many training images only (the
+    bank's cost is 9 forward passes per image). Returns ``work/extract/cams``."""
+    from wsss_fast.cli import main
+    from wsss_fast.train.methods import get_method
+    from wsss_fast.train.trainer import CHECKPOINT, STATE, train
+
+    data, work = Path(data), Path(work)
+    method = get_method("irn_cam")
+    checkpoint = work / "train" / CHECKPOINT
+    if not checkpoint.exists():
+        train("irn_cam", data, work / "train", split="train", seed=seed, workers=workers,
+              device=device, resume=(work / "train" / STATE).exists(), **train_overrides)
+    common = ["--data", str(data), "--model", method.model, "--checkpoint", str(checkpoint),
+              "--device", device, "--workers", str(workers), "--quiet"]
+    prototypes = work / "prototypes.pt"
+    bank_split = "train"
+    if bank_images is not None:
+        train_ids = (data / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+        bank_split = str(work / "bank.txt")
+        work.mkdir(parents=True, exist_ok=True)
+        Path(bank_split).write_text("\n".join(train_ids[:bank_images]) + "\n")
+    steps = [] if prototypes.exists() else [
+        ["prototypes", "--split", bank_split, "--out", str(prototypes), "--seed", str(seed)]]
+    steps.append(["extract", "--method", "lpcam", "--prototypes", str(prototypes), "--split",
+                  "val", "--out", str(work / "extract")])
+    for argv in steps:
+        status = main(argv + common)
+        if status != 0:
+            raise RuntimeError(f"wsss-fast {argv[0]} failed with exit status {status}")
+    return work / "extract" / "cams"
+
+
 def run_method(method: str, data: Path, out: Path, scale: DemoScale, seed: int, workers: int,
                device: str, cooccurrence: Sequence[int]) -> MethodResult:
     result = MethodResult(method)
     work = out / method
     start = time.perf_counter()
     if method == "lpcam":
-        from wsss_fast.cams.lpcam import demo_lpcam_cams
         cams = demo_lpcam_cams(data, work, scale.train_overrides, seed=seed, workers=workers,
                                device=device, bank_images=scale.lpcam_bank_images)
         result.train_seconds = time.perf_counter() - start   # training + prototypes

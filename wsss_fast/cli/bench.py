@@ -48,7 +48,7 @@ def _stage(name: str, stage, options, images: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsss_fast.data import open_dataset
+    from wsss_fast.data.factory import open_dataset
     from wsss_fast.io.atomic import atomic_write_bytes, atomic_write_json
     model_args = parse_key_values(args.model_arg)
     with tempfile.TemporaryDirectory(prefix="wsss-fast-bench-") as scratch:

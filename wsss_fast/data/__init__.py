@@ -1,13 +1,5 @@
 """Datasets (VOC, COCO, folder, synthetic), image decoding and class names."""
 
-from wsss_fast.data.base import (
-    DecodedImages,
-    Sample,
-    WsssDataset,
-    image_loader,
-    open_dataset,
-    read_labels_file,
-)
 from wsss_fast.data.classes import (
     COCO_CATEGORY_IDS,
     COCO_CLASSES,
@@ -18,6 +10,8 @@ from wsss_fast.data.classes import (
     with_background,
 )
 from wsss_fast.data.coco import COCODataset, build_coco_label_masks
+from wsss_fast.data.dataset import Sample, WsssDataset
+from wsss_fast.data.factory import open_dataset
 from wsss_fast.data.folder import FolderDataset
 from wsss_fast.data.images import (
     ImageDecodeError,
@@ -25,6 +19,8 @@ from wsss_fast.data.images import (
     read_label_png,
     write_label_png,
 )
+from wsss_fast.data.labels import read_labels_file
+from wsss_fast.data.loader import DecodedImages, image_loader
 from wsss_fast.data.synthetic import generate_synthetic, render_sample
 from wsss_fast.data.voc import VOCDataset
 

@@ -19,9 +19,10 @@ from typing import Optional
 
 import numpy as np
 
-from wsss_fast.data.base import WsssDataset, resolve_labels
 from wsss_fast.data.classes import COCO_CATEGORY_IDS, COCO_CLASSES
+from wsss_fast.data.dataset import WsssDataset
 from wsss_fast.data.images import ImageDecodeError, read_label_png, write_label_png
+from wsss_fast.data.labels import resolve_labels
 
 _SPLIT_ALIASES = {"train": "train2014", "val": "val2014"}
 

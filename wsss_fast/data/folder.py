@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
-from wsss_fast.data.base import IMAGE_EXTENSIONS, WsssDataset, resolve_labels
+from wsss_fast.constants import IMAGE_EXTENSIONS
 from wsss_fast.data.classes import VOC_CLASSES, read_class_names
+from wsss_fast.data.dataset import WsssDataset
+from wsss_fast.data.labels import resolve_labels
 from wsss_fast.data.voc import read_id_list
 
 

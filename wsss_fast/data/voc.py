@@ -9,9 +9,11 @@ from typing import Optional
 
 import numpy as np
 
-from wsss_fast.data.base import IMAGE_EXTENSIONS, WsssDataset, resolve_labels
+from wsss_fast.constants import IMAGE_EXTENSIONS
 from wsss_fast.data.classes import IGNORE_INDEX, VOC_CLASSES, read_class_names
+from wsss_fast.data.dataset import WsssDataset
 from wsss_fast.data.images import read_label_png
+from wsss_fast.data.labels import resolve_labels
 
 GT_FOLDERS = ("SegmentationClass", "SegmentationClassAug")  # first found wins
 

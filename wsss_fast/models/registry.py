@@ -125,7 +125,7 @@ SMALL_CONFORMER = dict(patch_size=16, base_channel=64, channel_ratio=0.5, embed_
 
 
 def _register_small_vit_models() -> None:
-    from wsss_fast.cams import doei
+    from wsss_fast.models import doei
     from wsss_fast.models import conformer, mctformer, vit
 
     for name, builder, preset, config in (

@@ -100,7 +100,7 @@ def build_engine(options: ExtractOptions, dataset, device):
         overrides["flip"] = False
     dtype = _AUTOCAST[options.dtype]
     if options.method == "lpcam":
-        from wsss_fast.cams.lpcam import LpcamEngine
+        from wsss_fast.engine.lpcam import LpcamEngine
         return LpcamEngine(model, lpcam_prototypes(options, dataset), device=device,
                            dtype=dtype, **overrides)
     return CamEngine(model, options.preset or model_preset(options.model), device=device,
@@ -120,7 +120,7 @@ def load_model(name: str, num_classes: int, checkpoint: Optional[str], model_arg
 
 def lpcam_prototypes(options: ExtractOptions, dataset):
     """The prototypes of method lpcam, checked against the checkpoint and the classes."""
-    from wsss_fast.cams.lpcam import Prototypes
+    from wsss_fast.engine.lpcam import Prototypes
     from wsss_fast.io.run_state import file_digest
     if options.prototypes is None:
         raise OptionsError("--method lpcam needs --prototypes FILE (see wsss-fast prototypes)")
@@ -217,7 +217,7 @@ def _extract_batch(engine, batch, writer: CamWriter, state) -> None:
 
 def extract(options: ExtractOptions) -> JobResult:
     """Extract the CAMs of ``options``' dataset into ``options.out``; rerunning resumes."""
-    from wsss_fast.data import image_loader
+    from wsss_fast.data.loader import image_loader
     from wsss_fast.pipeline.progress import progress
     require(options, "data", "model", "out")
     if options.batch_size < 1:

@@ -30,7 +30,7 @@ def parse_key_values(pairs, option_flag: str = "--model-arg") -> dict:
 
 def open_dataset_of(options: DatasetOptions):
     """The dataset the options name; a missing root or a bad split is an ``InputError``."""
-    from wsss_fast.data import open_dataset
+    from wsss_fast.data.factory import open_dataset
     from wsss_fast.pipeline.errors import InputError
     if not os.path.isdir(options.data):
         raise InputError(f"--data {options.data}: not a folder")

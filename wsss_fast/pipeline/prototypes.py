@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from wsss_fast.cams.lpcam import CLASS_FALLBACKS, LPCAM_SETTINGS
+from wsss_fast.engine.lpcam import CLASS_FALLBACKS, LPCAM_SETTINGS
 from wsss_fast.pipeline.errors import InputError, OptionsError
 from wsss_fast.pipeline.options import (DatasetOptions, open_dataset_of, option,
                                         parse_key_values, path_or_none, require)
@@ -90,7 +90,7 @@ def resolve_settings(options: PrototypesOptions, dataset_name: str):
 
 def build_prototypes(options: PrototypesOptions):
     """Build and save the prototypes file ``options.out``; returns the ``Prototypes``."""
-    from wsss_fast.cams.lpcam import build_prototypes as build
+    from wsss_fast.engine.lpcam import build_prototypes as build
     from wsss_fast.distributed import resolve_device
     from wsss_fast.io.run_state import file_digest
     from wsss_fast.pipeline.extract import load_model

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from wsss_fast.cams.presets import IMAGENET_MEAN, IMAGENET_STD
-from wsss_fast.data.base import WsssDataset
+from wsss_fast.constants import IMAGENET_MEAN, IMAGENET_STD
+from wsss_fast.data.dataset import WsssDataset
 from wsss_fast.data.images import read_image
 
 

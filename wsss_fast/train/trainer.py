@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from wsss_fast.data import open_dataset
+from wsss_fast.data.factory import open_dataset
 from wsss_fast.io.atomic import atomic_write, atomic_write_json
 from wsss_fast.models.registry import create_model
 from wsss_fast.train.config import TrainConfig

@@ -10,8 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from wsss_fast.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ PRESETS = {
                              cam_kwargs={"cls_layers": 12, "refine": True,
                                          "attention_type": "fused"}),
     # DOEI (DESIGN §5.3) on MCTformer-V2: the V2 generator's settings; the DOEI hyper-parameters
-    # belong to the model (wsss_fast.cams.doei.DOEI; registry model "mctformer_v2_doei").
+    # belong to the model (wsss_fast.models.doei.DOEI; registry model "mctformer_v2_doei").
     "mctformer-v2-doei": Preset("mctformer-v2-doei",
                                 cam_kwargs={"cls_layers": 3, "refine": True,
                                             "attention_type": "fused"}),

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from wsss_fast import ops
-from wsss_fast.cams.presets import Preset, get_preset
+from wsss_fast.engine.presets import Preset, get_preset
 
 ImageLike = Union[str, os.PathLike, PIL.Image.Image, np.ndarray]
 
@@ -141,28 +141,48 @@ class CamEngine:
         labels = [None] * len(images) if labels is None else list(labels)
         if len(labels) != len(images):
             raise ValueError(f"got {len(labels)} label vectors for {len(images)} images")
+        results = [self.result_without_forward(image.size, labels[index])
+                   for index, image in enumerate(images)]
         groups: dict[tuple[int, int], list[int]] = {}
         for index, image in enumerate(images):
-            groups.setdefault(image.size, []).append(index)
-        results: list[Optional[CamResult]] = [None] * len(images)
+            if results[index] is None:
+                groups.setdefault(image.size, []).append(index)
         for indices in groups.values():
-            per_image = [([], []) for _ in indices]   # (maps, flips) of each image
+            passes = [[] for _ in indices]   # per image, what pass_maps gave for each pass
             for batches in zip(*(self.pass_inputs(images[i]) for i in indices)):
-                batch = torch.cat(batches)
                 with torch.autocast(self.device.type, dtype=self.dtype or torch.bfloat16,
                                     enabled=self.dtype is not None):
-                    cams = self.model.cam_maps(batch, **self._cam_kwargs(batch)).float()
-                cams = cams[:, self.preset.drop_channels:]
-                per_pass = cams.shape[0] // len(indices)
-                for slot in range(len(indices)):
-                    for j in range(per_pass):
-                        row = slot * per_pass + j
-                        per_image[slot][0].append(cams[row:row + 1])
-                        per_image[slot][1].append(j == 1)
+                    outputs = self.forward_pass(torch.cat(batches))
+                for slot, maps in enumerate(self.pass_maps(outputs, [labels[i] for i in indices])):
+                    passes[slot].append(maps)
             for slot, index in enumerate(indices):
-                maps, flips = per_image[slot]
-                results[index] = self._merge(maps, flips, images[index].size, labels[index])
+                results[index] = self.merge_passes(passes[slot], images[index].size, labels[index])
         return results
+
+    # The per-pass hooks of ``extract``: a subclass with another head (LPCAM) overrides them and
+    # keeps the loop (grouping by size, batching the passes of equal-size images, autocast).
+
+    def result_without_forward(self, size: tuple[int, int], labels) -> Optional[CamResult]:
+        """The result of an image that needs no forward pass, else None (every image here)."""
+        return None
+
+    def forward_pass(self, batch: torch.Tensor) -> torch.Tensor:
+        """The model's outputs for one pass of several images (run under the engine's autocast)."""
+        return self.model.cam_maps(batch, **self._cam_kwargs(batch)).float()
+
+    def pass_maps(self, outputs: torch.Tensor, labels: Sequence) -> list:
+        """Split one pass's ``outputs`` by image (``labels`` has one entry per image, in batch
+        order): per image, its ``[(map (1, K, h, w), flipped)]``."""
+        cams = outputs[:, self.preset.drop_channels:]
+        per_pass = cams.shape[0] // len(labels)
+        return [[(cams[row:row + 1], j == 1)
+                 for j, row in enumerate(range(slot * per_pass, (slot + 1) * per_pass))]
+                for slot in range(len(labels))]
+
+    def merge_passes(self, passes: list, size: tuple[int, int], labels) -> CamResult:
+        """One image's result from its ``pass_maps`` of every pass."""
+        pieces = [piece for maps in passes for piece in maps]
+        return self._merge([m for m, _ in pieces], [flip for _, flip in pieces], size, labels)
 
     def _merge(self, maps, flips, size, labels) -> CamResult:
         width, height = size

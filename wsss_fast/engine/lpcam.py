@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from wsss_fast import ops
-from wsss_fast.cams.presets import Preset
-from wsss_fast.engine import CamEngine, CamResult, load_image, to_normalized_tensor
+from wsss_fast.engine.cam_engine import CamEngine, CamResult, load_image, to_normalized_tensor
+from wsss_fast.engine.presets import Preset
 from wsss_fast.ops.prototype_cam import prototype_cam, prototype_weight
 
 PROTOTYPES_FORMAT = "wsss-fast/lpcam-prototypes"
@@ -271,7 +271,7 @@ def build_prototypes(model: torch.nn.Module, dataset, *, ids: Optional[Sequence[
     Images that cannot be read or lack a CAM file are left out of the bank and listed in the
     result's ``settings["skipped"]``.
     """
-    from wsss_fast.data.base import image_loader
+    from wsss_fast.data.loader import image_loader
     from wsss_fast.io.cam_files import CamFileError, load_cam_file
 
     engine = CamEngine(model, "irn-cam", device=device)
@@ -389,82 +389,42 @@ class LpcamEngine(CamEngine):
         weight, relu = prototypes.weights()
         self.weight, self.relu = weight.to(self.device), relu.to(self.device)
 
-    @torch.no_grad()
-    def extract(self, images: Sequence, labels: Optional[Sequence] = None) -> list[CamResult]:
-        images = [load_image(image) for image in images]
-        labels = [None] * len(images) if labels is None else list(labels)
-        if len(labels) != len(images):
-            raise ValueError(f"got {len(labels)} label vectors for {len(images)} images")
+    def _keys(self, labels) -> torch.Tensor:
+        return torch.nonzero(self._labels(labels, self.weight.shape[0]) > 0).flatten()
+
+    def _zeros(self, size: tuple[int, int], keys: torch.Tensor) -> CamResult:
+        width, height = size
+        low_size = (_ceil_div(height, LOW_RES_STRIDE), _ceil_div(width, LOW_RES_STRIDE))
         num_classes = self.weight.shape[0]
-        keys = [torch.nonzero(self._labels(lab, num_classes) > 0).flatten() for lab in labels]
-        groups: dict[tuple[int, int], list[int]] = {}
-        for index, image in enumerate(images):
-            groups.setdefault(image.size, []).append(index)
-        results: list[Optional[CamResult]] = [None] * len(images)
-        for (width, height), group in groups.items():
-            low_size = (_ceil_div(height, LOW_RES_STRIDE), _ceil_div(width, LOW_RES_STRIDE))
-            for i in group:   # absent classes stay 0, as in CamEngine's results
-                results[i] = CamResult(keys=keys[i].cpu().numpy(),
-                                       high_res=self.weight.new_zeros((num_classes, height, width)),
-                                       low_res=self.weight.new_zeros((num_classes, *low_size)))
-            indices = [i for i in group if keys[i].numel() > 0]   # others: no maps to compute
-            if not indices:
-                continue
-            per_scale = {i: [] for i in indices}
-            for batches in zip(*(self.pass_inputs(images[i]) for i in indices)):
-                with torch.autocast(self.device.type, dtype=self.dtype or torch.bfloat16,
-                                    enabled=self.dtype is not None):
-                    features = self.model.features(torch.cat(batches)).float()
-                passes = features.shape[0] // len(indices)
-                for slot, i in enumerate(indices):
-                    f = features[slot * passes]
-                    if passes == 2:     # LPCAM sums the features of the image and its flip
-                        f = f + features[slot * passes + 1].flip(-1)
-                    per_scale[i].append(prototype_cam(f, self.weight[keys[i]],
-                                                      self.relu[keys[i]]))
-            for i in indices:
-                high, low = aggregate_scales(per_scale[i], height, width)
-                results[i].high_res[keys[i]], results[i].low_res[keys[i]] = high, low
-        return results
+        return CamResult(keys=keys.cpu().numpy(),
+                         high_res=self.weight.new_zeros((num_classes, height, width)),
+                         low_res=self.weight.new_zeros((num_classes, *low_size)))
 
+    def result_without_forward(self, size, labels) -> Optional[CamResult]:
+        """Images without a present class: all-zero maps, no forward pass."""
+        keys = self._keys(labels)
+        return self._zeros(size, keys) if keys.numel() == 0 else None
 
-# ----------------------------------------------------------------------------- demo
+    def forward_pass(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model.features(batch).float()
 
-def demo_lpcam_cams(data: Path, work: Path, train_overrides: dict, *, seed: int, workers: int,
-                    device: str, bank_images: Optional[int] = None) -> Path:
-    """The demo's LPCAM step on the synthetic benchmark: trains "irn_cam" into ``work/train``,
-    builds ``work/prototypes.pt`` and extracts LPCAM CAMs of the "val" split into
-    ``work/extract`` (as ``wsss-fast extract``); each step is skipped when its output exists.
-    ``bank_images``: build the feature bank from the first that many training images only (the
-    bank's cost is 9 forward passes per image). Returns ``work/extract/cams``."""
-    from wsss_fast.cli import main
-    from wsss_fast.train.methods import get_method
-    from wsss_fast.train import TrainConfig, train
-    from wsss_fast.train.trainer import CHECKPOINT, STATE
+    def pass_maps(self, outputs: torch.Tensor, labels: Sequence) -> list:
+        """Per image, the prototype heatmap ``(n, h, w)`` of its present classes at this pass."""
+        passes = outputs.shape[0] // len(labels)
+        maps = []
+        for slot, image_labels in enumerate(labels):
+            keys = self._keys(image_labels)
+            f = outputs[slot * passes]
+            if passes == 2:     # LPCAM sums the features of the image and its flip
+                f = f + outputs[slot * passes + 1].flip(-1)
+            maps.append(prototype_cam(f, self.weight[keys], self.relu[keys]))
+        return maps
 
-    data, work = Path(data), Path(work)
-    method = get_method("irn_cam")
-    checkpoint = work / "train" / CHECKPOINT
-    if not checkpoint.exists():
-        train(TrainConfig.from_recipe(
-            "synthetic", method="irn_cam", data=str(data), out=str(work / "train"),
-            split="train", seed=seed, workers=workers, device=device,
-            resume=(work / "train" / STATE).exists(), **train_overrides))
-    common = ["--data", str(data), "--model", method.model, "--checkpoint", str(checkpoint),
-              "--device", device, "--workers", str(workers), "--quiet"]
-    prototypes = work / "prototypes.pt"
-    bank_split = "train"
-    if bank_images is not None:
-        train_ids = (data / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
-        bank_split = str(work / "bank.txt")
-        work.mkdir(parents=True, exist_ok=True)
-        Path(bank_split).write_text("\n".join(train_ids[:bank_images]) + "\n")
-    steps = [] if prototypes.exists() else [
-        ["prototypes", "--split", bank_split, "--out", str(prototypes), "--seed", str(seed)]]
-    steps.append(["extract", "--method", "lpcam", "--prototypes", str(prototypes), "--split",
-                  "val", "--out", str(work / "extract")])
-    for argv in steps:
-        status = main(argv + common)
-        if status != 0:
-            raise RuntimeError(f"wsss-fast {argv[0]} failed with exit status {status}")
-    return work / "extract" / "cams"
+    def merge_passes(self, passes: list, size: tuple[int, int], labels) -> CamResult:
+        """Mean over scales, max-normalized (``aggregate_scales``); absent classes stay 0, as in
+        ``CamEngine``'s results."""
+        keys = self._keys(labels)
+        result = self._zeros(size, keys)
+        width, height = size
+        result.high_res[keys], result.low_res[keys] = aggregate_scales(passes, height, width)
+        return result

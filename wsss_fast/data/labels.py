@@ -1,8 +1,7 @@
-"""The dataset interface shared by VOC, COCO and folder datasets, image-level label files, and a
-DataLoader that decodes images in worker processes.
+"""Image-level label files (``.npy`` / ``.csv`` / ``.json``) and matching their keys onto dataset ids.
 
-Class indices are 0-based over the foreground classes; a sample's ``labels`` is a float32
-multi-hot vector over them (nonzero entries in a labels file count as present).
+Class indices are 0-based over the foreground classes; labels are float32 multi-hot vectors over
+them (nonzero entries in a labels file count as present).
 """
 
 from __future__ import annotations
@@ -12,82 +11,16 @@ import json
 import os
 import pickle
 import re
-from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
-import cv2
 import numpy as np
-import torch.utils.data
 
+from wsss_fast.constants import IMAGE_EXTENSIONS
 from wsss_fast.data.classes import VOC_CLASSES, read_class_names
-from wsss_fast.data.images import read_image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _HEADER_ID_NAMES = ("id", "image", "image_id", "name", "filename", "file")
 _HEADER_LABEL_NAMES = ("labels", "label", "classes", "class")
 
-
-@dataclass(frozen=True, eq=False)  # eq=False: numpy fields make field-wise == ambiguous
-class Sample:
-    """One image of a dataset."""
-
-    id: str
-    image_path: str
-    labels: Optional[np.ndarray]  # float32 (K,) multi-hot over foreground classes; None: unknown
-    gt_path: Optional[str]  # ground-truth label PNG, or None
-
-
-class WsssDataset:
-    """Sorted unique ids → image path, image-level labels and ground-truth PNG.
-
-    ``problems()`` lists what indexing found wrong (an id without an image, an id missing from the
-    labels file, a labels entry without an image, ...): such items are dropped or get
-    ``labels=None``, and are reported rather than silently lost.
-    """
-
-    name = "dataset"
-
-    def __init__(self, root, class_names: Sequence[str], image_paths: dict[str, str],
-                 labels: dict[str, np.ndarray], gt_paths: dict[str, str],
-                 problems: Iterable[tuple[str, str]]):
-        self.root = os.fspath(root)
-        self.class_names = tuple(class_names)
-        self.ids = sorted(image_paths)
-        self._image_paths = dict(image_paths)
-        self._labels = {key: _frozen(value) for key, value in labels.items()}
-        self._gt_paths = dict(gt_paths)
-        self._problems = list(problems)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(root={self.root!r}, images={len(self)}, "
-                f"classes={self.num_classes}, problems={len(self._problems)})")
-
-    def sample(self, id: str) -> Sample:
-        if id not in self._image_paths:
-            raise KeyError(f"{self.name} dataset at {self.root}: no image with id {id!r}")
-        return Sample(id, self._image_paths[id], self._labels_of(id), self._gt_paths.get(id))
-
-    def _labels_of(self, id: str) -> Optional[np.ndarray]:
-        return self._labels.get(id)
-
-    def problems(self) -> list[tuple[str, str]]:
-        return list(self._problems)
-
-
-def _frozen(labels: np.ndarray) -> np.ndarray:
-    labels = np.array(labels, dtype=np.float32)
-    labels.flags.writeable = False
-    return labels
-
-
-# ----------------------------------------------------------------------------- labels files
 
 def read_labels_file(path, class_names: Optional[Sequence[str]] = None
                      ) -> tuple[tuple[str, ...], dict]:
@@ -321,82 +254,3 @@ def resolve_labels(labels_path, class_names, ids, all_ids, source_name
     problems += [(id, f"no entry in labels file {labels_path}; labels unknown")
                  for id in ids if id not in matched]
     return names, {id: matched[id] for id in ids if id in matched}, problems
-
-
-# ----------------------------------------------------------------------------- opening
-
-def open_dataset(kind: str, root, *, split=None, labels=None, classes=None) -> WsssDataset:
-    """Open a dataset: ``kind`` is ``voc``, ``coco``, ``folder`` or ``auto`` (VOC layout if
-    ``root/JPEGImages`` or ``root/VOC2012/JPEGImages`` exists, COCO if ``root/annotations``
-    exists, else a folder of images)."""
-    from wsss_fast.data.coco import COCODataset
-    from wsss_fast.data.folder import FolderDataset
-    from wsss_fast.data.voc import VOCDataset
-
-    root = os.fspath(root)
-    if not os.path.isdir(root):
-        raise ValueError(f"dataset root {root} is not a directory")
-    kinds = {"voc": VOCDataset, "coco": COCODataset, "folder": FolderDataset}
-    kind = kind.lower()
-    if kind == "auto":
-        if (os.path.isdir(os.path.join(root, "JPEGImages"))
-                or os.path.isdir(os.path.join(root, "VOC2012", "JPEGImages"))):
-            kind = "voc"
-        elif os.path.isdir(os.path.join(root, "annotations")):
-            kind = "coco"
-        else:
-            kind = "folder"
-    if kind not in kinds:
-        raise ValueError(f"unknown dataset kind {kind!r} (expected voc, coco, folder or auto)")
-    return kinds[kind](root, split=split, labels=labels, classes=classes)
-
-
-# ----------------------------------------------------------------------------- loading
-
-class DecodedImages(torch.utils.data.Dataset):
-    """Decoded images of ``ids`` in order; a decoding failure becomes an item with ``error`` set
-    (and ``image=None``) instead of an exception, so one bad file never stops a run."""
-
-    def __init__(self, dataset: WsssDataset, ids: Sequence[str]):
-        known = set(dataset.ids)
-        unknown = [id for id in ids if id not in known]
-        if unknown:
-            raise ValueError(f"{len(unknown)} ids are not in the {dataset.name} dataset at "
-                             f"{dataset.root}, e.g. {unknown[:3]}")
-        self.dataset = dataset
-        self.ids = list(ids)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i) -> dict:
-        id = self.ids[i]
-        item = {"id": id, "image": None, "labels": None, "error": None}
-        try:
-            sample = self.dataset.sample(id)
-            item["labels"] = sample.labels
-            item["image"] = read_image(sample.image_path)
-        except Exception as exc:  # reported per item: a worker must never die on one image
-            item["error"] = str(exc) if isinstance(exc, ValueError) else (
-                f"{type(exc).__name__}: {exc}")
-        return item
-
-
-def _single_threaded_worker(_worker_id: int) -> None:
-    cv2.setNumThreads(0)  # one decoding thread per worker; parallelism comes from the workers
-
-
-def _keep_item(item):
-    return item
-
-
-def image_loader(dataset: WsssDataset, ids: Sequence[str], workers: int = 2,
-                 prefetch: int = 2) -> Iterable[dict]:
-    """Iterate ``{"id", "image", "labels", "error"}`` for ``ids`` in order, decoding in
-    ``workers`` processes (0: in this process); images stay numpy arrays."""
-    if workers < 0 or prefetch < 1:
-        raise ValueError(f"workers must be >= 0 and prefetch >= 1, got {workers}, {prefetch}")
-    return torch.utils.data.DataLoader(
-        DecodedImages(dataset, ids), batch_size=None, shuffle=False, num_workers=workers,
-        collate_fn=_keep_item, worker_init_fn=_single_threaded_worker if workers else None,
-        prefetch_factor=prefetch if workers else None, in_order=True)

@@ -1,0 +1,69 @@
+"""The dataset interface shared by VOC, COCO and folder datasets: ``Sample`` and ``WsssDataset``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: numpy fields make field-wise == ambiguous
+class Sample:
+    """One image of a dataset."""
+
+    id: str
+    image_path: str
+    labels: Optional[np.ndarray]  # float32 (K,) multi-hot over foreground classes; None: unknown
+    gt_path: Optional[str]  # ground-truth label PNG, or None
+
+
+class WsssDataset:
+    """Sorted unique ids → image path, image-level labels and ground-truth PNG.
+
+    ``problems()`` lists what indexing found wrong (an id without an image, an id missing from the
+    labels file, a labels entry without an image, ...): such items are dropped or get
+    ``labels=None``, and are reported rather than silently lost.
+    """
+
+    name = "dataset"
+
+    def __init__(self, root, class_names: Sequence[str], image_paths: dict[str, str],
+                 labels: dict[str, np.ndarray], gt_paths: dict[str, str],
+                 problems: Iterable[tuple[str, str]]):
+        self.root = os.fspath(root)
+        self.class_names = tuple(class_names)
+        self.ids = sorted(image_paths)
+        self._image_paths = dict(image_paths)
+        self._labels = {key: _frozen(value) for key, value in labels.items()}
+        self._gt_paths = dict(gt_paths)
+        self._problems = list(problems)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(root={self.root!r}, images={len(self)}, "
+                f"classes={self.num_classes}, problems={len(self._problems)})")
+
+    def sample(self, id: str) -> Sample:
+        if id not in self._image_paths:
+            raise KeyError(f"{self.name} dataset at {self.root}: no image with id {id!r}")
+        return Sample(id, self._image_paths[id], self._labels_of(id), self._gt_paths.get(id))
+
+    def _labels_of(self, id: str) -> Optional[np.ndarray]:
+        return self._labels.get(id)
+
+    def problems(self) -> list[tuple[str, str]]:
+        return list(self._problems)
+
+
+def _frozen(labels: np.ndarray) -> np.ndarray:
+    labels = np.array(labels, dtype=np.float32)
+    labels.flags.writeable = False
+    return labels
