@@ -18,7 +18,8 @@ import numpy as np
 
 from wsss_fast.pipeline.errors import InputError, OptionsError
 from wsss_fast.pipeline.job import item_path
-from wsss_fast.pipeline.options import DatasetOptions, open_dataset_of, option, path_or_none, require
+from wsss_fast.pipeline.options import (DatasetOptions, open_dataset_of, option, path_or_none,
+                                        require)
 
 MIOU_RULES = ("nanmean", "mean", "present")
 
