@@ -429,3 +429,23 @@ def test_cli_train_end_to_end(tiny_root, tmp_path, capsys):
     assert cli_main(["train", "--method", "mctformer_v2", "--data", str(tiny_root), "--out",
                      str(tmp_path / "other"), "--threads", "0"]) == 2
     assert "threads must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_train_recipe_is_explicit_and_printed(tiny_root, tmp_path, capsys):
+    out = tmp_path / "recipe"
+    code = cli_main(["train", "--method", "mctformer_v2", "--recipe", "synthetic", "--data",
+                     str(tiny_root), "--out", str(out), "--max-steps", "1", "--batch-size", "4",
+                     "--crop", "64", "--workers", "0", "--device", "cpu", "--quiet"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "recipe synthetic for mctformer_v2" in err and "epochs=15" in err
+    assert "crop=" not in err                     # given on the command line: not the recipe's
+    config = json.loads((out / "train.json").read_text())["config"]
+    assert config["epochs"] == 15 and config["crop"] == 64
+    # Without the recipe the generic defaults apply, not the synthetic ones.
+    plain = tmp_path / "plain"
+    assert cli_main(["train", "--method", "mctformer_v2", "--data", str(tiny_root), "--out",
+                     str(plain), "--max-steps", "1", "--batch-size", "4", "--crop", "64",
+                     "--workers", "0", "--device", "cpu", "--quiet"]) == 0
+    generic = TrainConfig(method="mctformer_v2", data=str(tiny_root), out=str(plain))
+    assert json.loads((plain / "train.json").read_text())["config"]["epochs"] == generic.epochs
