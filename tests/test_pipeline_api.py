@@ -71,6 +71,8 @@ def test_bad_options_raise_options_errors(synthetic):
     root, data = synthetic
     with pytest.raises(OptionsError, match="--out"):
         extract(_options(root, data, out=None))
+    with pytest.raises(OptionsError, match="--method 'bogus'"):   # the CLI's choices, in Python
+        extract(_options(root, data, method="bogus"))
     with pytest.raises(OptionsError, match="--batch-size"):
         extract(_options(root, data, batch_size=0))
     with pytest.raises(OptionsError, match="--cams"):

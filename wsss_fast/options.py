@@ -119,6 +119,19 @@ def options_from_args(options_type, args: argparse.Namespace, **extra):
     return options_type(**{**given, **extra})
 
 
+def choice_problems(options) -> list[str]:
+    """One message per field whose value is not among its declared (fixed) choices: the CLI's
+    argparse check, for options built in Python."""
+    problems = []
+    for field in dataclasses.fields(options):
+        choices = field.metadata.get("choices")
+        value = getattr(options, field.name)
+        if choices and not callable(choices) and value is not None and value not in choices:
+            problems.append(f"{_flag(field)} {value!r}: expected one of "
+                            f"{', '.join(map(str, choices))}")
+    return problems
+
+
 def fingerprint_fields(options_type) -> list[str]:
     """The fields that change results (``option(..., fingerprint=True)``, the default)."""
     return [f.name for f in dataclasses.fields(options_type)

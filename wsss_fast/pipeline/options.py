@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 
-from wsss_fast.options import DatasetOptions, flag_of, option, path_or_none  # noqa: F401
+from wsss_fast.options import (DatasetOptions, choice_problems, flag_of, option,  # noqa: F401
+                               path_or_none)
 from wsss_fast.options import parse_key_values as key_values
 from wsss_fast.pipeline.errors import OptionsError
 
@@ -14,10 +15,14 @@ DTYPES = ("fp32", "bf16", "fp16")
 
 
 def require(options, *names: str) -> None:
-    """Raise ``OptionsError`` naming the options of ``names`` that are unset."""
+    """Raise ``OptionsError`` naming the options of ``names`` that are unset, or else the
+    options whose value is not one of their choices."""
     missing = [flag_of(type(options), n) for n in names if getattr(options, n) in (None, "")]
     if missing:
         raise OptionsError(f"missing required option(s): {', '.join(missing)}")
+    problems = choice_problems(options)
+    if problems:
+        raise OptionsError("; ".join(problems))
 
 
 def parse_key_values(pairs, option_flag: str = "--model-arg") -> dict:

@@ -9,12 +9,13 @@ synthetic``, which prints what it set.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from wsss_fast.options import (DatasetOptions, fingerprint_fields, option, parse_key_values,
-                               path_or_none)
+from wsss_fast.options import (DatasetOptions, choice_problems, fingerprint_fields, option,
+                               parse_key_values, path_or_none)
 
 RECIPES = ("synthetic",)
 DEFAULT_JITTER = (0.3, 0.3, 0.3, 0.1)             # TransCAM's ColorJitter
@@ -56,7 +57,7 @@ class TrainConfig(DatasetOptions):
     resize_long: Optional[tuple[int, ...]] = option(
         None, "random long side before cropping (default 0.625-1.25 x crop)", nargs=2,
         metavar=("MIN", "MAX"), group=_AUG)
-    color_jitter: Union[bool, tuple[float, ...]] = option(
+    color_jitter: Union[bool, tuple[float, ...], None] = option(
         True, "no colour jitter (default: TransCAM's strengths; in Python also (brightness, "
         "contrast, saturation, hue))", group=_AUG)
     out: Optional[str] = option(None, "output folder", group=_RUN, fingerprint=False)
@@ -81,7 +82,7 @@ class TrainConfig(DatasetOptions):
         self.model_args = parse_key_values(self.model_args, "--model-arg")
         if self.resize_long is not None:
             self.resize_long = tuple(int(v) for v in self.resize_long)
-        if not isinstance(self.color_jitter, bool):
+        if self.color_jitter is not None and not isinstance(self.color_jitter, bool):
             self.color_jitter = tuple(float(v) for v in self.color_jitter)
 
     @classmethod
@@ -94,7 +95,7 @@ class TrainConfig(DatasetOptions):
         """What is wrong with the options (empty: nothing)."""
         import math
         problems = [f"{name} is required" for name in ("method", "data", "out")
-                    if getattr(self, name) in (None, "")]
+                    if getattr(self, name) in (None, "")] + choice_problems(self)
         if self.epochs < 1:
             problems.append(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -117,19 +118,25 @@ class TrainConfig(DatasetOptions):
             problems.append("resume and overwrite exclude each other")
         return problems
 
-    def fingerprint(self, method_model: str) -> dict:
-        """The settings that determine the weights, resolved (the model, the absolute data
-        root, the derived resize range and jitter), as JSON values: what a resumed run must
-        match and what train.json records."""
-        values = {name: getattr(self, name) for name in fingerprint_fields(type(self))}
+    def resolved(self, method) -> "TrainConfig":
+        """This config with the values that depend on others filled in: ``method``'s
+        (a ``Method``) canonical name and model, the absolute data root, the resize range of the
+        crop, the jitter strengths (None: off) and ``clip_grad`` None for off."""
         crop = int(self.crop)
-        values.update(
-            model=self.model or method_model, data=str(Path(self.data).resolve()),
-            resize_long=list(self.resize_long or (round(crop * 0.625), round(crop * 1.25))),
-            color_jitter=(list(DEFAULT_JITTER) if self.color_jitter is True else None
-                          if self.color_jitter is False else list(self.color_jitter)),
-            clip_grad=self.clip_grad or None, seed=int(self.seed))
-        return values
+        jitter = self.color_jitter
+        return dataclasses.replace(
+            self, method=method.name, model=self.model or method.model,
+            data=str(Path(self.data).resolve()), seed=int(self.seed),
+            resize_long=self.resize_long or (round(crop * 0.625), round(crop * 1.25)),
+            color_jitter=DEFAULT_JITTER if jitter is True else None if jitter is False else jitter,
+            clip_grad=self.clip_grad or None)
+
+    def fingerprint(self) -> dict:
+        """The fields that determine the weights, as JSON values; of a ``resolved`` config,
+        what a resumed run must match and what train.json records."""
+        return {name: list(value) if isinstance(value, tuple) else value
+                for name in fingerprint_fields(type(self))
+                for value in [getattr(self, name)]}
 
 
 def recipe_settings(recipe: Optional[str], method: Optional[str]) -> dict:

@@ -17,12 +17,10 @@ gives the same weights as one uninterrupted run with the same settings, whatever
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -47,36 +45,6 @@ NO_DECAY_NAMES = ("cls_token", "pos_embed", "pos_embed_cls", "pos_embed_pat")
 
 class TrainingDiverged(ValueError):
     """The loss became NaN or infinite (usually: the learning rate is too high)."""
-
-
-@dataclass(frozen=True)
-class _Settings:
-    """The resolved settings that determine the weights (``TrainConfig.fingerprint``)."""
-
-    method: str
-    model: str
-    model_args: dict
-    data: str
-    dataset: str
-    split: Optional[str]
-    labels: Optional[str]
-    classes: Optional[str]
-    epochs: int
-    batch_size: int
-    lr: float
-    min_lr: float
-    weight_decay: float
-    warmup_epochs: float
-    clip_grad: Optional[float]
-    crop: int
-    resize_long: tuple
-    color_jitter: Optional[tuple]
-    seed: int
-
-    @classmethod
-    def of(cls, fingerprint: dict) -> "_Settings":
-        return cls(**{key: tuple(value) if isinstance(value, list) else value
-                      for key, value in fingerprint.items()})
 
 
 def learning_rate(step: int, total_steps: int, warmup_steps: int, lr: float,
@@ -146,11 +114,6 @@ def _cpu_state(model: torch.nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def _jsonable(settings: _Settings) -> dict:
-    return {key: list(value) if isinstance(value, tuple) else value
-            for key, value in dataclasses.asdict(settings).items()}
-
-
 class _Run:
     """Progress of one training run: what train_state.pth holds besides model and optimizer."""
 
@@ -201,7 +164,7 @@ def train(config: TrainConfig) -> Path:
     if problems:
         raise ValueError("train: " + "; ".join(problems))
     chosen = get_method(config.method)
-    settings = _Settings.of({**config.fingerprint(chosen.model), "method": chosen.name})
+    resolved = config.resolved(chosen)
     out = Path(config.out)
     if (out / STATE).exists() and not (config.resume or config.overwrite):
         raise ValueError(f"{out} already holds a training run ({STATE}); resume it, choose "
@@ -214,14 +177,14 @@ def train(config: TrainConfig) -> Path:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     try:
-        return _run(chosen, settings, out, target, max_steps=config.max_steps,
+        return _run(chosen, resolved, out, target, max_steps=config.max_steps,
                     workers=config.workers, resume=config.resume, save_every=config.save_every,
                     progress=not config.quiet)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(chosen: Method, config: _Settings, out: Path, target: torch.device, *,
+def _run(chosen: Method, config: TrainConfig, out: Path, target: torch.device, *,
          max_steps: Optional[int], workers: int, resume: bool, save_every: Optional[int],
          progress: bool) -> Path:
     data = open_dataset(config.dataset, config.data, split=config.split, labels=config.labels,
@@ -243,7 +206,7 @@ def _run(chosen: Method, config: _Settings, out: Path, target: torch.device, *,
     run.skipped.update({id: "no image-level labels" for id in images.unlabelled})
     if resume and (out / STATE).exists():
         state = torch.load(out / STATE, map_location="cpu", weights_only=True)
-        _check_resumable(state["config"], _jsonable(config), out)
+        _check_resumable(state["config"], config.fingerprint(), out)
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         run.load(state["run"])
@@ -253,7 +216,7 @@ def _run(chosen: Method, config: _Settings, out: Path, target: torch.device, *,
         weights = _cpu_state(net)
         _save_torch(out / CHECKPOINT,
                     {"model": weights} if chosen.checkpoint_format == "wrapped" else weights)
-        _save_torch(out / STATE, {"config": _jsonable(config), "model": weights,
+        _save_torch(out / STATE, {"config": config.fingerprint(), "model": weights,
                                   "optimizer": optimizer.state_dict(), "run": run.state(),
                                   "rng": _rng_state()})
         _write_report(out / REPORT, config, run, data, len(images), total_steps,
@@ -318,10 +281,10 @@ def _check_resumable(saved: dict, current: dict, out: Path) -> None:
                          + "; ".join(differences) + ")")
 
 
-def _write_report(path: Path, config: _Settings, run: _Run, data, num_images: int,
+def _write_report(path: Path, config: TrainConfig, run: _Run, data, num_images: int,
                   total_steps: int, finished: bool) -> None:
     atomic_write_json(path, {
-        "config": _jsonable(config),
+        "config": config.fingerprint(),
         "dataset": {"kind": data.name, "root": data.root, "images": num_images,
                     "classes": list(data.class_names)},
         "steps": run.step, "total_steps": total_steps, "finished": finished,
