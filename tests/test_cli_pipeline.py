@@ -105,7 +105,7 @@ def test_pseudo_label_rejects_mismatched_rule_and_crf(pipeline, tmp_path, capsys
 
 @pytest.mark.parametrize("preset", ["irn", "psa"])
 def test_refine_writes_labels_equal_to_the_python_api(pipeline, tmp_path, preset):
-    from wsss_fast.cli.refine import image_color_features
+    from wsss_fast.pipeline.refine import image_color_features
     from wsss_fast.data.images import read_image
     from wsss_fast.postprocess import random_walk as rw
     root, data = pipeline
@@ -125,3 +125,15 @@ def test_refine_writes_labels_equal_to_the_python_api(pipeline, tmp_path, preset
     label = np.asarray(PIL.Image.open(out / "labels" / f"{item}.png"))
     np.testing.assert_array_equal(label, np.asarray(expected))
     assert set(np.unique(label)) <= {0, *(record.keys + 1).tolist()}
+
+
+def test_bench_runs_every_stage(tmp_path, capsys):
+    """`wsss-fast bench` times extract, both pseudo-label rules and refine on a generated set."""
+    import json
+    assert main(["bench", "--images", "3", "--model", "mctformer_v2_tiny", "--workers", "0",
+                 "--device", "cpu", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [row["stage"].split(" ")[0] for row in report["stages"]] == [
+        "extract", "pseudo-label", "pseudo-label", "refine"]
+    assert all(row["images"] == 3 and row["images_per_second"] > 0 for row in report["stages"])
+    assert "| extract | 3 |" in capsys.readouterr().out

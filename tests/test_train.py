@@ -2,7 +2,7 @@
 optimizer steps reduce every method's loss, the augmentation pipeline, the schedule,
 determinism, resume after an interruption, checkpoint formats and the `wsss-fast train` CLI."""
 
-import inspect
+import dataclasses
 import json
 import os
 import shutil
@@ -23,14 +23,21 @@ from wsss_fast.models.conformer import Conformer
 from wsss_fast.models.mctformer import MCTformer
 from wsss_fast.models.registry import create_model
 from wsss_fast.engine.presets import get_preset
-from wsss_fast.train import DEMO_SETTINGS, METHODS, Method, get_method, register_method, train
+from wsss_fast.train import (METHODS, SYNTHETIC_TRAIN, Method, TrainConfig, get_method,
+                             register_method)
+from wsss_fast.train import train as train_config
 from wsss_fast.train import losses
 from wsss_fast.train.data import Augmentation, TrainingImages, augment, epoch_loader
 from wsss_fast.train.trainer import learning_rate, parameter_groups
 
 VIT_METHODS = ("mctformer_v1", "mctformer_v2", "mctformer_plus", "mctformer_v2_doei",
                "transcam", "bnr", "token_cam")
-FAST = dict(batch_size=4, crop=64, workers=0, progress=False)
+FAST = dict(batch_size=4, crop=64, workers=0, quiet=True)
+
+
+def train(method, data, out, **options):
+    """``wsss_fast.train.train`` of a TrainConfig with these fields."""
+    return train_config(TrainConfig(method=method, data=data, out=out, **options))
 
 
 def mlsm(logits, labels):
@@ -379,12 +386,24 @@ def test_report_lists_unlabelled_and_undecodable_images(tiny_root, tmp_path):
     assert report["dataset"]["images"] == len(ids) - 1 and report["finished"]
 
 
-def test_demo_settings_fit_train_and_presets():
-    parameters = inspect.signature(train).parameters
+def test_synthetic_recipe_fits_train_config_and_presets():
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(SYNTHETIC_TRAIN) <= fields
     for name in VIT_METHODS:
-        settings = DEMO_SETTINGS[name]
-        assert set(settings["train"]) <= set(parameters) - {"method", "data_root", "out_dir"}
-        get_preset(get_method(name).preset, **settings["extract"])
+        method = get_method(name)
+        assert set(method.synthetic_train) <= fields
+        get_preset(method.preset, **method.synthetic_extract)
+
+
+def test_synthetic_settings_are_not_the_defaults_of_other_data(tmp_path):
+    """The demo's crop 128 / 15 epochs apply only through the explicit recipe."""
+    generic = TrainConfig(method="mctformer_v2", data=str(tmp_path), out="o")
+    recipe = TrainConfig.from_recipe("synthetic", method="mctformer_v2", data=str(tmp_path),
+                                     out="o", crop=96)
+    assert (generic.crop, generic.epochs) != (128, 15)
+    assert (recipe.crop, recipe.epochs) == (96, 15)   # given options win over the recipe
+    with pytest.raises(ValueError, match="unknown training recipe"):
+        TrainConfig.from_recipe("voc-magic", method="mctformer_v2")
 
 
 # ------------------------------------------------------------------------ CLI
@@ -409,3 +428,23 @@ def test_cli_train_end_to_end(tiny_root, tmp_path, capsys):
     assert cli_main(["train", "--method", "mctformer_v2", "--data", str(tiny_root), "--out",
                      str(tmp_path / "other"), "--threads", "0"]) == 2
     assert "threads must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_train_recipe_is_explicit_and_printed(tiny_root, tmp_path, capsys):
+    out = tmp_path / "recipe"
+    code = cli_main(["train", "--method", "mctformer_v2", "--recipe", "synthetic", "--data",
+                     str(tiny_root), "--out", str(out), "--max-steps", "1", "--batch-size", "4",
+                     "--crop", "64", "--workers", "0", "--device", "cpu", "--quiet"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "recipe synthetic for mctformer_v2" in err and "epochs=15" in err
+    assert "crop=" not in err                     # given on the command line: not the recipe's
+    config = json.loads((out / "train.json").read_text())["config"]
+    assert config["epochs"] == 15 and config["crop"] == 64
+    # Without the recipe the generic defaults apply, not the synthetic ones.
+    plain = tmp_path / "plain"
+    assert cli_main(["train", "--method", "mctformer_v2", "--data", str(tiny_root), "--out",
+                     str(plain), "--max-steps", "1", "--batch-size", "4", "--crop", "64",
+                     "--workers", "0", "--device", "cpu", "--quiet"]) == 0
+    generic = TrainConfig(method="mctformer_v2", data=str(tiny_root), out=str(plain))
+    assert json.loads((plain / "train.json").read_text())["config"]["epochs"] == generic.epochs

@@ -3,8 +3,9 @@
 Generates the data, trains a small model per method, extracts CAMs on the validation split with
 every method, evaluates the seeds (background-threshold sweep), makes pseudo-labels with the dense
 CRF and with the IRN random walk, evaluates those, and writes a report: a markdown table, the
-sweep curves and an overlay gallery. Every step goes through the same code as the CLI and is
-resumable: rerunning the demo in the same folder reuses finished steps.
+sweep curves and an overlay gallery. Every step calls the pipeline API (``wsss_fast.pipeline``,
+the functions under the CLI) and is resumable: rerunning the demo in the same folder reuses
+finished steps.
 """
 
 from __future__ import annotations
@@ -47,13 +48,6 @@ def _log(message: str) -> None:
     print(f"[demo] {message}", file=sys.stderr, flush=True)
 
 
-def run_cli(*argv) -> None:
-    from wsss_fast.cli import main
-    status = main([str(a) for a in argv])
-    if status != 0:
-        raise RuntimeError(f"wsss-fast {argv[0]} failed with exit status {status}")
-
-
 @dataclass
 class MethodResult:
     method: str
@@ -89,7 +83,7 @@ def cooccurrence_classes(data: Path) -> list[int]:
 
 
 def extraction_plan(row: str) -> tuple[str, str, str, str]:
-    """``(trained method, registry model, CAM preset, method whose DEMO_SETTINGS extraction
+    """``(trained method, registry model, CAM preset, method whose synthetic extraction
     options apply)`` of a report row: a training method, or an INFERENCE_PLUGINS row."""
     from wsss_fast.train.methods import get_method
     if row in INFERENCE_PLUGINS:
@@ -101,74 +95,95 @@ def extraction_plan(row: str) -> tuple[str, str, str, str]:
 
 def _train(method: str, data: Path, out: Path, scale: DemoScale, seed: int, workers: int,
            device: str) -> Path:
-    """The checkpoint of ``method`` trained into ``out`` (trained there first if missing)."""
-    from wsss_fast.train.trainer import CHECKPOINT, train
+    """The checkpoint of ``method`` trained into ``out`` (trained there first if missing) with
+    the synthetic recipe, explicitly."""
+    from wsss_fast.pipeline import TrainConfig, train
+    from wsss_fast.train.trainer import CHECKPOINT, STATE
     checkpoint = out / CHECKPOINT
     if not checkpoint.exists():
-        train(method, data, out, split="train", seed=seed, workers=workers, device=device,
-              resume=(out / "train_state.pth").exists(), **scale.train_overrides)
+        train(TrainConfig.from_recipe(
+            "synthetic", method=method, data=str(data), out=str(out), split="train", seed=seed,
+            workers=workers, device=device, resume=(out / STATE).exists(),
+            **scale.train_overrides))
     return checkpoint
 
 
-def preset_args(method: str) -> list[str]:
-    """``--preset-arg`` options of the method's recommended extraction settings for the small
-    models of the demo (``wsss_fast.train.methods.DEMO_SETTINGS``); JSON values are YAML."""
-    from wsss_fast.train.methods import DEMO_SETTINGS
-    settings = DEMO_SETTINGS.get(method, {}).get("extract", {})
-    return [arg for name, value in settings.items()
-            for arg in ("--preset-arg", f"{name}={json.dumps(value)}")]
+def extract_options(row: str, data: Path, checkpoint: Path, out: Path, *, workers: int,
+                    device: str, model_args: Optional[dict] = None,
+                    preset_args: Optional[dict] = None):
+    """The demo's extraction of the validation split for a report row: the row's model and
+    preset with its method's synthetic extraction settings (``Method.synthetic_extract``), then
+    ``preset_args`` (later ones win) and ``model_args``."""
+    from wsss_fast.pipeline import ExtractOptions
+    from wsss_fast.train.methods import get_method
+    _, model, preset, settings = extraction_plan(row)
+    return ExtractOptions(
+        data=str(data), split="val", model=model, checkpoint=str(checkpoint), preset=preset,
+        model_args=dict(model_args or {}),
+        preset_args={**get_method(settings).synthetic_extract, **(preset_args or {})},
+        device=device, out=str(out), workers=workers, quiet=True)
+
+
+def checked(result):
+    """A dataset job's result; a job that could do nothing stops the demo with its first
+    reason."""
+    from wsss_fast.pipeline import PipelineError
+    if result.exit_status != 0:
+        reason = result.skipped[0]["reason"] if result.skipped else "no items"
+        raise PipelineError(f"{result.command} did nothing in {result.out_dir}: {reason}")
+    return result
 
 
 def evaluate_folder(data: Path, split: str, source: str, folder: Path, out: Path) -> dict:
-    """The evaluation report (its table goes to out/evaluation.md, not the terminal)."""
-    import contextlib
-    import io
-    flag = "--cams" if source == "cams" else "--pred"
-    with contextlib.redirect_stdout(io.StringIO()):
-        run_cli("evaluate", "--data", data, "--split", split, flag, folder, "--out", out,
-                "--thresholds", "0:1:0.01")
-    return json.loads((out / "evaluation.json").read_text())
+    """The evaluation report of CAM files (``source`` "cams") or label PNGs (``"pred"``),
+    written to ``out``."""
+    from wsss_fast.pipeline import EvaluateOptions, evaluate
+    folders = {"cams": str(folder)} if source == "cams" else {"pred": str(folder)}
+    return evaluate(EvaluateOptions(data=str(data), split=split, out=str(out),
+                                    thresholds="0:1:0.01", **folders)).report
 
 
 def demo_lpcam_cams(data: Path, work: Path, train_overrides: dict, *, seed: int, workers: int,
                     device: str, bank_images: Optional[int] = None) -> Path:
     """The demo's LPCAM step on the synthetic benchmark: trains "irn_cam" into ``work/train``,
     builds ``work/prototypes.pt`` and extracts LPCAM CAMs of the "val" split into
-    ``work/extract`` (as ``wsss-fast extract``); each step is skipped when its output exists.
-    ``bank_images``: build the feature bank from the first that many training images only (the
-    bank's cost is 9 forward passes per image). Returns ``work/extract/cams``."""
-    from wsss_fast.cli import main
+    ``work/extract``; each step is skipped when its output exists. ``bank_images``: build the
+    feature bank from the first that many training images only (the bank's cost is 9 forward
+    passes per image). Returns ``work/extract/cams``."""
+    from wsss_fast.pipeline import (ExtractOptions, PrototypesOptions, TrainConfig,
+                                    build_prototypes, extract, train)
     from wsss_fast.train.methods import get_method
-    from wsss_fast.train.trainer import CHECKPOINT, STATE, train
+    from wsss_fast.train.trainer import CHECKPOINT, STATE
 
     data, work = Path(data), Path(work)
-    method = get_method("irn_cam")
+    model = get_method("irn_cam").model
     checkpoint = work / "train" / CHECKPOINT
     if not checkpoint.exists():
-        train("irn_cam", data, work / "train", split="train", seed=seed, workers=workers,
-              device=device, resume=(work / "train" / STATE).exists(), **train_overrides)
-    common = ["--data", str(data), "--model", method.model, "--checkpoint", str(checkpoint),
-              "--device", device, "--workers", str(workers), "--quiet"]
+        train(TrainConfig.from_recipe(
+            "synthetic", method="irn_cam", data=str(data), out=str(work / "train"),
+            split="train", seed=seed, workers=workers, device=device,
+            resume=(work / "train" / STATE).exists(), **train_overrides))
+    common = dict(data=str(data), model=model, checkpoint=str(checkpoint), device=device,
+                  workers=workers, quiet=True)
     prototypes = work / "prototypes.pt"
-    bank_split = "train"
-    if bank_images is not None:
-        train_ids = (data / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
-        bank_split = str(work / "bank.txt")
-        work.mkdir(parents=True, exist_ok=True)
-        Path(bank_split).write_text("\n".join(train_ids[:bank_images]) + "\n")
-    steps = [] if prototypes.exists() else [
-        ["prototypes", "--split", bank_split, "--out", str(prototypes), "--seed", str(seed)]]
-    steps.append(["extract", "--method", "lpcam", "--prototypes", str(prototypes), "--split",
-                  "val", "--out", str(work / "extract")])
-    for argv in steps:
-        status = main(argv + common)
-        if status != 0:
-            raise RuntimeError(f"wsss-fast {argv[0]} failed with exit status {status}")
+    if not prototypes.exists():
+        bank_split = "train"
+        if bank_images is not None:
+            train_ids = (data / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+            bank_split = str(work / "bank.txt")
+            work.mkdir(parents=True, exist_ok=True)
+            Path(bank_split).write_text("\n".join(train_ids[:bank_images]) + "\n")
+        build_prototypes(PrototypesOptions(**common, split=bank_split, out=str(prototypes),
+                                           seed=seed))
+    checked(extract(ExtractOptions(**common, method="lpcam", prototypes=str(prototypes),
+                                   split="val", out=str(work / "extract"))))
     return work / "extract" / "cams"
 
 
 def run_method(method: str, data: Path, out: Path, scale: DemoScale, seed: int, workers: int,
                device: str, cooccurrence: Sequence[int]) -> MethodResult:
+    from wsss_fast.pipeline import (PseudoLabelOptions, RefineOptions, extract, pseudo_label,
+                                    refine)
     result = MethodResult(method)
     work = out / method
     start = time.perf_counter()
@@ -177,16 +192,15 @@ def run_method(method: str, data: Path, out: Path, scale: DemoScale, seed: int, 
                                device=device, bank_images=scale.lpcam_bank_images)
         result.train_seconds = time.perf_counter() - start   # training + prototypes
     else:
-        trained, model, preset, settings = extraction_plan(method)
+        trained, _, _, settings = extraction_plan(method)
         checkpoint = _train(trained, data, out / trained / "train", scale, seed, workers, device)
         if trained == method:
             result.train_seconds = time.perf_counter() - start
         else:
             result.note = f"{trained}'s checkpoint, {settings} extraction (no training)"
         extract_dir = work / "extract"
-        run_cli("extract", "--data", data, "--split", "val", "--model", model, "--checkpoint",
-                checkpoint, "--preset", preset, *preset_args(settings), "--device", device,
-                "--out", extract_dir, "--workers", workers, "--quiet")
+        checked(extract(extract_options(method, data, checkpoint, extract_dir, workers=workers,
+                                        device=device)))
         cams = extract_dir / "cams"
     manifest = json.loads((cams.parent / "manifest-extract.json").read_text())
     done = manifest["counts"]["done"]
@@ -198,14 +212,15 @@ def run_method(method: str, data: Path, out: Path, scale: DemoScale, seed: int, 
     result.fp = float(np.nanmean(per_class(seeds["at_best"]["fp_rate"])))
     result.fn = float(np.nanmean(per_class(seeds["at_best"]["fn_rate"])))
     result.cooccurrence_iou = cooccurrence_iou(seeds, cooccurrence)
-    run_cli("pseudo-label", "--data", data, "--split", "val", "--cams", cams, "--out",
-            work / "crf", "--rule", "constant", "--threshold", f"{result.threshold:.4f}",
-            "--crf", "irn", "--workers", workers, "--quiet")
+    common = dict(data=str(data), split="val", cams=str(cams), workers=workers, quiet=True)
+    # The threshold as the report prints it (4 decimals), so a rerun finds the same config.
+    threshold = round(result.threshold, 4)
+    checked(pseudo_label(PseudoLabelOptions(**common, out=str(work / "crf"), rule="constant",
+                                            threshold=threshold, crf="irn")))
     result.crf_miou = evaluate_folder(data, "val", "pred", work / "crf" / "labels",
                                       work / "eval_crf")["at_best"]["miou"]["nanmean"]
-    run_cli("refine", "--data", data, "--split", "val", "--cams", cams, "--out", work / "rw",
-            "--preset", "irn", "--bg-threshold", f"{result.threshold:.4f}", "--device", device,
-            "--workers", workers, "--quiet")
+    checked(refine(RefineOptions(**common, out=str(work / "rw"), preset="irn",
+                                 bg_threshold=threshold, device=device)))
     result.rw_miou = evaluate_folder(data, "val", "pred", work / "rw" / "labels",
                                      work / "eval_rw")["at_best"]["miou"]["nanmean"]
     return result

@@ -33,12 +33,24 @@ def _load_config(path: str, parser: argparse.ArgumentParser) -> dict:
         parser.error(f"--config {path}: not valid YAML ({error})")
     if not isinstance(config, dict):
         parser.error(f"--config {path}: expected a mapping of option names to values")
-    known = {action.dest for action in parser._actions}
+    # Keys are option names as spelled on the command line (model_arg, no_flip) or the
+    # options dataclass field they set (model_args, flip).
+    known = {}
+    for action in parser._actions:
+        known[action.dest] = (action.dest, False)
+        for flag in action.option_strings:
+            name = flag.lstrip("-").replace("-", "_")
+            negated = isinstance(action, argparse._StoreFalseAction) and name != action.dest
+            known.setdefault(name, (action.dest, negated))
     values = {str(key).replace("-", "_"): value for key, value in config.items()}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - set(known))
     if unknown:
         parser.error(f"--config {path}: unknown options {', '.join(unknown)}")
-    return values
+    defaults = {}
+    for key, value in values.items():
+        dest, negated = known[key]
+        defaults[dest] = (not value) if negated else value
+    return defaults
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:

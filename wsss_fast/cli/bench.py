@@ -1,8 +1,8 @@
 """End-to-end pipeline throughput: extract, pseudo-label (CRF) and refine on a dataset.
 
-Without --data, a synthetic set of --images images is generated first. Each stage runs as its
-subcommand would (the same code path) and is timed; prints a markdown table of images/s and
-writes OUT/bench.json and OUT/bench.md when --out is given. For the op-level speed and memory
+Without --data, a synthetic set of --images images is generated first. Each stage runs through
+the same pipeline function as its subcommand and is timed; prints a markdown table of images/s
+and writes OUT/bench.json and OUT/bench.md when --out is given. For the op-level speed and memory
 comparisons see `python -m benchmarks.report` in the repository.
 
   wsss-fast bench --images 32 --out bench_synth
@@ -17,7 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from wsss_fast.cli.common import UsageError
+from wsss_fast.pipeline.options import DTYPES
+from wsss_fast.pipeline import (ExtractOptions, PipelineError, PseudoLabelOptions, RefineOptions,
+                                extract, pseudo_label, refine)
+from wsss_fast.pipeline.options import parse_key_values
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,18 +32,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="architecture argument (default: ViT-S, random weights)")
     parser.add_argument("--checkpoint", help="weights (default: random initialization)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--dtype", default="fp32", choices=DTYPES)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", help="folder for bench.json / bench.md")
 
 
-def _stage(name: str, argv: list[str], images: int) -> dict:
-    from wsss_fast.cli import main
+def _stage(name: str, stage, options, images: int) -> dict:
     start = time.perf_counter()
-    status = main(argv + ["--quiet", "--overwrite"])
+    result = stage(options)
     seconds = time.perf_counter() - start
-    if status != 0:
-        raise UsageError(f"bench: stage {name} failed with exit status {status}")
+    if result.exit_status != 0:
+        raise PipelineError(f"bench: stage {name} did nothing: {result.skipped[:1]}")
     return {"stage": name, "images": images, "seconds": round(seconds, 3),
             "images_per_second": round(images / seconds, 3)}
 
@@ -48,6 +50,7 @@ def _stage(name: str, argv: list[str], images: int) -> dict:
 def run(args: argparse.Namespace) -> int:
     from wsss_fast.data.factory import open_dataset
     from wsss_fast.io.atomic import atomic_write_bytes, atomic_write_json
+    model_args = parse_key_values(args.model_arg)
     with tempfile.TemporaryDirectory(prefix="wsss-fast-bench-") as scratch:
         scratch = Path(scratch)
         data = args.data
@@ -56,29 +59,23 @@ def run(args: argparse.Namespace) -> int:
             data = str(generate_synthetic(scratch / "synth", num_train=args.images, num_val=0,
                                           seed=0, workers=args.workers))
         split = args.split or ("train" if args.data is None else None)
-        dataset = open_dataset("auto", data, split=split)
-        images = len(dataset)
-        common = ["--data", data] + (["--split", split] if split else [])
-        model = ["--model", args.model, "--device", args.device, "--dtype", args.dtype]
-        model += (["--checkpoint", args.checkpoint] if args.checkpoint else ["--random-init"])
-        for pair in args.model_arg:
-            model += ["--model-arg", pair]
+        images = len(open_dataset("auto", data, split=split))
+        common = dict(data=data, split=split, workers=args.workers, quiet=True, overwrite=True)
         cams = scratch / "cams"
         rows = [
-            _stage("extract", ["extract", *common, *model, "--out", str(cams),
-                               "--workers", str(args.workers)], images),
-            _stage("pseudo-label (constant τ + IRN label CRF)",
-                   ["pseudo-label", *common, "--cams", str(cams / "cams"), "--out",
-                    str(scratch / "seeds"), "--rule", "constant", "--crf", "irn",
-                    "--threshold", "0.3", "--workers", str(args.workers)], images),
-            _stage("pseudo-label (IRN confident regions, 2 CRFs)",
-                   ["pseudo-label", *common, "--cams", str(cams / "cams"), "--out",
-                    str(scratch / "ir"), "--rule", "confident", "--crf", "irn",
-                    "--workers", str(args.workers)], images),
-            _stage("refine (IRN random walk, image edges)",
-                   ["refine", *common, "--cams", str(cams / "cams"), "--out",
-                    str(scratch / "rw"), "--device", args.device,
-                    "--workers", str(args.workers)], images),
+            _stage("extract", extract, ExtractOptions(
+                **common, model=args.model, model_args=model_args, checkpoint=args.checkpoint,
+                random_init=args.checkpoint is None, device=args.device, dtype=args.dtype,
+                out=str(cams)), images),
+            _stage("pseudo-label (constant τ + IRN label CRF)", pseudo_label, PseudoLabelOptions(
+                **common, cams=str(cams / "cams"), out=str(scratch / "seeds"), rule="constant",
+                crf="irn", threshold=0.3), images),
+            _stage("pseudo-label (IRN confident regions, 2 CRFs)", pseudo_label,
+                   PseudoLabelOptions(**common, cams=str(cams / "cams"), out=str(scratch / "ir"),
+                                      rule="confident", crf="irn"), images),
+            _stage("refine (IRN random walk, image edges)", refine, RefineOptions(
+                **common, cams=str(cams / "cams"), out=str(scratch / "rw"),
+                device=args.device), images),
         ]
     lines = ["| stage | images | seconds | images/s |", "|---|---:|---:|---:|"]
     lines += [f"| {r['stage']} | {r['images']} | {r['seconds']:.2f} | "

@@ -12,30 +12,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from wsss_fast.cli.common import require
+from wsss_fast.options import add_options_arguments, options_from_args
+from wsss_fast.pipeline.synth import SynthOptions, synth
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", help="dataset folder to write (VOC layout)")
-    parser.add_argument("--num-train", type=int, help="training images (default: generator's)")
-    parser.add_argument("--num-val", type=int, help="validation images (default: generator's)")
-    parser.add_argument("--num-classes", type=int, default=8, help="foreground classes (≤20)")
-    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
-                        help="image size (default: the generator's size range)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=2)
+    add_options_arguments(parser, SynthOptions)
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsss_fast.data.synthetic import generate_synthetic
-    require(args, "out")
-    options = {"num_classes": args.num_classes, "seed": args.seed, "workers": args.workers}
-    if args.num_train is not None:
-        options["num_train"] = args.num_train
-    if args.num_val is not None:
-        options["num_val"] = args.num_val
-    if args.size is not None:
-        options["image_size"] = tuple(args.size)
-    root = generate_synthetic(args.out, **options)
+    root = synth(options_from_args(SynthOptions, args))
     print(f"wsss-fast synth: wrote {root}", file=sys.stderr)
     return 0

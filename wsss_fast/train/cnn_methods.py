@@ -9,13 +9,15 @@ Each loss is ``loss(model, images (B, 3, H, W), labels (B, K) multi-hot) -> (los
   a list file (``voc12/EDAM_train.txt``, not published); here the pairs are formed inside each
   batch by ``pair_by_shared_class``.
 
-``register_methods()`` registers ``irn_cam`` and ``edam`` with the training layer.
+``irn_cam`` and ``edam`` register with the training layer's method registry on import.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from wsss_fast.train.methods import Method, register_method
 
 
 def _check_batch(images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -75,19 +77,15 @@ def edam_loss(model, images: torch.Tensor, labels: torch.Tensor):
     return loss, {"bce": loss.item()}
 
 
-def register_methods() -> None:
-    """Register ``irn_cam`` and ``edam`` with their CPU-sized models (``train(model=...)`` picks
-    ``resnet50_cam`` / ``edam``); checkpoints are plain state dicts, as upstream's."""
-    from wsss_fast.train.methods import DEMO_SETTINGS, Method, register_method
-
-    register_method(Method(name="irn_cam", model="resnet_cam_tiny", loss=irn_cam_loss,
-                           preset="irn-cam", checkpoint_format="plain",
-                           description="IRN / LPCAM CAM classifier: multilabel soft margin on "
-                                       "GAP logits"))
-    register_method(Method(name="edam", model="edam_tiny", loss=edam_loss, preset="edam",
-                           checkpoint_format="plain",
-                           description="EDAM: BCE on the Collaborative Multi-Attention logits of "
-                                       "image pairs"))
-    # EDAM's CMA attends over both images' feature pixels for every class: at crop 128 a step
-    # took 3× a ViT's, and 10 epochs over 600 images 7 minutes on 2 cores; crop 96 halves it.
-    DEMO_SETTINGS["edam"] = {"train": {"crop": 96}}
+# Plain state dicts, as upstream's; the CPU-sized models (TrainConfig.model picks resnet50_cam /
+# edam).
+register_method(Method(name="irn_cam", model="resnet_cam_tiny", loss=irn_cam_loss,
+                       preset="irn-cam", checkpoint_format="plain",
+                       description="IRN / LPCAM CAM classifier: multilabel soft margin on GAP "
+                                   "logits"))
+# EDAM's CMA attends over both images' feature pixels for every class: at crop 128 a step took
+# 3× a ViT's, and 10 epochs over 600 images 7 minutes on 2 cores; crop 96 halves it.
+register_method(Method(name="edam", model="edam_tiny", loss=edam_loss, preset="edam",
+                       checkpoint_format="plain",
+                       description="EDAM: BCE on the Collaborative Multi-Attention logits of "
+                                   "image pairs", synthetic_train={"crop": 96}))

@@ -17,14 +17,12 @@ gives the same weights as one uninterrupted run with the same settings, whatever
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import numpy as np
 import torch
@@ -33,93 +31,20 @@ from tqdm import tqdm
 from wsss_fast.data.factory import open_dataset
 from wsss_fast.io.atomic import atomic_write, atomic_write_json
 from wsss_fast.models.registry import create_model
+from wsss_fast.train.config import TrainConfig
 from wsss_fast.train.data import Augmentation, TrainingImages, batches_per_epoch, epoch_loader
-from wsss_fast.train.methods import DEMO_SETTINGS, Method, get_method
+from wsss_fast.train.methods import Method, get_method
 
 CHECKPOINT = "checkpoint.pth"
 STATE = "train_state.pth"
 REPORT = "train.json"
 
-# Used for options neither given nor in the method's DEMO_SETTINGS.
-DEFAULTS = dict(epochs=10, batch_size=16, lr=5e-4, min_lr=1e-6, weight_decay=0.05,
-                warmup_epochs=1.0, crop=128, resize_long=None, color_jitter=True, clip_grad=None)
-DEFAULT_JITTER = (0.3, 0.3, 0.3, 0.1)             # TransCAM's ColorJitter
 # Parameters without weight decay besides biases and norms (timm's no_weight_decay set).
 NO_DECAY_NAMES = ("cls_token", "pos_embed", "pos_embed_cls", "pos_embed_pat")
 
 
 class TrainingDiverged(ValueError):
     """The loss became NaN or infinite (usually: the learning rate is too high)."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that determines the trained weights (what a resumed run must share)."""
-
-    method: str
-    model: str
-    model_args: dict
-    data: str
-    dataset: str
-    split: Optional[str]
-    labels: Optional[str]
-    classes: Optional[str]
-    epochs: int
-    batch_size: int
-    lr: float
-    min_lr: float
-    weight_decay: float
-    warmup_epochs: float
-    crop: int
-    resize_long: tuple
-    color_jitter: Optional[tuple]
-    clip_grad: Optional[float]
-    seed: int
-
-
-def _resolve(method: Method, given: dict) -> dict:
-    """Given options, else the method's DEMO_SETTINGS, else DEFAULTS."""
-    demo = DEMO_SETTINGS.get(method.name, {}).get("train", {})
-    resolved = {}
-    for key, default in DEFAULTS.items():
-        value = given.get(key)
-        resolved[key] = value if value is not None else demo.get(key, default)
-    crop = int(resolved["crop"])
-    if resolved["resize_long"] is None:   # TransCAM: long side 320..640 for crop 512
-        resolved["resize_long"] = (round(crop * 0.625), round(crop * 1.25))
-    jitter = resolved["color_jitter"]
-    resolved["color_jitter"] = (DEFAULT_JITTER if jitter is True else None if jitter is False
-                                else tuple(float(v) for v in jitter))
-    resolved["resize_long"] = tuple(int(v) for v in resolved["resize_long"])
-    if not resolved["clip_grad"]:
-        resolved["clip_grad"] = None
-    return resolved
-
-
-def _check_config(config: TrainConfig, max_steps, workers, save_every, threads) -> None:
-    problems = []
-    if config.epochs < 1:
-        problems.append(f"epochs must be >= 1, got {config.epochs}")
-    if config.batch_size < 1:
-        problems.append(f"batch_size must be >= 1, got {config.batch_size}")
-    for name in ("lr", "min_lr", "weight_decay", "warmup_epochs"):
-        value = getattr(config, name)
-        if not (math.isfinite(value) and value >= 0):
-            problems.append(f"{name} must be a finite number >= 0, got {value}")
-    if not config.lr > 0:
-        problems.append(f"lr must be > 0, got {config.lr}")
-    if config.clip_grad is not None and not config.clip_grad > 0:
-        problems.append(f"clip_grad must be > 0 (or 0/None: off), got {config.clip_grad}")
-    if max_steps is not None and max_steps < 1:
-        problems.append(f"max_steps must be >= 1, got {max_steps}")
-    if workers < 0:
-        problems.append(f"workers must be >= 0, got {workers}")
-    if save_every is not None and save_every < 1:
-        problems.append(f"save_every must be >= 1, got {save_every}")
-    if threads is not None and threads < 1:
-        problems.append(f"threads must be >= 1, got {threads}")
-    if problems:
-        raise ValueError("train: " + "; ".join(problems))
 
 
 def learning_rate(step: int, total_steps: int, warmup_steps: int, lr: float,
@@ -189,11 +114,6 @@ def _cpu_state(model: torch.nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def _jsonable(config: TrainConfig) -> dict:
-    return {key: list(value) if isinstance(value, tuple) else value
-            for key, value in dataclasses.asdict(config).items()}
-
-
 class _Run:
     """Progress of one training run: what train_state.pth holds besides model and optimizer."""
 
@@ -225,60 +145,41 @@ class _Run:
         self.sums, self.updates = {}, 0
 
 
-def train(method: str, data_root, out_dir, *, split: Optional[str] = "train",
-          dataset: str = "auto", labels=None, classes=None, model: Optional[str] = None,
-          model_args: Optional[dict] = None, epochs: Optional[int] = None,
-          max_steps: Optional[int] = None, batch_size: Optional[int] = None,
-          lr: Optional[float] = None, min_lr: Optional[float] = None,
-          weight_decay: Optional[float] = None, warmup_epochs: Optional[float] = None,
-          crop: Optional[int] = None, resize_long: Optional[Sequence[int]] = None,
-          color_jitter: Union[None, bool, Sequence[float]] = None,
-          clip_grad: Optional[float] = None, seed: int = 0, workers: int = 2,
-          device: Union[str, torch.device, None] = "cpu", resume: bool = False,
-          overwrite: bool = False, save_every: Optional[int] = None,
-          threads: Optional[int] = None, progress: bool = True) -> Path:
-    """Train ``method`` on the images of ``data_root`` (``split``) that have image-level labels;
-    returns the path of the checkpoint.
+def train(config: TrainConfig) -> Path:
+    """Train ``config.method`` on the images of ``config.data`` (``config.split``) that have
+    image-level labels; returns the path of the checkpoint.
 
-    Options left None come from ``DEMO_SETTINGS[method]``, then ``DEFAULTS``. ``model`` replaces
-    the method's model (a registry name), ``model_args`` are its architecture arguments.
-    ``color_jitter``: True (TransCAM's strengths), False, or (brightness, contrast, saturation,
-    hue). ``clip_grad``: max gradient norm (0 / None: off). ``resume``: continue the run in
-    ``out_dir`` (its settings must match; ``max_steps``, ``workers``, ``device`` may differ);
-    without it an existing run there is an error unless ``overwrite``. ``threads``: torch's
-    intra-op threads during the run (default: unchanged); on a CPU shared with other busy
-    processes ``threads=1`` avoids OpenMP's waits for descheduled threads, which made 2-thread
-    steps 3-10 times slower than 1-thread steps on a loaded 2-core machine. Weights are
-    reproducible for the same seed and thread count.
+    ``config.model`` replaces the method's model (a registry name), ``model_args`` are its
+    architecture arguments. ``resume``: continue the run in ``out`` (its fingerprint settings
+    must match; ``max_steps``, ``workers``, ``device`` may differ); without it an existing run
+    there is an error unless ``overwrite``. ``threads``: torch's intra-op threads during the run
+    (default: unchanged); on a CPU shared with other busy processes ``threads=1`` avoids
+    OpenMP's waits for descheduled threads, which made 2-thread steps 3-10 times slower than
+    1-thread steps on a loaded 2-core machine. Weights are reproducible for the same seed and
+    thread count.
     """
-    chosen = get_method(method)
-    options = _resolve(chosen, dict(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr,
-                                    weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-                                    crop=crop, resize_long=resize_long, color_jitter=color_jitter,
-                                    clip_grad=clip_grad))
-    config = TrainConfig(method=chosen.name, model=model or chosen.model,
-                         model_args=dict(model_args or {}), data=str(Path(data_root).resolve()),
-                         dataset=dataset, split=split,
-                         labels=None if labels is None else str(labels),
-                         classes=None if classes is None else str(classes), seed=int(seed),
-                         **options)
-    _check_config(config, max_steps, workers, save_every, threads)
-    out = Path(out_dir)
-    if resume and overwrite:
-        raise ValueError("train: resume and overwrite exclude each other")
-    if (out / STATE).exists() and not (resume or overwrite):
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"train expects a TrainConfig, got {type(config).__name__}")
+    problems = config.problems()
+    if problems:
+        raise ValueError("train: " + "; ".join(problems))
+    chosen = get_method(config.method)
+    resolved = config.resolved(chosen)
+    out = Path(config.out)
+    if (out / STATE).exists() and not (config.resume or config.overwrite):
         raise ValueError(f"{out} already holds a training run ({STATE}); resume it, choose "
                          f"another output folder, or overwrite it")
-    if overwrite:   # a crash before the first save must not leave the old run to be resumed
+    if config.overwrite:   # a crash before the first save must not leave the old run to resume
         for name in (STATE, CHECKPOINT, REPORT):
             (out / name).unlink(missing_ok=True)
-    target = _resolve_device(device)
+    target = _resolve_device(config.device)
     previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     try:
-        return _run(chosen, config, out, target, max_steps=max_steps, workers=workers,
-                    resume=resume, save_every=save_every, progress=progress)
+        return _run(chosen, resolved, out, target, max_steps=config.max_steps,
+                    workers=config.workers, resume=config.resume, save_every=config.save_every,
+                    progress=not config.quiet)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -305,7 +206,7 @@ def _run(chosen: Method, config: TrainConfig, out: Path, target: torch.device, *
     run.skipped.update({id: "no image-level labels" for id in images.unlabelled})
     if resume and (out / STATE).exists():
         state = torch.load(out / STATE, map_location="cpu", weights_only=True)
-        _check_resumable(state["config"], _jsonable(config), out)
+        _check_resumable(state["config"], config.fingerprint(), out)
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         run.load(state["run"])
@@ -315,7 +216,7 @@ def _run(chosen: Method, config: TrainConfig, out: Path, target: torch.device, *
         weights = _cpu_state(net)
         _save_torch(out / CHECKPOINT,
                     {"model": weights} if chosen.checkpoint_format == "wrapped" else weights)
-        _save_torch(out / STATE, {"config": _jsonable(config), "model": weights,
+        _save_torch(out / STATE, {"config": config.fingerprint(), "model": weights,
                                   "optimizer": optimizer.state_dict(), "run": run.state(),
                                   "rng": _rng_state()})
         _write_report(out / REPORT, config, run, data, len(images), total_steps,
@@ -383,7 +284,7 @@ def _check_resumable(saved: dict, current: dict, out: Path) -> None:
 def _write_report(path: Path, config: TrainConfig, run: _Run, data, num_images: int,
                   total_steps: int, finished: bool) -> None:
     atomic_write_json(path, {
-        "config": _jsonable(config),
+        "config": config.fingerprint(),
         "dataset": {"kind": data.name, "root": data.root, "images": num_images,
                     "classes": list(data.class_names)},
         "steps": run.step, "total_steps": total_steps, "finished": finished,

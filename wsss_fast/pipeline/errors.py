@@ -1,0 +1,17 @@
+"""Exceptions of the pipeline API. Each carries its cause (``raise ... from error``) instead of
+an exit status; the CLI prints the message as one line and exits with status 2."""
+
+from __future__ import annotations
+
+
+class PipelineError(ValueError):
+    """A stage could not run: bad options, unusable inputs or an output folder it may not use."""
+
+
+class OptionsError(PipelineError):
+    """An option is missing, out of range or inconsistent with another one."""
+
+
+class InputError(PipelineError):
+    """An input named by the options (dataset, checkpoint, CAM folder, prototypes) is missing or
+    unusable."""

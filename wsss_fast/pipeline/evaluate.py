@@ -1,0 +1,170 @@
+"""``evaluate``: CAMs (background-threshold sweep) or label PNGs against the ground truth.
+
+CAM mode (``cams``): every threshold τ of the sweep (default SEAM's 0.00..0.59) is evaluated
+exactly in one pass; the per-class table at the best τ, OUT/evaluation.json, .md and the curve
+OUT/sweep.png. Label mode (``pred``): the confusion matrix of the PNGs (255 counted as background,
+as IRN's eval_sem_seg does; ``ignore_pred_255`` leaves those pixels out instead).
+mIoU rules: nanmean (IRN/chainercv, default), mean (SEAM/MCTformer), present (ToCo).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from wsss_fast.pipeline.errors import InputError, OptionsError
+from wsss_fast.pipeline.job import item_path
+from wsss_fast.pipeline.options import (DatasetOptions, open_dataset_of, option, path_or_none,
+                                        require)
+
+MIOU_RULES = ("nanmean", "mean", "present")
+
+
+@dataclass
+class EvaluateOptions(DatasetOptions):
+    cams: Optional[str] = option(None, "folder of CAM files (<id>.npy)")
+    pred: Optional[str] = option(None, "folder of label PNGs (<id>.png)")
+    thresholds: Optional[str] = option(None, "sweep: START:STOP:STEP (STOP excluded) or a "
+                                       "comma-separated list (default 0:0.6:0.01)")
+    rule: str = option("nanmean", choices=MIOU_RULES)
+    ignore_pred_255: bool = option(False, "label mode: leave predicted-255 pixels out instead "
+                                   "of background")
+    out: Optional[str] = option(None, "folder for evaluation.json/.md and sweep.png")
+    name: Optional[str] = option(None, "curve / report name (default: the input folder's)")
+    workers: int = option(2, "worker processes (0: none)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.cams, self.pred, self.out = map(path_or_none, (self.cams, self.pred, self.out))
+        if self.thresholds is not None and not isinstance(self.thresholds, str):
+            self.thresholds = ",".join(str(t) for t in self.thresholds)
+
+
+@dataclass
+class EvaluateResult:
+    report: dict          # what evaluation.json holds
+    headline: str
+    table: str            # the per-class markdown table (at the best threshold)
+
+    @property
+    def images(self) -> int:
+        return self.report["images"]
+
+    @property
+    def exit_status(self) -> int:
+        return 0 if self.images > 0 else 1
+
+
+def parse_thresholds(text):
+    if text is None:
+        return None
+    text = str(text)
+    try:
+        if ":" in text:
+            start, stop, step = (float(v) for v in text.split(":"))
+            count = int(round((stop - start) / step))
+            return [round(start + i * step, 10) for i in range(count)]
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as error:
+        raise OptionsError(f"--thresholds {text!r}: expected START:STOP:STEP or a list") \
+            from error
+
+
+def _evaluate_shard(task) -> tuple:
+    """Accumulate a shard of images in one process: (accumulator, [(id, reason) skipped])."""
+    from wsss_fast.data.images import ImageDecodeError, read_label_png
+    from wsss_fast.evaluate import ConfusionMatrix, ThresholdSweep
+    from wsss_fast.io.cam_files import CamFileError, load_cam_file
+    mode, folder, items, num_classes, thresholds, pred_ignore_as = task
+    if mode == "cams":
+        accumulator = ThresholdSweep(thresholds, num_classes)
+    else:
+        accumulator = ConfusionMatrix(num_classes, pred_ignore_as=pred_ignore_as)
+    skipped = []
+    for item, gt_path in items:
+        suffix = ".npy" if mode == "cams" else ".png"
+        path = item_path(Path(folder), item, suffix)
+        if not path.exists():
+            skipped.append((item, f"no prediction {path}"))
+            continue
+        try:
+            gt = read_label_png(gt_path)
+            if mode == "cams":
+                record = load_cam_file(path)
+                cams = record.high_res if record.keys.size else np.zeros((0,) + gt.shape,
+                                                                          np.float32)
+                accumulator.update(cams, record.keys, gt)
+            else:
+                accumulator.update(read_label_png(path), gt)
+        except (CamFileError, ImageDecodeError, ValueError) as error:
+            skipped.append((item, str(error)))
+    return accumulator, skipped
+
+
+def evaluate(options: EvaluateOptions) -> EvaluateResult:
+    """Evaluate ``options.cams`` or ``options.pred``; writes the report into ``options.out``
+    when given."""
+    from wsss_fast.data.classes import with_background
+    from wsss_fast.evaluate import plot_sweep
+    from wsss_fast.io.atomic import atomic_write_bytes, atomic_write_json
+    require(options, "data")
+    if bool(options.cams) == bool(options.pred):
+        raise OptionsError("give --cams (CAM files) or --pred (label PNGs)")
+    folder = Path(options.cams or options.pred)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder")
+    mode = "cams" if options.cams else "pred"
+    dataset = open_dataset_of(options)
+    names = with_background(dataset.class_names)
+    items, no_gt = [], []
+    for item in dataset.ids:
+        gt_path = dataset.sample(item).gt_path
+        (items.append((item, gt_path)) if gt_path else no_gt.append(item))
+    if not items:
+        raise InputError(f"no ground-truth labels found for the {len(dataset.ids)} images")
+    thresholds = parse_thresholds(options.thresholds)
+    pred_ignore_as = "exclude" if options.ignore_pred_255 else 0
+    shards = max(1, options.workers)
+    tasks = [(mode, str(folder), items[i::shards], len(names), thresholds, pred_ignore_as)
+             for i in range(shards)]
+    if options.workers > 0:
+        with ProcessPoolExecutor(options.workers) as pool:
+            parts = list(pool.map(_evaluate_shard, tasks))
+    else:
+        parts = [_evaluate_shard(task) for task in tasks]
+    total = parts[0][0]
+    for accumulator, _ in parts[1:]:
+        total = total.merge(accumulator)
+    skipped = sorted(s for _, part in parts for s in part)
+    name = options.name or folder.name
+    rule = options.rule
+    report = {"name": name, "mode": mode, "rule": rule, "images": len(items) - len(skipped),
+              "skipped": [{"id": i, "reason": r} for i, r in skipped],
+              "no_ground_truth": len(no_gt), "class_names": list(names)}
+    if mode == "cams":
+        best_threshold, best_miou = total.best(rule)
+        index = int(np.flatnonzero(np.isclose(total.thresholds, best_threshold))[0])
+        matrix = total.matrix_at(index)
+        report.update(best_threshold=best_threshold, best_miou=best_miou,
+                      thresholds=total.thresholds.tolist(),
+                      miou_curve=[None if np.isnan(v) else float(v) for v in total.miou(rule)])
+        headline = (f"{name}: best background threshold {best_threshold:.2f}, "
+                    f"mIoU {100 * best_miou:.2f} ({rule}) over {report['images']} images")
+    else:
+        matrix = total
+        headline = (f"{name}: mIoU {100 * matrix.miou(rule):.2f} ({rule}) over "
+                    f"{report['images']} images")
+    report["at_best"] = matrix.to_dict()
+    table = matrix.table(names, rule)
+    if options.out:
+        out = Path(options.out)
+        atomic_write_json(out / "evaluation.json", report)
+        atomic_write_bytes(out / "evaluation.md", f"# {headline}\n\n{table}\n".encode())
+        if mode == "cams":
+            plot_sweep({name: (total.thresholds, total.miou(rule))}, out / "sweep.png",
+                       title=f"background-threshold sweep ({rule} mIoU)")
+    return EvaluateResult(report=report, headline=headline, table=table)

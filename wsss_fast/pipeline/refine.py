@@ -1,0 +1,166 @@
+"""``refine``: CAMs → pseudo-labels by an affinity random walk (IRN or PSA, DESIGN §3.5).
+
+  irn  the stride-4 CAMs (the `cam` entry of irn-format CAM files) walk over the path-max
+       affinity of a boundary map (β 10, 256 steps), then ×4 upsampling, global-max
+       normalization and a constant background plane (bg_threshold 0.25).
+  psa  the full-resolution CAMs with a (1 − max)^α background walk at stride 8 over a feature
+       affinity (β 8, 256 steps).
+Boundary maps (``edges``: a folder of <id>.npy in [0,1] at stride 4) and PSA features
+(``features``: <id>.npy, C×⌈H/8⌉×⌈W/8⌉) are optional: without them an image-gradient edge map /
+the image's colours stand in (a weaker, training-free substitute).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from wsss_fast.pipeline.errors import InputError, OptionsError
+from wsss_fast.pipeline.job import (JobResult, JobSpec, item_path, run_dataset_job,
+                                    validate_label_png, worker_work)
+from wsss_fast.pipeline.options import DatasetOptions, option, path_or_none, require
+
+
+@dataclass
+class RefineOptions(DatasetOptions):
+    cams: Optional[str] = option(None, "folder of irn-format CAM files (<id>.npy)")
+    out: Optional[str] = option(None, "output folder for <id>.png labels")
+    preset: str = option("irn", choices=("irn", "psa"))
+    edges: Optional[str] = option(None, "irn: folder of boundary maps <id>.npy (stride 4)")
+    features: Optional[str] = option(None, "psa: folder of affinity features <id>.npy")
+    beta: Optional[float] = option(None, "affinity power (default: the preset's)")
+    steps: Optional[int] = option(None, "random-walk steps (default 256)")
+    bg_threshold: Optional[float] = option(None, "irn: background plane (0.25)")
+    alpha: Optional[float] = option(None, "psa: background power (16)")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto (under torchrun each rank takes "
+                         "cuda:LOCAL_RANK)", group="runtime")
+    workers: int = option(2, "worker processes for the walks on the CPU (0 = in the main "
+                          "process)", group="runtime")
+    overwrite: bool = option(False, "redo every item and replace existing outputs (default: "
+                             "resume, skipping finished items)", group="runtime")
+    quiet: bool = option(False, "no progress bar", group="runtime")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("cams", "out", "edges", "features"):
+            setattr(self, name, path_or_none(getattr(self, name)))
+
+
+def preset_options(options: RefineOptions) -> dict:
+    """The random-walk preset's settings with the options given."""
+    from wsss_fast.postprocess.random_walk import RANDOM_WALK_PRESETS
+    settings = dataclasses.asdict(RANDOM_WALK_PRESETS[options.preset])
+    for name in ("beta", "steps", "bg_threshold", "alpha"):
+        value = getattr(options, name)
+        if value is not None:
+            if settings[name] is None:
+                raise OptionsError(f"--{name.replace('_', '-')} does not apply to --preset "
+                                   f"{options.preset}")
+            settings[name] = value
+    return settings
+
+
+def _load_side_input(folder, item: str, expected_ndim: int):
+    path = item_path(Path(folder), item, ".npy")
+    if not path.exists():
+        raise ValueError(f"missing {path}")
+    array = np.load(path, allow_pickle=False)
+    if array.ndim != expected_ndim:
+        raise ValueError(f"{path}: expected {expected_ndim} dimensions, got {array.shape}")
+    return array.astype(np.float32)
+
+
+def image_color_features(image: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """A training-free stand-in for AffinityNet features: the image's RGB in [0, 1], averaged
+    over the 8×8 cells of PSA's zero-padded stride-8 grid, ``(3, ⌈H/8⌉, ⌈W/8⌉)``."""
+    height, width = image.shape[:2]
+    padded = np.zeros((grid[0] * 8, grid[1] * 8, 3), np.float32)
+    padded[:height, :width] = image.astype(np.float32) / 255.0
+    cells = padded.reshape(grid[0], 8, grid[1], 8, 3).mean(axis=(1, 3))
+    return np.ascontiguousarray(cells.transpose(2, 0, 1))
+
+
+def refine_one(settings: dict, item: str, image: np.ndarray, cam_path: Path,
+               device: torch.device) -> np.ndarray:
+    """The label of one image; ``settings``: preset, its options, edges and features folders."""
+    from wsss_fast.io.cam_files import load_cam_file
+    from wsss_fast.postprocess import random_walk as rw
+    record = load_cam_file(cam_path)
+    height, width = image.shape[:2]
+    if record.keys.size == 0:
+        return np.zeros((height, width), np.uint8)
+    if record.high_res.shape[1:] != (height, width):
+        raise ValueError(f"CAM size {record.high_res.shape[1:]} differs from the image size "
+                         f"{(height, width)}")
+    keys, options = record.keys, settings["options"]
+    if settings["preset"] == "irn":
+        if record.low_res is None:
+            raise ValueError(f"{cam_path} has no stride-4 'cam' maps (write irn-format CAMs)")
+        grid = record.low_res.shape[1:]
+        edge = (_load_side_input(settings["edges"], item, 2) if settings["edges"]
+                else rw.image_edge_map(image, grid))
+        cams = torch.from_numpy(record.low_res).to(device)
+        return rw.refine_irn(cams, keys, torch.from_numpy(np.ascontiguousarray(edge)).to(device),
+                             (height, width), beta=options["beta"], steps=options["steps"],
+                             bg_threshold=options["bg_threshold"])
+    grid = (-(-height // 8), -(-width // 8))
+    if settings["features"]:
+        features = _load_side_input(settings["features"], item, 3)
+    else:
+        features = image_color_features(image, grid)
+    cams = torch.from_numpy(record.high_res).to(device)
+    return rw.refine_psa(cams, keys, torch.from_numpy(features).to(device),
+                         alpha=options["alpha"], beta=options["beta"], steps=options["steps"])
+
+
+def refine_job(item: str, image_path: str, cam_path: str, label_path: str, settings: dict):
+    """One image (in a worker process on the CPU): read, walk, write atomically. Returns None or
+    the reason the item was skipped."""
+    from wsss_fast.data.images import ImageDecodeError, read_image, write_label_png
+    from wsss_fast.io.cam_files import CamFileError
+    if not Path(cam_path).exists():
+        return f"no CAM file {cam_path}"
+    try:
+        image = read_image(image_path)
+        label = refine_one(settings, item, image, Path(cam_path),
+                           torch.device(settings["device"]))
+    except (CamFileError, ImageDecodeError, ValueError) as error:
+        return str(error)
+    write_label_png(label_path, np.asarray(label, np.uint8))
+    return None
+
+
+def refine(options: RefineOptions) -> JobResult:
+    """Random-walk labels of the CAM files in ``options.cams`` into ``options.out/labels``."""
+    require(options, "data", "cams", "out")
+    walk = preset_options(options)
+    cams_dir, out = Path(options.cams), Path(options.out)
+    if not cams_dir.is_dir():
+        raise InputError(f"--cams {cams_dir}: not a folder")
+
+    def outputs(item):
+        return {"label": item_path(out / "labels", item, ".png")}
+
+    def setup(dataset, context) -> JobSpec:
+        config = {"preset": options.preset, **walk, "cams": str(cams_dir.resolve()),
+                  "edges": options.edges, "features": options.features,
+                  "dataset": dataset.name}
+        settings = {"preset": options.preset, "options": walk, "edges": options.edges,
+                    "features": options.features, "device": str(context.device)}
+        # One walk runs on one thread (see csrc/cpu/random_walk.cpp): on the CPU, images are
+        # walked in parallel worker processes; on a GPU, in this process.
+        work = worker_work(
+            refine_job, lambda item: (item, dataset.sample(item).image_path,
+                                      str(item_path(cams_dir, item, ".npy")),
+                                      str(outputs(item)["label"]), settings),
+            outputs, workers=options.workers if context.device.type == "cpu" else 0,
+            progress=not options.quiet, desc=f"refine[{context.rank}]")
+        return JobSpec(config=config, outputs=outputs, work=work, validate=validate_label_png)
+
+    return run_dataset_job("refine", options, out, setup, device=options.device,
+                           overwrite=options.overwrite)

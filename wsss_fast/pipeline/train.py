@@ -1,0 +1,32 @@
+"""``train``: a classifier trained with its method's loss (``wsss_fast.train``), as a stage that
+returns its checkpoint and report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from wsss_fast.pipeline.errors import OptionsError
+from wsss_fast.train import TrainConfig
+from wsss_fast.train import train as run_training
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    report: dict          # what OUT/train.json holds
+
+    @property
+    def out_dir(self) -> Path:
+        return self.checkpoint.parent
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train (or resume) the run of ``config``; bad options raise ``OptionsError``."""
+    problems = config.problems()
+    if problems:
+        raise OptionsError("train: " + "; ".join(problems))
+    checkpoint = run_training(config)
+    report = json.loads((checkpoint.parent / "train.json").read_text(encoding="utf-8"))
+    return TrainResult(checkpoint=checkpoint, report=report)
