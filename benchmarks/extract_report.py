@@ -6,7 +6,7 @@
 Variants, same random ViT-S weights (12 blocks, 6 heads, D=384, 20 class tokens) and image:
 * floor — a plain fused forward of the same passes (SDPA blocks, image and flip batched, PatchCAM
   head), producing no CAM: what any extraction must at least cost;
-* engine — ``CamEngine(model, "mctformer-v2")``: the whole generator, CAMs included;
+* engine — ``CamEngine(model, "mctformer_v2")``: the whole generator, CAMs included;
 * engine-bf16 — the same under CPU bf16 autocast (linear layers and convs in bf16; attention
   statistics and softmax stay fp32); its error against fp32 is reported;
 * materializing — the upstream-style generator (eager attention, all blocks' maps stacked, one pass

@@ -59,7 +59,7 @@ class PrototypesOptions(DatasetOptions):
     seed: Optional[int] = option(None, "seed of the k-means initial centres (default 0)",
                                  group=_LPCAM)
     cams: Optional[str] = option(None, "IRN CAM files of the split to select pixels with "
-                                 "(default: computed with the irn-cam preset)", metavar="DIR",
+                                 "(default: computed with the irn_cam preset)", metavar="DIR",
                                  group=_LPCAM)
     out: Optional[str] = option(None, "prototypes file to write (.pt)", metavar="FILE",
                                 group="output")

@@ -80,7 +80,7 @@ def edam_loss(model, images: torch.Tensor, labels: torch.Tensor):
 # Plain state dicts, as upstream's; the CPU-sized models (TrainConfig.model picks resnet50_cam /
 # edam).
 register_method(Method(name="irn_cam", model="resnet_cam_tiny", loss=irn_cam_loss,
-                       preset="irn-cam", checkpoint_format="plain",
+                       preset="irn_cam", checkpoint_format="plain",
                        description="IRN / LPCAM CAM classifier: multilabel soft margin on GAP "
                                    "logits"))
 # EDAM's CMA attends over both images' feature pixels for every class: at crop 128 a step took

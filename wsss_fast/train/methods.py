@@ -70,18 +70,18 @@ _CLASS_ATTENTION = dict(cam_kwargs={"cls_layers": 4, "refine": False, "attention
                         scales=_UPSCALED)
 
 for _method in (
-    Method("mctformer_v1", "mctformer_v1_tiny", losses.mctformer_v1_loss, "mctformer-v1",
+    Method("mctformer_v1", "mctformer_v1_tiny", losses.mctformer_v1_loss, "mctformer_v1",
            "wrapped", "MCTformer-V1: MLSM on the class-token logits",
            _VIT_TRAIN, _CLASS_ATTENTION),
-    Method("mctformer_v2", "mctformer_v2_tiny", losses.mctformer_v2_loss, "mctformer-v2",
+    Method("mctformer_v2", "mctformer_v2_tiny", losses.mctformer_v2_loss, "mctformer_v2",
            "wrapped", "MCTformer-V2: MLSM on class-token and GAP(PatchCAM) logits",
            _VIT_TRAIN, _CLASS_ATTENTION),
     Method("mctformer_plus", "mctformer_plus_tiny", losses.mctformer_plus_loss,
-           "mctformer-plus", "wrapped",
+           "mctformer_plus", "wrapped",
            "MCTformer+: class-token, class-token contrast and ranking-pooled PatchCAM terms",
            _VIT_TRAIN, _CLASS_ATTENTION),
     Method("mctformer_v2_doei", "mctformer_v2_doei_tiny", losses.mctformer_v2_loss,
-           "mctformer-v2-doei", "wrapped",
+           "mctformer_v2_doei", "wrapped",
            "MCTformer-V2 trained with the DOEI plug-in active (DESIGN §5.3)",
            _VIT_TRAIN, _CLASS_ATTENTION),
     Method("transcam", "transcam_tiny", losses.transcam_loss, "transcam", "plain",
@@ -90,7 +90,7 @@ for _method in (
     Method("bnr", "transcam_tiny", losses.bnr_loss, "transcam", "plain",
            "BNR: TransCAM loss + MLSM(GAP(Ā*·(A*·M))) with Ā* detached",
            _CONFORMER_TRAIN, dict(square_sizes=(128, 192, 256))),
-    Method("token_cam", "token_cam_tiny", losses.token_cam_loss, "token-cam", "plain",
+    Method("token_cam", "token_cam_tiny", losses.token_cam_loss, "token_cam", "plain",
            "ToCo-style token CAM: MLSM on the max-pooled 1×1 classifier logits",
            _VIT_TRAIN, dict(scales=_UPSCALED)),
 ):
