@@ -21,6 +21,7 @@ import torch.utils.data
 
 from wsss_fast.data.classes import VOC_CLASSES, read_class_names
 from wsss_fast.data.images import read_image
+from wsss_fast.io.interrupts import die_with_parent
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _HEADER_ID_NAMES = ("id", "image", "image_id", "name", "filename", "file")
@@ -383,6 +384,7 @@ class DecodedImages(torch.utils.data.Dataset):
 
 
 def _single_threaded_worker(_worker_id: int) -> None:
+    die_with_parent()  # killed with the run, even by SIGKILL, instead of decoding on as an orphan
     cv2.setNumThreads(0)  # one decoding thread per worker; parallelism comes from the workers
 
 
