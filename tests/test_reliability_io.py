@@ -3,6 +3,7 @@ journals that must not adopt stale outputs, one run per output folder, signals a
 workers, full disks."""
 
 import errno
+import fcntl
 import io
 import json
 import os
@@ -443,12 +444,13 @@ def test_second_run_in_one_folder_is_refused_until_the_first_dies(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    with RunState(tmp_path, "extract", {"k": 1}) as state:   # the kernel dropped its lock
-        state.record_done("a", _cam(tmp_path, "a"))
-        state.finish()
-    holder = _start_holder(tmp_path)   # finish() released it
-    holder.kill()
-    holder.wait()
+    state = RunState(tmp_path, "extract", {"k": 1})   # the kernel dropped the dead one's lock
+    lock_file = tmp_path / STATE_DIR / "extract.rank0.lock"
+    assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+    state.record_done("a", _cam(tmp_path, "a"))
+    state.finish()
+    with open(lock_file) as probe:   # another open file description: free only once released
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_lock_held_by_an_orphan_of_a_dead_run_is_taken_over(tmp_path):
@@ -588,11 +590,19 @@ def _run_then_signal(tmp_path, script, signum):
     children = _descendants(process.pid)
     assert process.poll() is None and len(children) >= expected, "workers did not start"
     process.send_signal(signum)
-    _, stderr = process.communicate(timeout=30)
+    try:
+        process.wait(timeout=30)
+    finally:
+        process.kill()
     deadline = time.time() + 10
     while _alive(children) and time.time() < deadline:
         time.sleep(0.1)
-    return process.returncode, stderr, _alive(children)
+    survivors = _alive(children)
+    for pid in survivors:                # a failing run must not leak its orphans
+        os.kill(pid, signal.SIGKILL)
+    stderr = process.stderr.read()       # (orphans would have kept the pipe open)
+    process.stderr.close()
+    return process.returncode, stderr, survivors
 
 
 @pytest.mark.parametrize("script", [_POOL_RUN, _LOADER_RUN], ids=["pool", "data_loader"])
@@ -607,6 +617,7 @@ def test_workers_never_outlive_their_run(tmp_path, script, signum):
         assert status == -signal.SIGKILL
 
 
+@pytest.mark.slow   # the same parent-death path as SIGKILL above
 def test_unhandled_sigterm_still_takes_the_workers_down(tmp_path):
     script = _POOL_RUN.replace("with handle_interrupts():", "if True:")
     assert script != _POOL_RUN
