@@ -260,7 +260,8 @@ def _outputs(folder, item):
 
 
 def _entries(folder, command="extract"):
-    return [json.loads(line) for journal in (folder / STATE_DIR).glob(f"{command}.rank*.jsonl")
+    """Every line of the pending journals, then of the done journals."""
+    return [json.loads(line) for journal in sorted((folder / STATE_DIR).glob(f"{command}.*.jsonl"))
             for line in journal.read_text().splitlines()]
 
 

@@ -1,11 +1,12 @@
 """Resumable runs: a per-rank journal of finished items and a manifest per command.
 
-The journal ``OUT/.wsss-fast/<command>.rank<r>.jsonl`` has one JSON line per event:
+Each rank keeps two journals in ``OUT/.wsss-fast/``, one JSON line per event:
 
-- ``{"id", "digest", "outputs": {name: {"path", "size", "blake2b"}}}``: the item is done (paths
-  relative to the output folder, the content checksum of each output);
-- ``{"id", "digest", "pending": true, "outputs": [paths]}``: the run is about to (re)do the item;
-  ``is_finished`` writes it, after removing the item's old outputs, whenever it answers False.
+- ``<command>.rank<r>.jsonl``, one line per finished item: ``{"id", "digest", "outputs": {name:
+  {"path", "size", "blake2b"}}}`` (paths relative to the output folder, a content checksum each);
+- ``<command>.pending.rank<r>.jsonl``: ``{"id", "digest", "pending": true, "outputs": [paths]}``,
+  the run is about to (re)do the item; ``is_finished`` writes it, after removing the item's old
+  outputs, whenever it answers False.
 
 ``digest`` identifies the run's config. An item is finished when a done entry under the current
 digest matches its outputs' sizes and checksums (a same-size corruption is redone). Outputs
@@ -28,7 +29,6 @@ item with its reason.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -112,7 +112,8 @@ class RunState:
             self.counts = {"assigned": 0, "done": 0, "already_done": 0, "skipped": 0}
             self.skipped: list[dict] = []
             self._skipped_ids: set[str] = set()
-            self._journal = open(self.state_dir / f"{command}.rank{rank}.jsonl", "a")
+            self._journal = open(self._journal_path("done", rank), "a")
+            self._pending_journal = open(self._journal_path("pending", rank), "a")
         except BaseException:
             self._lock.release()
             raise
@@ -123,8 +124,20 @@ class RunState:
 
     # ------------------------------------------------------------------ config and old journals
 
-    def _journals(self) -> list[Path]:
-        return sorted(self.state_dir.glob(f"{self.command}.rank*.jsonl"))
+    def _journal_path(self, kind: str, rank: int) -> Path:
+        infix = ".pending" if kind == "pending" else ""
+        return self.state_dir / f"{self.command}{infix}.rank{rank}.jsonl"
+
+    def _journals(self, ranks: Optional[Callable[[int], bool]] = None) -> list[Path]:
+        """Both journals of every rank (``ranks``: only those it accepts)."""
+        found = []
+        for infix in ("", ".pending"):
+            prefix = f"{self.command}{infix}.rank"
+            for path in self.state_dir.glob(f"{prefix}*.jsonl"):
+                rank = path.name[len(prefix):-len(".jsonl")]
+                if rank.isdigit() and (ranks is None or ranks(int(rank))):
+                    found.append(path)
+        return sorted(found)
 
     def _read_entries(self, journals=None) -> list[dict]:
         entries = []
@@ -176,9 +189,7 @@ class RunState:
     def _remove_previous_run(self) -> None:
         """For ``overwrite``: delete the outputs the old journals list, then the journals (this
         rank's share of them, also those of ranks beyond the current world)."""
-        prefix = f"{self.command}.rank"
-        mine = [j for j in self._journals() if j.name[len(prefix):-len(".jsonl")].isdigit()
-                and int(j.name[len(prefix):-len(".jsonl")]) % self.world == self.rank]
+        mine = self._journals(lambda rank: rank % self.world == self.rank)
         for entry in self._read_entries(mine):
             for path in self._entry_paths(entry):
                 path.unlink(missing_ok=True)
@@ -266,8 +277,8 @@ class RunState:
         paths = [Path(p) for p in outputs.values()]
         for path in paths:   # removed first: a crash in between must not leave them adoptable
             path.unlink(missing_ok=True)
-        self._write({"id": item, "digest": self.digest, "pending": True,
-                     "outputs": [self._relative(p) for p in paths]})
+        self._write(self._pending_journal, {"id": item, "digest": self.digest, "pending": True,
+                                            "outputs": [self._relative(p) for p in paths]})
 
     def record_done(self, item: str, outputs: Mapping[str, Path], count: bool = True) -> None:
         """Journal ``item`` as done with the size and checksum of each of its (published)
@@ -277,15 +288,16 @@ class RunState:
             path = Path(path)
             record[name] = {"path": self._relative(path), "size": path.stat().st_size,
                             "blake2b": file_checksum(path)}
-        self._write({"id": item, "digest": self.digest, "outputs": record})
+        self._write(self._journal, {"id": item, "digest": self.digest, "outputs": record})
         self.done[item] = [record]
         self._pending.discard(item)
         if count:
             self.counts["done"] += 1
 
-    def _write(self, entry: dict) -> None:
-        self._journal.write(json.dumps(entry) + "\n")
-        self._journal.flush()
+    @staticmethod
+    def _write(journal, entry: dict) -> None:
+        journal.write(json.dumps(entry) + "\n")
+        journal.flush()
 
     def record_skipped(self, item: str, reason: str) -> None:
         """``item`` could not be done; listed in the manifest (once per id)."""
@@ -300,8 +312,9 @@ class RunState:
     def close(self) -> None:
         """Close the journal and release the lock, without a summary (a run that failed).
         Safe to call twice."""
-        with contextlib.suppress(AttributeError):
-            self._journal.close()
+        for journal in (getattr(self, "_journal", None), getattr(self, "_pending_journal", None)):
+            if journal is not None:
+                journal.close()
         self._lock.release()
 
     def __enter__(self) -> "RunState":
@@ -314,6 +327,7 @@ class RunState:
         """Write this rank's summary and release the lock; returns the summary."""
         try:
             self._journal.close()
+            self._pending_journal.close()
             summary = {"rank": self.rank, "world": self.world, "host": socket.gethostname(),
                        "seconds": round(time.time() - self.started, 3), "counts": self.counts,
                        "skipped": self.skipped, **(extra or {})}
