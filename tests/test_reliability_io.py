@@ -347,6 +347,32 @@ def test_old_journal_lines_without_digest_are_not_finished(tmp_path):
         assert not state.is_finished("a", _outputs(tmp_path, "a"), validate=load_cam_file)
 
 
+def test_an_entry_after_a_torn_line_is_not_lost(tmp_path):
+    with RunState(tmp_path, "extract", {"k": 1}) as state:
+        state.record_done("a", _cam(tmp_path, "a"))
+    with open(tmp_path / STATE_DIR / "extract.rank0.jsonl", "a") as journal:
+        journal.write('{"id": "b", "outp')          # killed mid-line
+    with RunState(tmp_path, "extract", {"k": 1}) as state:
+        state.record_done("c", _cam(tmp_path, "c"))
+    with RunState(tmp_path, "extract", {"k": 1}) as state:
+        assert state.is_finished("a", _outputs(tmp_path, "a"))
+        assert state.is_finished("c", _outputs(tmp_path, "c"))
+
+
+def test_disk_full_while_journaling_names_the_journal(tmp_path, monkeypatch):
+    state = RunState(tmp_path, "extract", {"k": 1})
+    outputs = _cam(tmp_path, "a")
+
+    def full(data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(state._journal, "write", full)
+    with pytest.raises(DiskFull, match=r"no space left on the device while writing .*"
+                                       r"extract.rank0.jsonl \(free some space"):
+        state.record_done("a", outputs)
+    state.close()
+
+
 def _finished_run(folder, config, items="abc"):
     with RunState(folder, "extract", config) as state:
         for item in items:

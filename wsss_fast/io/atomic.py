@@ -45,11 +45,14 @@ def _disk_full_errno(error: BaseException) -> Optional[int]:
     return None
 
 
-def _raise_if_disk_full(error: BaseException, path: Path) -> None:
+def raise_if_disk_full(error: BaseException, path: PathLike, published: bool = False) -> None:
+    """Raise ``DiskFull`` naming ``path`` if ``error`` comes from a full disk or quota;
+    ``published=False`` says that nothing was written under that name."""
     code = _disk_full_errno(error)
     if code is not None:
-        raise DiskFull(code, f"{_DISK_FULL[code]} while writing {path}; the file was not "
-                             f"written (free some space and rerun)", os.fspath(path)) from None
+        outcome = "" if published else "; the file was not written"
+        raise DiskFull(code, f"{_DISK_FULL[code]} while writing {path}{outcome} (free some "
+                             f"space and rerun)", os.fspath(path)) from None
 
 
 def _temp_path(path: Path) -> Path:
@@ -74,7 +77,7 @@ def atomic_write(path: PathLike, mode: str = "wb", fsync: bool = False) -> Itera
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
-        _raise_if_disk_full(error, path)
+        raise_if_disk_full(error, path)
         raise
 
 
@@ -111,7 +114,7 @@ def atomic_write_group(contents: Mapping[PathLike, Union[bytes, Callable[[Binary
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
         if path is not None:
-            _raise_if_disk_full(error, path)
+            raise_if_disk_full(error, path)
         raise
 
 

@@ -30,8 +30,9 @@ _HELD: dict[str, "RunLock"] = {}
 _NO_FLOCK = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 
 
-class RunLocked(RuntimeError):
-    """Another live process holds the lock of this output folder, command and rank."""
+class RunLocked(BlockingIOError):
+    """Another live process holds the lock of this output folder, command and rank. An OSError
+    (taking the lock would block), so command lines that report OSErrors in one line do so."""
 
 
 def _read_holder(fd: int) -> dict:

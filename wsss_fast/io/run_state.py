@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
-from wsss_fast.io.atomic import atomic_write_json, remove_stale_temps
+from wsss_fast.io.atomic import atomic_write_json, raise_if_disk_full, remove_stale_temps
 from wsss_fast.io.checksums import file_checksum, file_digest  # noqa: F401 (file_digest: API)
 from wsss_fast.io.locks import RunLock, RunLocked  # noqa: F401 (RunLocked: raised here)
 
@@ -81,6 +81,22 @@ def check_writable(folder: Path) -> None:
                                 f"{error.strerror or error}") from None
 
 
+def _open_journal(path: Path):
+    """Open a journal for appending, first ending a line torn by a killed process (the next
+    entry would otherwise be glued to it and lost)."""
+    try:
+        with open(path, "rb") as existing:
+            existing.seek(-1, os.SEEK_END)
+            torn = existing.read(1) != b"\n"
+    except OSError:   # missing, or empty (cannot seek before its start)
+        torn = False
+    journal = open(path, "a")
+    if torn:
+        journal.write("\n")
+        journal.flush()
+    return journal
+
+
 def _is_done_entry(entry: dict) -> bool:
     return isinstance(entry.get("outputs"), dict) and not entry.get("pending")
 
@@ -112,8 +128,8 @@ class RunState:
             self.counts = {"assigned": 0, "done": 0, "already_done": 0, "skipped": 0}
             self.skipped: list[dict] = []
             self._skipped_ids: set[str] = set()
-            self._journal = open(self._journal_path("done", rank), "a")
-            self._pending_journal = open(self._journal_path("pending", rank), "a")
+            self._journal = _open_journal(self._journal_path("done", rank))
+            self._pending_journal = _open_journal(self._journal_path("pending", rank))
         except BaseException:
             self._lock.release()
             raise
@@ -296,8 +312,12 @@ class RunState:
 
     @staticmethod
     def _write(journal, entry: dict) -> None:
-        journal.write(json.dumps(entry) + "\n")
-        journal.flush()
+        try:
+            journal.write(json.dumps(entry) + "\n")
+            journal.flush()
+        except OSError as error:
+            raise_if_disk_full(error, journal.name, published=True)
+            raise
 
     def record_skipped(self, item: str, reason: str) -> None:
         """``item`` could not be done; listed in the manifest (once per id)."""
