@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 _ZIP_MAGIC = b"PK\x03\x04"
-_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # pickled magic no.
+_PICKLE_START = b"\x80"   # files of torch < 1.6 (_use_new_zipfile_serialization=False) are pickles
 
 
 class CheckpointError(ValueError):
@@ -39,10 +39,9 @@ def _unsafe_detail(error: Exception) -> str:
     text = str(error)
     match = re.search(r"GLOBAL ([\w.]+)", text)
     if match:
-        return f"a pickled {match.group(1)} object"
-    match = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
-    return match.group(1).strip().rstrip(".") if match else \
-        "objects other than tensors and plain containers"
+        return f"it holds a pickled {match.group(1)} object"
+    match = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    return match.group(1).strip().rstrip(".") if match else "unknown pickle content"
 
 
 def read_torch_file(path, what: str = "checkpoint", required: Sequence[str] = ()) -> Any:
@@ -61,8 +60,8 @@ def read_torch_file(path, what: str = "checkpoint", required: Sequence[str] = ()
     if size == 0:
         raise CheckpointError(f"{name}: empty file (0 bytes), not a {what}")
     with open(name, "rb") as handle:
-        head = handle.read(len(_LEGACY_MAGIC))
-    if not head.startswith(_ZIP_MAGIC) and head != _LEGACY_MAGIC:
+        head = handle.read(8)
+    if not head.startswith((_ZIP_MAGIC, _PICKLE_START)):
         raise CheckpointError(f"{name}: not a torch file (first bytes {head[:8]!r}), so not a "
                               f"{what}")
     if head.startswith(_ZIP_MAGIC) and not zipfile.is_zipfile(name):
@@ -72,10 +71,11 @@ def read_torch_file(path, what: str = "checkpoint", required: Sequence[str] = ()
         payload = torch.load(name, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "Weights only load failed" in str(error):
-            raise CheckpointError(f"{name}: the {what} holds {_unsafe_detail(error)}; only "
-                                  f"tensors and plain containers are unpickled") from None
-        raise CheckpointError(f"{name}: corrupt {what} (unpickling failed: "
-                              f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None
+            raise CheckpointError(f"{name}: cannot be read safely as a {what} "
+                                  f"({_unsafe_detail(error)}; only tensors and plain containers "
+                                  f"are unpickled)") from None
+        detail = str(error).splitlines()[0] if str(error) else "no detail"
+        raise CheckpointError(f"{name}: corrupt {what} (unpickling failed: {detail})") from None
     except (OSError, EOFError, RuntimeError, zipfile.BadZipFile, KeyError, ValueError,
             IndexError, TypeError, AttributeError) as error:
         # torch reports a torn zip archive as "[Errno 22] Invalid argument", a torn legacy file
