@@ -88,7 +88,10 @@ def _outputs(folder, item):
 
 def test_run_state_resume_adopt_and_redo(tmp_path):
     config = {"model": "m", "scales": [1.0]}
+    # "f" is an output that no run of this config marked pending (e.g. an old configuration's).
+    save_cam_file(tmp_path / "f.npy", [0], np.ones((1, 4, 4)), np.ones((1, 1, 1)))
     state = RunState(tmp_path, "extract", config)
+    assert not any(state.is_finished(i, _outputs(tmp_path, i)) for i in "abcde")  # all pending
     for item in ("a", "b"):
         save_cam_file(tmp_path / f"{item}.npy", [0], np.ones((1, 4, 4)), np.ones((1, 1, 1)))
         state.record_done(item, _outputs(tmp_path, item))
@@ -104,9 +107,11 @@ def test_run_state_resume_adopt_and_redo(tmp_path):
         journal.write('{"id": "torn", "outp')          # a line torn by kill -9
     resumed = RunState(tmp_path, "extract", config)
     done = {i: resumed.is_finished(i, _outputs(tmp_path, i), validate=load_cam_file)
-            for i in "abcde"}
-    assert done == {"a": True, "b": True, "c": True, "d": False, "e": False}
+            for i in "abcdef"}
+    assert done == {"a": True, "b": True, "c": True, "d": False, "e": False, "f": False}
     assert not (tmp_path / "d.npy").exists()     # the bad file is removed, to be redone
+    assert not (tmp_path / "f.npy").exists()
+    resumed.close()
     with pytest.raises(ConfigConflict, match="differs in: scales"):
         RunState(tmp_path, "extract", {"model": "m", "scales": [1.0, 0.5]})
     fresh = RunState(tmp_path, "extract", {"model": "m", "scales": [0.5]}, overwrite=True)

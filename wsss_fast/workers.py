@@ -1,17 +1,22 @@
 """Many independent per-image jobs (CRFs, random walks) over worker processes.
 
 Both are CPU-bound and single-threaded per image (pydensecrf holds the GIL; one random walk runs
-on one thread), so throughput comes from processes, each running whole images.
+on one thread), so throughput comes from processes, each running whole images. Workers never
+outlive the run: they are killed when it stops on an exception (``Interrupted`` included), and
+Linux kills them when the program dies without cleanup (SIGKILL; ``die_with_parent``).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
+
+from wsss_fast.io.interrupts import die_with_parent
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,35 @@ def _process_pool(workers: int, function: Callable) -> ProcessPoolExecutor:
     context = multiprocessing.get_context("forkserver")
     preload = ["__main__", __name__, getattr(function, "__module__", None)]
     context.set_forkserver_preload([name for name in preload if name])
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                               initializer=_init_worker)
+
+
+def _init_worker() -> None:
+    """Workers are children of the fork server, which exits when the last holder of its "alive"
+    pipe does; their parent-death signal then kills them, even in the middle of a job. The server
+    hands each worker a copy of that pipe (for nested process creation, not used here), which
+    would keep the server, and so the worker, alive after this program dies: close it."""
+    die_with_parent()
+    from multiprocessing import forkserver
+    server = getattr(forkserver, "_forkserver", None)
+    alive = getattr(server, "_forkserver_alive_fd", None)
+    if alive is not None:
+        try:
+            os.close(alive)
+        except OSError:
+            pass
+        server._forkserver_alive_fd = None
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    """Stop the pool's workers now, running jobs included (``shutdown`` alone waits for them).
+    ``_processes`` is private; Python 3.14's ``terminate_workers`` does the same."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        try:
+            process.kill()
+        except (OSError, ValueError):   # already exited / already closed
+            pass
 
 
 def run_in_workers(function: Callable, jobs: Iterable[tuple], workers: int = 0,
@@ -101,6 +134,7 @@ def _run_pooled(function: Callable, jobs, workers: int, results: dict, bar) -> N
         pool.shutdown(wait=True, cancel_futures=True)
         return _process_pool(workers, function)
 
+    completed = False
     try:
         for index, args in jobs:
             while len(in_flight) >= 4 * workers:
@@ -115,5 +149,8 @@ def _run_pooled(function: Callable, jobs, workers: int, results: dict, bar) -> N
         while in_flight:
             if collect(wait(in_flight, return_when=FIRST_COMPLETED).done):
                 pool = renewed(pool)
+        completed = True
     finally:
+        if not completed:   # an exception or an interrupt: nobody will collect the results
+            _kill_workers(pool)
         pool.shutdown(wait=True, cancel_futures=True)

@@ -9,6 +9,7 @@ import torch.utils.data
 
 from wsss_fast.data.dataset import WsssDataset
 from wsss_fast.data.images import read_image
+from wsss_fast.io.interrupts import die_with_parent
 
 
 class DecodedImages(torch.utils.data.Dataset):
@@ -41,6 +42,7 @@ class DecodedImages(torch.utils.data.Dataset):
 
 
 def _single_threaded_worker(_worker_id: int) -> None:
+    die_with_parent()  # killed with the run, even by SIGKILL, instead of decoding on as an orphan
     cv2.setNumThreads(0)  # one decoding thread per worker; parallelism comes from the workers
 
 

@@ -7,6 +7,8 @@
 - ``mctformer``: MCTformer / TransCAM ``{class_index: H×W}`` of the present classes.
 
 ``load_cam_file`` reads both (and CLIP-ES's ``{"keys", "attn_highres"}``) into a ``CamRecord``.
+Maps with NaN or inf values (e.g. from a model with broken weights) are refused on writing and on
+reading (``NonFiniteCams``): later steps would turn them into labels without a word.
 """
 
 from __future__ import annotations
@@ -30,6 +32,33 @@ class CamFileError(ValueError):
     """A CAM file that cannot be read (truncated, corrupt, or not a CAM dict)."""
 
 
+class NonFiniteCams(CamFileError):
+    """CAMs with NaN or inf values; the message names the maps and how many values."""
+
+
+def _non_finite(array) -> tuple[int, int]:
+    """(how many values are NaN or inf, how many values) of an array or tensor."""
+    if isinstance(array, torch.Tensor):
+        bad = int((~torch.isfinite(array)).sum()) if array.is_floating_point() else 0
+        return bad, array.numel()
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.inexact):
+        return 0, array.size
+    return int(array.size - np.count_nonzero(np.isfinite(array))), array.size
+
+
+def check_finite_cams(where: str, **maps) -> None:
+    """Raise ``NonFiniteCams`` ("WHERE: non-finite values in 'high_res' (N of M)") if one of the
+    named arrays or tensors (``high_res=...``, ``low_res=...``; None is skipped) holds NaN or
+    inf. Call it before writing an image's CAMs, to skip the image instead of saving them."""
+    for name, array in maps.items():
+        if array is None:
+            continue
+        bad, total = _non_finite(array)
+        if bad:
+            raise NonFiniteCams(f"{where}: non-finite values in {name!r} ({bad} of {total})")
+
+
 @dataclass
 class CamRecord:
     keys: np.ndarray                  # (n,) int64, 0-based foreground classes
@@ -40,12 +69,15 @@ class CamRecord:
 def _as_numpy(array, dtype) -> np.ndarray:
     if isinstance(array, torch.Tensor):
         array = array.detach().cpu().numpy()
-    return np.asarray(array, dtype=dtype)
+    with np.errstate(over="ignore"):   # values beyond float16's range: refused as inf later
+        return np.asarray(array, dtype=dtype)
 
 
-def cam_file_bytes(keys, high_res, low_res=None, fmt: str = "irn", fp16: bool = False) -> bytes:
+def cam_file_bytes(keys, high_res, low_res=None, fmt: str = "irn", fp16: bool = False,
+                   where: str = "CAMs") -> bytes:
     """The bytes of a CAM file (``np.save`` of a pickled dict). ``high_res``/``low_res`` hold the
-    maps of the present classes ``keys`` only."""
+    maps of the present classes ``keys`` only; NaN or inf values raise ``NonFiniteCams``
+    (``where`` names them in the message)."""
     if fmt not in CAM_FORMATS:
         raise ValueError(f"unknown CAM format {fmt!r}; known: {', '.join(CAM_FORMATS)}")
     keys = _as_numpy(keys, np.int64).reshape(-1)
@@ -59,6 +91,9 @@ def cam_file_bytes(keys, high_res, low_res=None, fmt: str = "irn", fp16: bool = 
         low_res = _as_numpy(low_res, dtype)
         if low_res.shape[0] != keys.size:
             raise ValueError(f"low_res must have {keys.size} maps, got {low_res.shape}")
+    # after the cast: values beyond float16's range turn into inf there
+    check_finite_cams(where, high_res=high_res, low_res=low_res if fmt == "irn" else None)
+    if fmt == "irn":
         payload = {"keys": keys, "cam": torch.from_numpy(low_res), "high_res": high_res}
     else:
         payload = {int(k): high_res[i] for i, k in enumerate(keys)}
@@ -70,7 +105,7 @@ def cam_file_bytes(keys, high_res, low_res=None, fmt: str = "irn", fp16: bool = 
 def save_cam_file(path, keys, high_res, low_res=None, fmt: str = "irn",
                   fp16: bool = False) -> int:
     """Write a CAM file atomically; returns its size in bytes."""
-    data = cam_file_bytes(keys, high_res, low_res, fmt, fp16)
+    data = cam_file_bytes(keys, high_res, low_res, fmt, fp16, where=os.fspath(path))
     atomic_write_bytes(path, data)
     return len(data)
 
@@ -89,9 +124,11 @@ def load_cam_file(path) -> CamRecord:
         raise CamFileError(f"{os.fspath(path)}: expected a pickled dict, got "
                            f"{type(payload).__name__}")
     try:
-        return _record(payload)
+        record = _record(payload)
     except (KeyError, ValueError, TypeError) as error:
         raise CamFileError(f"{os.fspath(path)}: not a CAM dict ({error})") from None
+    check_finite_cams(os.fspath(path), high_res=record.high_res, low_res=record.low_res)
+    return record
 
 
 def _record(payload: dict) -> CamRecord:

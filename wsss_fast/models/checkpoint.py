@@ -1,32 +1,131 @@
-"""Loading upstream checkpoints by their own key names.
+"""Reading torch files, and loading upstream checkpoints by their own key names.
 
-Accepts ``{'model': state_dict}`` (MCTformer, DeiT), ``{'state_dict': ...}``, or a plain state
-dict (TransCAM); strips DataParallel/DDP ``module.`` prefixes. A mismatch raises
-``CheckpointMismatch`` listing every missing key, unexpected key and shape conflict at once.
+``read_torch_file`` is the one reader of torch files (checkpoints, training states, prototypes):
+an empty, truncated, corrupt or non-torch file, or one that needs unsafe unpickling, raises
+``CheckpointError`` with one line naming the file and the problem.
+
+``read_state_dict`` accepts ``{'model': state_dict}`` (MCTformer, DeiT), ``{'state_dict': ...}``,
+or a plain state dict (TransCAM); strips DataParallel/DDP ``module.`` prefixes, and refuses
+weights with NaN or inf values. A mismatch with the model raises ``CheckpointMismatch`` listing
+every missing key, unexpected key and shape conflict at once.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import re
-from typing import Callable, Iterable, Mapping, Optional
+import zipfile
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_START = b"\x80"   # files of torch < 1.6 (_use_new_zipfile_serialization=False) are pickles
 
-class CheckpointMismatch(ValueError):
+
+class CheckpointError(ValueError):
+    """A torch file that cannot be used; the one-line message names the file and the problem."""
+
+
+class CheckpointMismatch(CheckpointError):
     """The checkpoint does not fit the model; the message lists every difference."""
 
 
-def read_state_dict(source) -> dict:
-    """A plain ``{name: tensor}`` dict from a path, a wrapper dict or a state dict."""
+def _unsafe_detail(error: Exception) -> str:
+    """What torch's weights_only refusal refused, without its advice to load the file unsafely."""
+    text = str(error)
+    match = re.search(r"GLOBAL ([\w.]+)", text)
+    if match:
+        return f"it holds a pickled {match.group(1)} object"
+    match = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    return match.group(1).strip().rstrip(".") if match else "unknown pickle content"
+
+
+def read_torch_file(path, what: str = "checkpoint", required: Sequence[str] = ()) -> Any:
+    """Load a torch file on the CPU, unpickling only tensors and plain containers.
+
+    ``what`` names the file's role in messages; ``required`` lists top-level keys the file must
+    hold (it must then be a dict). Raises ``FileNotFoundError`` for a missing file and
+    ``CheckpointError`` for anything else wrong with it.
+    """
+    name = os.fspath(path)
+    if not os.path.exists(name):
+        raise FileNotFoundError(f"{what} not found: {name}")
+    if os.path.isdir(name):
+        raise CheckpointError(f"{name}: is a directory, not a {what} file")
+    size = os.path.getsize(name)
+    if size == 0:
+        raise CheckpointError(f"{name}: empty file (0 bytes), not a {what}")
+    with open(name, "rb") as handle:
+        head = handle.read(8)
+    if not head.startswith((_ZIP_MAGIC, _PICKLE_START)):
+        raise CheckpointError(f"{name}: not a torch file (first bytes {head[:8]!r}), so not a "
+                              f"{what}")
+    if head.startswith(_ZIP_MAGIC) and not zipfile.is_zipfile(name):
+        raise CheckpointError(f"{name}: truncated {what} ({size} bytes; the zip archive's end "
+                              f"record is missing: the file was cut short)")
+    try:
+        payload = torch.load(name, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" in str(error):
+            raise CheckpointError(f"{name}: cannot be read safely as a {what} "
+                                  f"({_unsafe_detail(error)}; only tensors and plain containers "
+                                  f"are unpickled)") from None
+        detail = str(error).splitlines()[0] if str(error) else "no detail"
+        raise CheckpointError(f"{name}: corrupt {what} (unpickling failed: {detail})") from None
+    except (OSError, EOFError, RuntimeError, zipfile.BadZipFile, KeyError, ValueError,
+            IndexError, TypeError, AttributeError) as error:
+        # torch reports a torn zip archive as "[Errno 22] Invalid argument", a torn legacy file
+        # as a bare EOFError: the size says what happened.
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{name}: truncated or corrupt {what} ({size} bytes; torch "
+                              f"could not read it: {detail})") from None
+    if required:
+        if not isinstance(payload, Mapping):
+            raise CheckpointError(f"{name}: not a {what} (a dict was expected, the file holds "
+                                  f"{type(payload).__name__})")
+        missing = [key for key in required if key not in payload]
+        if missing:
+            raise CheckpointError(f"{name}: not a {what} (missing {', '.join(map(repr, missing))};"
+                                  f" it holds {', '.join(map(repr, list(payload)[:8]))})")
+    return payload
+
+
+def torch_file_bytes(obj) -> bytes:
+    """The bytes ``torch.save`` writes for ``obj`` (for ``atomic_write_group`` and checksums)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def check_finite_weights(state: Mapping[str, torch.Tensor], where: str = "checkpoint") -> None:
+    """Raise ``CheckpointError`` if a floating tensor holds NaN or inf, naming the first such key,
+    how many of its values, and how many tensors are affected."""
+    broken = []
+    for key, value in state.items():
+        if (value.is_floating_point() or value.is_complex()) and value.numel():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                broken.append((key, bad, value.numel()))
+    if broken:
+        key, bad, total = broken[0]
+        others = f" and {len(broken) - 1} more tensor(s)" if len(broken) > 1 else ""
+        raise CheckpointError(f"{where}: non-finite weights: {key!r} has {bad} NaN/inf values "
+                              f"of {total}{others}; the CAMs would be NaN")
+
+
+def read_state_dict(source, *, check_finite: bool = True) -> dict:
+    """A plain ``{name: tensor}`` dict from a path, a wrapper dict or a state dict; refuses
+    non-finite weights unless ``check_finite=False``."""
+    where = "checkpoint"
     if isinstance(source, (str, os.PathLike)):
-        if not os.path.exists(source):
-            raise FileNotFoundError(f"checkpoint not found: {source}")
-        source = torch.load(source, map_location="cpu", weights_only=True)
+        where = os.fspath(source)
+        source = read_torch_file(source, "checkpoint")
     if not isinstance(source, Mapping):
-        raise CheckpointMismatch(f"a checkpoint must be a dict, got {type(source).__name__}")
+        raise CheckpointError(f"{where}: a checkpoint must be a dict, got {type(source).__name__}")
     for wrapper in ("model", "state_dict", "model_state"):
         if wrapper in source and isinstance(source[wrapper], Mapping):
             source = source[wrapper]
@@ -36,6 +135,11 @@ def read_state_dict(source) -> dict:
         if not isinstance(value, torch.Tensor):
             continue
         state[key[len("module."):] if key.startswith("module.") else key] = value
+    if not state and source:
+        raise CheckpointError(f"{where}: no tensors in the checkpoint (its keys: "
+                              f"{', '.join(map(repr, list(source)[:8]))})")
+    if check_finite:
+        check_finite_weights(state, where)
     return state
 
 
