@@ -1,7 +1,7 @@
 """Dense CRF (Krähenbühl & Koltun) through ``pydensecrf``, with the parameter sets used by the WSSS
 repositories (run one image per process with ``wsss_fast.workers.run_in_workers``).
 
-Reference: /work/shared/reference/cnn_methods_postprocessing.md §3c. The library normalizes both
+Reference: docs/reference/cnn_methods_postprocessing.md §3c. The library normalizes both
 kernels symmetrically and runs mean field ``Q = softmax(-U + sum_k w_k K_k Q)`` from
 ``Q0 = softmax(-U)``; its permutohedral lattice is deterministic, so the same inputs give the same
 bits (the TransCAM golden seeds are reproduced pixel for pixel).
