@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 
+from tests.ops.faces import rel_err
 from wsss_fast import _cuda_build
 from wsss_fast.ops import _abi, _backend, _cuda_lib
 from wsss_fast.ops.class_patch_reweight import class_patch_reweight_reference
@@ -126,14 +127,6 @@ def test_library_is_not_loaded_at_import():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.double(), ref.double()
-    assert torch.isfinite(got).all(), "non-finite output (an element not written?)"
-    scale = ref.abs().max().item()
-    assert scale > 0, "comparing on zeros"
-    return ((got - ref).abs().max().item()) / scale
-
-
 @pytest.mark.gpu
 @needs_gpu
 def test_ops_run_on_the_current_stream_and_a_second_device(gpu_lib):
@@ -142,10 +135,10 @@ def test_ops_run_on_the_current_stream_and_a_second_device(gpu_lib):
     with torch.cuda.stream(stream):
         got = gpu_lib.class_patch_reweight(attn, 2.0, None, False)
     stream.synchronize()
-    assert _rel_err(got, class_patch_reweight_reference(attn, 2.0)) <= 1e-5
+    assert rel_err(got, class_patch_reweight_reference(attn, 2.0)) <= 1e-5
     if torch.cuda.device_count() > 1:
         x = torch.rand(2, 40, 40, device="cuda:1")
         c = torch.randn(2, 40, 7, device="cuda:1")
         got = gpu_lib.propagate(x, c)
         assert got.device == x.device
-        assert _rel_err(got, torch.bmm(x.double(), c.double())) <= 1e-5
+        assert rel_err(got, torch.bmm(x.double(), c.double())) <= 1e-5

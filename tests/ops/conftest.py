@@ -20,3 +20,10 @@ def face(request, monkeypatch):
         request.getfixturevalue("gpu_lib")  # skips without a GPU; builds for its arch
     monkeypatch.setenv("WSSS_FAST_BACKEND", case.name)
     return case
+
+
+@pytest.fixture
+def cpu_face(monkeypatch):
+    """Every call in the test must run the C++ face (a missing build is a failure here)."""
+    assert _backend.cpu_extension_error() is None, _backend.cpu_extension_error()
+    monkeypatch.setenv("WSSS_FAST_BACKEND", "cpu")

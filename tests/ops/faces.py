@@ -40,3 +40,26 @@ def face_params(*names: str) -> list:
             params.append(pytest.param(FaceCase(name, "cuda"), id=f"{name}-cuda",
                                        marks=pytest.mark.gpu))
     return params
+
+
+# Tolerances of a fused face against the reference, relative to the output's scale.
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+RTOL = {torch.float32: 1e-5, torch.float16: 3e-3}   # the Triton interpreter (no bf16)
+
+
+def assert_close_scaled(actual, expected, rtol):
+    """Elementwise |a − e| ≤ rtol·(|e| + max|e|): relative to the output's scale, never on zeros."""
+    assert not torch.isnan(actual).any(), "NaN in the output"
+    assert actual.dtype == expected.dtype
+    scale = expected.float().abs().max().item()
+    assert scale > 0, "the expected output is all zeros: a useless comparison"
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=rtol * scale)
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got − ref| / max |ref|; fails on non-finite outputs (an element not written?)."""
+    got, ref = got.double(), ref.double()
+    assert torch.isfinite(got).all(), "non-finite output (an element not written?)"
+    scale = ref.abs().max().item()
+    assert scale > 0, "comparing on zeros"
+    return ((got - ref).abs().max().item()) / scale

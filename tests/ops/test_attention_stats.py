@@ -9,16 +9,15 @@ import pytest
 import torch
 
 from tests.helpers import assert_rel_close, poison_heap, poisoned_accumulators, randn
-from tests.ops.faces import face_params, needs_triton
+from tests.ops.faces import assert_close_scaled, face_params, needs_triton, RTOL, TOL
 from wsss_fast import ops
-from wsss_fast.ops import _backend
 from wsss_fast.ops import attention_stats_reference
 
 if importlib.util.find_spec("triton") is not None:
     from wsss_fast.kernels.attention_stats import attention_stats_triton
 
 
-# ------------------------------------------------------- from tests/test_reference_ops.py
+# ----------------------------------------------------------------------------------- reference face
 
 def softmax_py(row):
     m = max(row)
@@ -58,16 +57,7 @@ def test_attention_stats_reference_uniform_attention():
     torch.testing.assert_close(out, v.mean(dim=2, keepdim=True).expand_as(v))
     torch.testing.assert_close(p2p, torch.full_like(p2p, 1 / t))
 
-# ----------------------------------------------------------- from tests/test_cpu_faces.py
-
-TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-
-
-@pytest.fixture
-def cpu_face(monkeypatch):
-    """Every call in this module must run the C++ face (a missing build is a failure here)."""
-    assert _backend.cpu_extension_error() is None, _backend.cpu_extension_error()
-    monkeypatch.setenv("WSSS_FAST_BACKEND", "cpu")
+# ----------------------------------------------------------------------------------------- cpu face
 
 
 @pytest.mark.usefixtures("cpu_face")
@@ -137,18 +127,7 @@ def test_attention_stats_accumulates_across_blocks(gen):
     assert_rel_close(stats.patch2patch, p2p_ref, what="patch2patch")
     assert stats.cls_row is None
 
-# -------------------------------------------------------- from tests/test_triton_faces.py
-
-RTOL = {torch.float32: 1e-5, torch.float16: 3e-3}
-
-
-def assert_close_scaled(actual, expected, rtol):
-    """Elementwise |a − e| ≤ rtol·(|e| + max|e|): relative to the output's scale, never on zeros."""
-    assert not torch.isnan(actual).any(), "NaN in the output"
-    assert actual.dtype == expected.dtype
-    scale = expected.float().abs().max().item()
-    assert scale > 0, "the expected output is all zeros: a useless comparison"
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=rtol * scale)
+# ----------------------------------------------------- triton face (the interpreter on CPU tensors)
 
 
 ATTENTION_CASES = [
@@ -250,7 +229,7 @@ def test_attention_stats_uniform_attention_by_hand():
     torch.testing.assert_close(patch2patch, torch.full_like(patch2patch, 1 / tokens))
     torch.testing.assert_close(cls_row, torch.full_like(cls_row, 0.5 / tokens))
 
-# ---------------------------------------------------------- from tests/test_validation.py
+# --------------------------------------------------------------------------------------- validation
 
 def qkv(b=1, h=2, t=10, d=4, dtype=torch.float32):
     return [torch.randn(b, h, t, d).to(dtype) for _ in range(3)]
@@ -302,7 +281,7 @@ def test_mixed_devices_rejected():
     with pytest.raises(ValueError, match="one device"):
         ops.attention_stats(q.cuda(), k, v, 0.5, 2)
 
-# ------------------------------------------------------------- from tests/test_backend.py
+# ----------------------------------------------------------------------------------------- dispatch
 
 def test_autograd_inputs_take_the_differentiable_reference():
     q = torch.randn(1, 2, 9, 4, requires_grad=True)

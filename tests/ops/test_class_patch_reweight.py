@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from tests.helpers import assert_rel_close, poison_heap
-from tests.ops.faces import face_params, needs_gpu, needs_triton
+from tests.ops.faces import (assert_close_scaled, face_params, needs_gpu, needs_triton, rel_err,
+                             RTOL, TOL)
 from wsss_fast import ops
-from wsss_fast.ops import _backend
 from wsss_fast.ops import class_patch_reweight_reference
 
 if importlib.util.find_spec("triton") is not None:
     from wsss_fast.kernels.class_patch_reweight import class_patch_reweight_triton
 
 
-# ------------------------------------------------------- from tests/test_reference_ops.py
+# ----------------------------------------------------------------------------------- reference face
 
 @pytest.mark.parametrize("row, gamma, expected", [
     ([1.0, 3.0], 2.0, [0.4, 3.6]),            # mass 4, squares 1, 9
@@ -47,16 +47,7 @@ def test_class_patch_reweight_keeps_row_mass_and_sharpens(gen):
     top = attn.argmax(-1, keepdim=True)
     assert (out.gather(-1, top) > attn.gather(-1, top)).all()
 
-# ----------------------------------------------------------- from tests/test_cpu_faces.py
-
-TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-
-
-@pytest.fixture
-def cpu_face(monkeypatch):
-    """Every call in this module must run the C++ face (a missing build is a failure here)."""
-    assert _backend.cpu_extension_error() is None, _backend.cpu_extension_error()
-    monkeypatch.setenv("WSSS_FAST_BACKEND", "cpu")
+# ----------------------------------------------------------------------------------------- cpu face
 
 
 @pytest.mark.usefixtures("cpu_face")
@@ -82,18 +73,7 @@ def test_class_patch_reweight_cpu_fused_patchcam_and_sqrt(gen, dtype):
                                                  take_sqrt)
         assert_rel_close(out, ref, TOL[dtype], what=f"sqrt={take_sqrt}")
 
-# -------------------------------------------------------- from tests/test_triton_faces.py
-
-RTOL = {torch.float32: 1e-5, torch.float16: 3e-3}
-
-
-def assert_close_scaled(actual, expected, rtol):
-    """Elementwise |a − e| ≤ rtol·(|e| + max|e|): relative to the output's scale, never on zeros."""
-    assert not torch.isnan(actual).any(), "NaN in the output"
-    assert actual.dtype == expected.dtype
-    scale = expected.float().abs().max().item()
-    assert scale > 0, "the expected output is all zeros: a useless comparison"
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=rtol * scale)
+# ----------------------------------------------------- triton face (the interpreter on CPU tensors)
 
 
 def _reweight_rows(dtype):
@@ -135,7 +115,7 @@ def test_class_patch_reweight_identity_and_mass():
     top = relu[row].argmax()
     assert sharpened[row, top] > relu[row, top]
 
-# ---------------------------------------------------------- from tests/test_validation.py
+# --------------------------------------------------------------------------------------- validation
 
 @pytest.mark.parametrize("call, pattern", [
     (lambda: ops.class_patch_reweight(torch.rand(2, 3), 0.0), r"gamma must be > 0"),
@@ -151,17 +131,7 @@ def test_class_patch_reweight_rejects(call, pattern):
     with pytest.raises(ValueError, match=pattern):
         call()
 
-# -------------------------------------------------------- from tests/test_cuda_library.py
-
-def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.double(), ref.double()
-    assert torch.isfinite(got).all(), "non-finite output (an element not written?)"
-    scale = ref.abs().max().item()
-    assert scale > 0, "comparing on zeros"
-    return ((got - ref).abs().max().item()) / scale
-
-
-TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+# ---------------------------------------------------------------------------------------- cuda face
 
 
 @pytest.mark.gpu
@@ -182,7 +152,7 @@ def test_class_patch_reweight_matches_reference_cuda(gpu_lib, dtype, rows, cols,
         got = gpu_lib.class_patch_reweight(attn, gamma, pc, sq, out=out)
         assert got.data_ptr() == out.data_ptr()
         ref = class_patch_reweight_reference(attn, gamma, pc, sq)
-        assert _rel_err(got, ref) <= TOL[dtype], (pc is not None, sq)
+        assert rel_err(got, ref) <= TOL[dtype], (pc is not None, sq)
         if rows > 2:
             assert (got[2] == 0).all()
     fresh = gpu_lib.class_patch_reweight(attn, gamma, None, False)
@@ -199,7 +169,7 @@ def test_class_patch_reweight_public_op_on_cuda_face(gpu_lib, monkeypatch):
     patchcam = torch.randn(2, 3, 5, 10, device="cuda")
     got = class_patch_reweight(attn, 2.0, patchcam=patchcam, sqrt=True)
     ref = class_patch_reweight_reference(attn, 2.0, patchcam.reshape(attn.shape), True)
-    assert _rel_err(got, ref) <= 1e-5
+    assert rel_err(got, ref) <= 1e-5
 
 
 # ------------------------------------------------------ every face, registration, gradients

@@ -7,22 +7,14 @@ import warnings
 import pytest
 import torch
 
-from tests.ops.faces import needs_triton
+from tests.ops.faces import assert_close_scaled, needs_triton
 from wsss_fast import ops
 from wsss_fast.ops import _abi, _backend
 from wsss_fast.ops._op import Face, define_op
 from wsss_fast.ops.class_patch_reweight import class_patch_reweight_op
 from wsss_fast.ops.multiscale_merge import multiscale_merge_op
 
-# -------------------------------------------------------- from tests/test_triton_faces.py
-
-def assert_close_scaled(actual, expected, rtol):
-    """Elementwise |a − e| ≤ rtol·(|e| + max|e|): relative to the output's scale, never on zeros."""
-    assert not torch.isnan(actual).any(), "NaN in the output"
-    assert actual.dtype == expected.dtype
-    scale = expected.float().abs().max().item()
-    assert scale > 0, "the expected output is all zeros: a useless comparison"
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=rtol * scale)
+# ----------------------------------------------------- triton face (the interpreter on CPU tensors)
 
 
 @needs_triton
@@ -57,7 +49,7 @@ def test_public_ops_dispatch_to_triton(monkeypatch):
         ops.multiscale_merge_reference(maps, [False, True], 9, 11, False, None, "max_flip",
                                        "minmax", 1e-8), 1e-5)
 
-# ------------------------------------------------------------- from tests/test_backend.py
+# ----------------------------------------------------------------------------------------- dispatch
 
 ALL = ("reference", "cpu", "triton", "cuda")
 
@@ -144,7 +136,7 @@ def test_stale_abi_is_detected(monkeypatch, tmp_path):
     assert _backend.cpu_extension_error() is None
 
 
-# ------------------------------------------------------- from tests/test_torch_library.py
+# ----------------------------------------------------------------------- torch.library registration
 
 def test_torch_compile_traces_the_ops_without_graph_breaks():
     def cam_step(q, k, v, patchcam, p2p):

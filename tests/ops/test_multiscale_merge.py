@@ -9,16 +9,17 @@ import pytest
 import torch
 
 from tests.helpers import assert_rel_close, poison_heap, randn
-from tests.ops.faces import face_params, needs_gpu, needs_nvcc, needs_triton
+from tests.ops.faces import (assert_close_scaled, face_params, needs_gpu, needs_nvcc, needs_triton,
+                             rel_err)
 from wsss_fast import ops
-from wsss_fast.ops import _abi, _backend, _cuda_lib, multiscale_merge_reference
+from wsss_fast.ops import _abi, multiscale_merge_reference
 from wsss_fast.ops.multiscale_merge import DEFAULT_EPS
 
 if importlib.util.find_spec("triton") is not None:
     from wsss_fast.kernels.multiscale_merge import multiscale_merge_triton
 
 
-# ------------------------------------------------------- from tests/test_reference_ops.py
+# ----------------------------------------------------------------------------------- reference face
 
 def merge(maps, flips, size, relu=False, labels=None, merge_rule="sum", norm="none", eps=0.0):
     return multiscale_merge_reference(maps, flips, size[0], size[1], relu, labels, merge_rule,
@@ -68,13 +69,7 @@ def test_multiscale_merge_reference_labels_zero_absent_classes(gen):
     assert out[0, 0].max().item() == pytest.approx(1.0, abs=1e-6)
     assert out[0, 0].min().item() == pytest.approx(0.0, abs=1e-6)
 
-# ----------------------------------------------------------- from tests/test_cpu_faces.py
-
-@pytest.fixture
-def cpu_face(monkeypatch):
-    """Every call in this module must run the C++ face (a missing build is a failure here)."""
-    assert _backend.cpu_extension_error() is None, _backend.cpu_extension_error()
-    monkeypatch.setenv("WSSS_FAST_BACKEND", "cpu")
+# ----------------------------------------------------------------------------------------- cpu face
 
 
 PASS_SIZES = [(12, 17), (12, 17), (6, 9), (6, 9), (19, 25), (19, 25)]
@@ -119,15 +114,7 @@ def test_multiscale_merge_cpu_large_inputs_round_like_interpolate(gen):
                                          "none", 0.0)
     assert_rel_close(out, ref, 1e-5)
 
-# -------------------------------------------------------- from tests/test_triton_faces.py
-
-def assert_close_scaled(actual, expected, rtol):
-    """Elementwise |a − e| ≤ rtol·(|e| + max|e|): relative to the output's scale, never on zeros."""
-    assert not torch.isnan(actual).any(), "NaN in the output"
-    assert actual.dtype == expected.dtype
-    scale = expected.float().abs().max().item()
-    assert scale > 0, "the expected output is all zeros: a useless comparison"
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=rtol * scale)
+# ----------------------------------------------------- triton face (the interpreter on CPU tensors)
 
 
 def _passes(batch, classes):
@@ -193,7 +180,7 @@ def test_multiscale_merge_by_hand():
     out = multiscale_merge_triton([cam], [False], 5, 7, False, None, "sum", "none", 0.0)
     assert torch.equal(out, cam)
 
-# ---------------------------------------------------------- from tests/test_validation.py
+# --------------------------------------------------------------------------------------- validation
 
 def maps2():
     return [torch.rand(1, 3, 4, 5), torch.rand(1, 3, 4, 5)]
@@ -220,7 +207,7 @@ def test_multiscale_merge_rejects(call, pattern):
     with pytest.raises(ValueError, match=pattern):
         call()
 
-# -------------------------------------------------------- from tests/test_cuda_library.py
+# ---------------------------------------------------------------------------------------- cuda face
 
 def _last_error(lib) -> str:
     return (lib.wsss_fast_cuda_last_error() or b"").decode()
@@ -264,14 +251,6 @@ def test_merge_argument_errors(loaded):
         assert expected in _last_error(loaded), (expected, _last_error(loaded))
 
 
-def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.double(), ref.double()
-    assert torch.isfinite(got).all(), "non-finite output (an element not written?)"
-    scale = ref.abs().max().item()
-    assert scale > 0, "comparing on zeros"
-    return ((got - ref).abs().max().item()) / scale
-
-
 def _passes_cuda(b, k, sizes, gen):
     return [torch.randn(b, k, h, w, device="cuda", generator=gen) for h, w in sizes]
 
@@ -308,7 +287,7 @@ def test_multiscale_merge_matches_reference_cuda(gpu_lib, case, norm, relu, with
     if with_labels and norm == "max":
         # zeroed planes: 0 / (0 + eps) on both sides
         assert (got[0, 1] == 0).all() and (got[1, 0] == 0).all()
-    assert _rel_err(got, ref) <= 1e-5
+    assert rel_err(got, ref) <= 1e-5
 
 
 @pytest.mark.gpu
@@ -320,7 +299,7 @@ def test_multiscale_merge_many_passes_and_large_batch(gpu_lib):
     flips = [bool(i % 2) for i in range(len(maps))]
     got = gpu_lib.multiscale_merge(maps, flips, 97, 131, True, None, "max_flip", "minmax", 1e-8)
     ref = multiscale_merge_reference(maps, flips, 97, 131, True, None, "max_flip", "minmax", 1e-8)
-    assert _rel_err(got, ref) <= 1e-5
+    assert rel_err(got, ref) <= 1e-5
     with pytest.raises(ValueError, match="at most"):
         gpu_lib.multiscale_merge(maps + maps[:1], flips + [False], 9, 9, False, None, "sum",
                                  "none", 0.0)

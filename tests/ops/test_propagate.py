@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from tests.helpers import assert_rel_close, poison_heap, randn
-from tests.ops.faces import face_params, needs_gpu, needs_triton
+from tests.ops.faces import (assert_close_scaled, face_params, needs_gpu, needs_triton, rel_err,
+                             RTOL, TOL)
 from wsss_fast import ops
-from wsss_fast.ops import _backend
 from wsss_fast.ops import (attention_stats_reference, propagate_reference,
                            propagate_streaming_reference)
 
@@ -18,7 +18,7 @@ if importlib.util.find_spec("triton") is not None:
     from wsss_fast.kernels.propagate import propagate_streaming_triton, propagate_triton
 
 
-# ------------------------------------------------------- from tests/test_reference_ops.py
+# ----------------------------------------------------------------------------------- reference face
 
 def test_propagate_reference_by_hand():
     affinity = torch.tensor([[[1.0, 2.0], [0.5, 0.0]]])
@@ -50,13 +50,7 @@ def test_propagate_streaming_equals_dense_of_accumulated_affinity(gen):
     torch.testing.assert_close(propagate_streaming_reference(q, k, cam, 0.3, c, weights),
                                propagate_reference(affinity, cam))
 
-# ----------------------------------------------------------- from tests/test_cpu_faces.py
-
-@pytest.fixture
-def cpu_face(monkeypatch):
-    """Every call in this module must run the C++ face (a missing build is a failure here)."""
-    assert _backend.cpu_extension_error() is None, _backend.cpu_extension_error()
-    monkeypatch.setenv("WSSS_FAST_BACKEND", "cpu")
+# ----------------------------------------------------------------------------------------- cpu face
 
 
 @pytest.mark.usefixtures("cpu_face")
@@ -84,18 +78,7 @@ def test_propagate_streaming_cpu_matches_reference(gen, layers, b, h, c, p, d, k
     ref = ops.propagate_streaming_reference(q, kk, cam, d ** -0.5, c, weights)
     assert_rel_close(out, ref, 1e-4, what="propagate_streaming")  # long reductions over layers
 
-# -------------------------------------------------------- from tests/test_triton_faces.py
-
-RTOL = {torch.float32: 1e-5, torch.float16: 3e-3}
-
-
-def assert_close_scaled(actual, expected, rtol):
-    """Elementwise |a − e| ≤ rtol·(|e| + max|e|): relative to the output's scale, never on zeros."""
-    assert not torch.isnan(actual).any(), "NaN in the output"
-    assert actual.dtype == expected.dtype
-    scale = expected.float().abs().max().item()
-    assert scale > 0, "the expected output is all zeros: a useless comparison"
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=rtol * scale)
+# ----------------------------------------------------- triton face (the interpreter on CPU tensors)
 
 
 @needs_triton
@@ -158,7 +141,7 @@ def test_propagate_streaming_zero_weights_and_dense_agreement():
     streaming = propagate_streaming_triton(q, k, cam, 0.3, num_cls, [1.0, 1.0])
     assert_close_scaled(streaming, dense, 1e-5)
 
-# ---------------------------------------------------------- from tests/test_validation.py
+# --------------------------------------------------------------------------------------- validation
 
 @pytest.mark.parametrize("call, pattern", [
     (lambda: ops.propagate(torch.rand(1, 5, 4), torch.rand(1, 5, 3)), r"\(1, 5, 5\).*\(1, 5, 4\)"),
@@ -178,17 +161,7 @@ def test_propagate_rejects(call, pattern):
     with pytest.raises(ValueError, match=pattern):
         call()
 
-# -------------------------------------------------------- from tests/test_cuda_library.py
-
-def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.double(), ref.double()
-    assert torch.isfinite(got).all(), "non-finite output (an element not written?)"
-    scale = ref.abs().max().item()
-    assert scale > 0, "comparing on zeros"
-    return ((got - ref).abs().max().item()) / scale
-
-
-TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+# ---------------------------------------------------------------------------------------- cuda face
 
 
 @pytest.mark.gpu
@@ -203,9 +176,9 @@ def test_propagate_matches_reference_cuda(gpu_lib, dtype, b, p, k):
     out = torch.full((b, p, k), float("nan"), dtype=dtype, device="cuda")
     got = gpu_lib.propagate(affinity, cam, out=out)
     exact = torch.bmm(affinity.double(), cam.double())
-    assert _rel_err(got, exact) <= TOL[dtype]
+    assert rel_err(got, exact) <= TOL[dtype]
     if dtype == torch.float32:
-        assert _rel_err(got, propagate_reference(affinity, cam)) <= 1e-5
+        assert rel_err(got, propagate_reference(affinity, cam)) <= 1e-5
     assert gpu_lib.propagate(affinity, cam).dtype == dtype
 
 

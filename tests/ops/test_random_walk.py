@@ -4,6 +4,7 @@ library's entry points, validation, torch.library and the autograd size limit. T
 refinement built on it is tested in tests/test_random_walk.py."""
 
 import ctypes
+import os
 import subprocess
 
 import pytest
