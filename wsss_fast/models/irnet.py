@@ -18,8 +18,9 @@ trains the backbone with the heads (batch statistics), for runs without such a c
 
 The module tree is IRN's ``Net``, aliases included (``stage1..5``, ``backbone``, ``edge_layers``,
 ``dp_layers``, ``mean_shift`` inside ``fc_dp7``): its state dict is that of IRN's
-``AffinityDisplacementLoss`` without the path-index buffers (``path_indices*``, ``disp_target``),
-which are dropped on load, so IRN's saved ``res50_irn.pth`` loads strictly.
+``AffinityDisplacementLoss`` without the path-index buffers (``path_indices*``, ``disp_target``).
+``load_state_dict`` drops those buffers, so IRN's saved ``res50_irn.pth`` loads strictly; with
+``load_checkpoint`` pass ``remap=drop_irn_loss_buffers``.
 """
 
 from __future__ import annotations
@@ -242,6 +243,12 @@ def _drop_loss_buffers(state_dict, prefix, *args) -> None:
     for key in [k for k in state_dict if k.startswith(prefix)
                 and _LOSS_BUFFERS.match(k[len(prefix):])]:
         del state_dict[key]
+
+
+def drop_irn_loss_buffers(state: dict) -> dict:
+    """``state`` without IRN's path-index buffers (``path_indices*``, ``disp_target``), e.g. as
+    the ``remap`` of ``load_checkpoint`` for IRN's saved ``res50_irn.pth``."""
+    return {k: v for k, v in state.items() if not _LOSS_BUFFERS.match(k)}
 
 
 def config_from_state(state: dict) -> dict:
