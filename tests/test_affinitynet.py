@@ -37,7 +37,8 @@ def test_parameter_counts_and_groups():
     assert sum(p.numel() for p in head["params"]) == 1_413_120          # §2.1
     assert sum(p.numel() for p in backbone["params"]) == 104_202_240   # b3…b7 conv weights
     assert (backbone["lr_scale"], head["lr_scale"]) == (1.0, 10.0)
-    assert not model.conv1a.weight.requires_grad and not model.b2_2.conv_branch2a.weight.requires_grad
+    assert not model.conv1a.weight.requires_grad
+    assert not model.b2_2.conv_branch2a.weight.requires_grad
     assert not model.bn7.weight.requires_grad and model.b3.conv_branch2a.weight.requires_grad
     assert model_preset("affinitynet") == "edam"
 

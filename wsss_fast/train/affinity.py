@@ -21,6 +21,7 @@ differ, and ignored when an end is unsure.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from wsss_fast.data.classes import IGNORE_INDEX
-from wsss_fast.ops import IrnPathSet, irn_path_set
+from wsss_fast.ops import irn_path_set
 from wsss_fast.postprocess import pseudo_label
 from wsss_fast.postprocess.crf import crf_inference_prob
 
@@ -114,10 +115,22 @@ def irn_targets(ir_label, radius: int = IRN_RADIUS, num_labels: int = 21) -> Pai
     return PairTargets(masks.bg_pos, masks.fg_pos, masks.neg, offsets.contiguous())
 
 
+@functools.lru_cache(maxsize=4)
+def _path_cell_indices(radius: int, h: int, w: int, device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sources ``(S,)`` and the flat index of every path cell of every pair ``(cells, S)``
+    (IRN's ``path_indices``; 223 MB for R = 10 on 128², so kept across steps)."""
+    paths = irn_path_set(radius)
+    src, _ = paths.pair_indices(h, w, device=device)
+    cells, _ = paths.cell_tables(device=device)
+    return src, src[None] + (cells[:, 0].long() * w + cells[:, 1].long())[:, None]
+
+
 def path_max_affinity(edge: torch.Tensor, radius: int = IRN_RADIUS) -> torch.Tensor:
     """IRN's ``to_affinity``: ``a(i, i + δ) = 1 − max_{c ∈ path(δ)} edge(i + c)`` for the pairs of
     an ``(B, 1, h, w)`` or ``(B, h, w)`` boundary map: ``(B, O, S)`` in IRN's order.
-    Differentiable (gather + max; the gradient goes to the maximal cell)."""
+    Differentiable (gather + max: the gradient goes to the maximal cell; exact ties share it,
+    where upstream's max-pool picks one)."""
     if edge.dim() == 4 and edge.shape[1] == 1:
         edge = edge[:, 0]
     if edge.dim() != 3 or not edge.is_floating_point():
@@ -125,9 +138,7 @@ def path_max_affinity(edge: torch.Tensor, radius: int = IRN_RADIUS) -> torch.Ten
                          f"{tuple(edge.shape)} and dtype {edge.dtype}")
     b, h, w = edge.shape
     paths = irn_path_set(radius)
-    src, _ = paths.pair_indices(h, w, device=edge.device)
-    cells, _ = paths.cell_tables(device=edge.device)
-    table = src[None] + (cells[:, 0].long() * w + cells[:, 1].long())[:, None]   # (cells, S)
+    src, table = _path_cell_indices(radius, h, w, edge.device)
     gathered = edge.reshape(b, -1)[:, table.reshape(-1)].view(b, *table.shape)
     out, start = [], 0
     lengths = paths.path_lengths
