@@ -83,7 +83,7 @@ def test_hyphen_spellings_resolve():
 
 
 def test_registration_errors():
-    with pytest.raises(UnknownName, match=r"unknown model 'nope'; known: edam, edam_tiny"):
+    with pytest.raises(UnknownName, match=r"unknown model 'nope'; known: affinitynet, affinitynet_tiny, edam, edam_tiny"):
         create_model("nope")
     with pytest.raises(UnknownName, match=r"unknown preset 'nope'; known: edam, irn_cam"):
         get_preset("nope")

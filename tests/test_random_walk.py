@@ -44,7 +44,7 @@ def test_refinement_rejects():
 
 
 def test_irn_paths_hand_computed():
-    assert irn_path(0, 1) == ((0, 0), (0, 1))
+    assert irn_path(0, 1) == ((0, 1), (0, 0))  # IRN order: the offset first
     assert set(irn_path(1, 1)) == {(0, 0), (0, 1), (1, 0), (1, 1)}
     assert set(irn_path(4, 0)) == {(y, 0) for y in range(5)}
     assert set(irn_path(1, -3)) == {(y, x) for y in (0, 1) for x in range(-3, 1)}

@@ -39,7 +39,8 @@ class ModelEntry:
 
 MODEL_MODULES = ("wsss_fast.models.mctformer", "wsss_fast.models.doei",
                  "wsss_fast.models.vit", "wsss_fast.models.conformer",
-                 "wsss_fast.models.resnet_cam", "wsss_fast.models.edam")
+                 "wsss_fast.models.resnet_cam", "wsss_fast.models.edam",
+                 "wsss_fast.models.irnet", "wsss_fast.models.affinitynet")
 MODELS: Registry[ModelEntry] = Registry("model", builtin_modules=MODEL_MODULES)
 
 

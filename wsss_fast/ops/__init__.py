@@ -7,6 +7,7 @@ from wsss_fast.ops._backend import (BackendUnavailable, choose_face, cpu_extensi
 from wsss_fast.ops.attention_stats import (AttentionStats, attention_stats,
                                            attention_stats_reference, block_weights)
 from wsss_fast.ops.class_patch_reweight import class_patch_reweight, class_patch_reweight_reference
+from wsss_fast.ops.irn_paths import IrnPathSet, SourceWindow, irn_path, irn_path_set
 from wsss_fast.ops.kmeans import KMeansResult, kmeans, kmeans_reference
 from wsss_fast.ops.multiscale_merge import multiscale_merge, multiscale_merge_reference
 from wsss_fast.ops.propagate import (propagate, propagate_reference, propagate_streaming,
@@ -18,8 +19,8 @@ __all__ = [
     "AttentionStats", "BackendUnavailable", "KMeansResult", "attention_stats",
     "attention_stats_reference", "block_weights", "choose_face", "class_patch_reweight",
     "class_patch_reweight_reference", "cpu_extension_available", "cpu_extension_error",
-    "half_disk_offsets", "kmeans", "kmeans_reference", "multiscale_merge",
+    "half_disk_offsets", "IrnPathSet", "irn_path", "irn_path_set", "kmeans", "kmeans_reference", "multiscale_merge",
     "multiscale_merge_reference", "propagate", "propagate_reference", "propagate_streaming",
     "propagate_streaming_reference", "prototype_cam", "prototype_weight", "random_walk",
-    "random_walk_reference",
+    "random_walk_reference", "SourceWindow",
 ]

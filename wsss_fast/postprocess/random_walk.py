@@ -15,7 +15,6 @@ image gradients, for users without a trained IRN boundary network.
 
 from __future__ import annotations
 
-import functools
 import math
 import types
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wsss_fast.ops.irn_paths import irn_path
 from wsss_fast.ops.random_walk import half_disk_offsets, random_walk
 
 
@@ -67,21 +67,6 @@ def _positive(name: str, value) -> float:
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
-
-
-@functools.lru_cache(maxsize=None)
-def irn_path(dy: int, dx: int) -> tuple[tuple[int, int], ...]:
-    """IRN's path of the offset ``(dy, dx)``: the cells ``(y, x)`` of the bounding box of
-    ``(0, 0)…(dy, dx)`` whose squared perpendicular distance to the segment's line is ``< 1``;
-    both ends included (2 to 11 cells for radius 5)."""
-    length_sq = dy * dy + dx * dx
-    cells = []
-    for y in range(min(0, dy), max(0, dy) + 1):
-        for x in range(min(0, dx), max(0, dx) + 1):
-            cross = dy * x - dx * y  # length · signed distance of (y, x) to the line
-            if cross * cross < length_sq:
-                cells.append((y, x))
-    return tuple(cells)
 
 
 def irn_affinity(edge, beta: float = _IRN.beta, radius: int = _IRN.radius) -> torch.Tensor:
