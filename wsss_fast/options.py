@@ -1,9 +1,9 @@
 """Options dataclasses' fields with CLI metadata, and the argparse flags generated from them.
 
 A field declared with ``option(...)`` carries its help text, choices, CLI spelling and value
-check; the dataclass is the single definition of each option's default and valid values. The generated flags default to
-``argparse.SUPPRESS``, so only options given on the command line (or in a ``--config`` file)
-reach the dataclass and every other option keeps the dataclass default.
+check; the dataclass is the single definition of each option's default and valid values. The
+generated flags default to ``argparse.SUPPRESS``, so only options given on the command line (or
+in a ``--config`` file) reach the dataclass and every other option keeps the dataclass default.
 
 Like ``registry``, this module sits below every other layer: it imports nothing from the package.
 """
