@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import numbers
 import os
@@ -196,6 +197,12 @@ def _base_type(hint) -> tuple[type, Optional[type]]:
     return hint, None
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(options_type) -> dict:
+    """The field annotations of a dataclass (resolved once: the CLI builds its parser often)."""
+    return typing.get_type_hints(options_type)
+
+
 def _check_of(field: dataclasses.Field, element: type, kind: type = None) -> Optional[Callable]:
     """The value check of ``field`` (of its elements for a list; ``KEY=VALUE`` for a mapping),
     declared or by type."""
@@ -233,7 +240,7 @@ def add_options_arguments(parser: argparse.ArgumentParser, options_type,
                           skip: Sequence[str] = ()) -> None:
     """Add one flag per CLI field of the dataclass ``options_type`` to ``parser`` (in field
     order, in the argument group named by each field's metadata)."""
-    hints = typing.get_type_hints(options_type)
+    hints = _hints(options_type)
     groups: dict[str, Any] = {}
     for field in dataclasses.fields(options_type):
         meta = field.metadata
@@ -284,10 +291,10 @@ def _checked(field: dataclasses.Field, hint, value):
         optional = typing.get_origin(hint) is Union and type(None) in typing.get_args(hint)
         return value, (None if optional else f"{flag}: expected a value, got None")
     try:
-        if kind is bool:
+        if kind is bool:     # named by the field: its flag (--no-flip) says the opposite
+            flag = field.name
             check = field.metadata.get("check")
-            if check is not None:     # e.g. True/False or a tuple (Python only): the field's name
-                flag = field.name
+            if check is not None:
                 return check(value), None
             if not isinstance(value, bool):
                 raise ValueError(f"expected True or False, got {value!r}")
@@ -325,7 +332,7 @@ def normalize_options(options) -> None:
     """Convert, in place, the fields of ``options`` whose values pass their checks (e.g. paths
     to text, a list of scales to a tuple of floats); the others are left for
     ``option_problems`` to report."""
-    hints = typing.get_type_hints(type(options))
+    hints = _hints(type(options))
     for field in dataclasses.fields(options):
         value, problem = _checked(field, hints[field.name], getattr(options, field.name))
         if problem is None:
@@ -335,7 +342,7 @@ def normalize_options(options) -> None:
 def option_problems(options) -> list[str]:
     """One message per field whose value fails its check or is not among its (fixed) choices:
     what the CLI's argparse types refuse, for options built in Python."""
-    hints = typing.get_type_hints(type(options))
+    hints = _hints(type(options))
     problems = []
     for field in dataclasses.fields(options):
         _, problem = _checked(field, hints[field.name], getattr(options, field.name))

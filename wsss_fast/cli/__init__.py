@@ -119,7 +119,9 @@ def _load_config(path: str, parser: argparse.ArgumentParser) -> dict:
     return defaults
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+def build_parser(only: Optional[str] = None) -> tuple[argparse.ArgumentParser, dict]:
+    """The parser and ``{command: subparser}``; ``only``: add the options of that command alone
+    (the one being run: the others are listed, without their options)."""
     parser = ArgumentParser(
         prog="wsss-fast", description="Fast CAMs, pseudo-labels and evaluation for weakly "
         "supervised semantic segmentation.")
@@ -133,7 +135,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                                formatter_class=argparse.RawDescriptionHelpFormatter)
         child.add_argument("--config", metavar="FILE.yaml", type=argparse_type(text),
                            help="YAML file of option defaults for this command")
-        module.add_arguments(child)
+        if only in (None, name):
+            module.add_arguments(child)
         child.set_defaults(_run=module.run)
         parsers[name] = child
     return parser, parsers
@@ -141,7 +144,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser, parsers = build_parser()
+    parser, parsers = build_parser(only=argv[0] if argv and argv[0] in COMMANDS else None)
     try:   # every option is checked here, before any work: argparse errors exit with status 2
         args = parser.parse_args(argv)
         if args.config:
