@@ -134,7 +134,6 @@ class KeyValue:
 
 
 integer = Number(integer=True, minimum=-INT32_MAX, maximum=INT32_MAX)
-nonneg_int = Number(integer=True, minimum=0, maximum=INT32_MAX)
 positive_int = Number(integer=True, minimum=1, maximum=INT32_MAX)
 seed_int = Number(integer=True, minimum=0, maximum=2 ** 32 - 1)      # numpy's seed range
 worker_count = Number(integer=True, minimum=0, maximum=1024)         # processes to start
