@@ -209,8 +209,35 @@ def test_yaml_config_sets_defaults_and_rejects_unknown_keys(voc, checkpoint, tmp
     raw = np.load(tmp_path / "out" / "cams" / f"{ids[0]}.npy", allow_pickle=True).item()
     assert raw["high_res"].dtype == np.float16
     config.write_text("data: x\nbogus_option: 1\n")
-    with pytest.raises(SystemExit):
-        main(["extract", "--config", str(config)])
+    assert main(["extract", "--config", str(config)]) == 2
+
+
+def test_yaml_values_get_the_command_line_checks_and_cli_options_win(voc, checkpoint, tmp_path,
+                                                                     capsys):
+    root, ids = voc
+    config = tmp_path / "run.yaml"
+    out = tmp_path / "out"
+    for bad, key in (("scales: [abc, 1]", "scales"), ("workers: 1.5", "workers"),
+                     ("dtype: fp64", "dtype"), ("scales: 0", "scales"),
+                     ("fp16: yes please", "fp16"),
+                     ("out: [a, b]", "out"), ("model_arg: {num_heads: [}", None)):
+        config.write_text(f"data: {root}\nout: {out}\n{bad}\n")
+        assert main(["extract", "--config", str(config)]) == 2, bad
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Traceback" not in err[0], bad
+        assert str(config) in err[0] and (key is None or f": {key}:" in err[0]), err
+        assert not out.exists()
+    # Values of the right kind: YAML's own types, a mapping for KEY=VALUE options, the
+    # dataclass field names (flip) next to the flags' (no_flip); the command line wins.
+    config.write_text(f"data: {root}\nsplit: train\nmodel: mctformer_v2\n"
+                      f"model_args: {{num_heads: 2}}\ncheckpoint: {checkpoint}\nout: {out}\n"
+                      f"workers: 3\nscales: [1.0, 0.5]\nflip: false\nquiet: true\n"
+                      f"device: cpu\n")
+    assert main(["extract", "--config", str(config), "--workers", "0", "--scales", "1"]) == 0
+    manifest = _read_manifest(out)
+    assert manifest["config"]["model_args"] == {"num_heads": 2}
+    assert manifest["config"]["preset"]["scales"] == [1.0]
+    assert manifest["config"]["preset"]["flip"] is False
 
 
 def _subprocess_env(**extra):

@@ -427,7 +427,7 @@ def test_cli_train_end_to_end(tiny_root, tmp_path, capsys):
     assert "--out" in capsys.readouterr().err
     assert cli_main(["train", "--method", "mctformer_v2", "--data", str(tiny_root), "--out",
                      str(tmp_path / "other"), "--threads", "0"]) == 2
-    assert "threads must be >= 1" in capsys.readouterr().err
+    assert "--threads: expected an integer in [1, 1024], got '0'" in capsys.readouterr().err
 
 
 def test_cli_train_recipe_is_explicit_and_printed(tiny_root, tmp_path, capsys):

@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from wsss_fast.options import (Number, argparse_type, device_name, key_value, text,
+                               worker_count)
 from wsss_fast.pipeline.options import DTYPES
 from wsss_fast.pipeline import (ExtractOptions, PipelineError, PseudoLabelOptions, RefineOptions,
                                 extract, pseudo_label, refine)
@@ -24,17 +26,23 @@ from wsss_fast.pipeline.options import parse_key_values
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", help="dataset root (default: a generated synthetic set)")
-    parser.add_argument("--split", help="split of --data")
-    parser.add_argument("--images", type=int, default=32, help="synthetic images (default 32)")
-    parser.add_argument("--model", default="mctformer_v2")
+    path = argparse_type(text)
+    parser.add_argument("--data", type=path,
+                        help="dataset root (default: a generated synthetic set)")
+    parser.add_argument("--split", type=path, help="split of --data")
+    parser.add_argument("--images", type=argparse_type(Number(integer=True, minimum=1,
+                                                              maximum=999_999)),
+                        default=32, help="synthetic images (default 32)")
+    parser.add_argument("--model", type=path, default="mctformer_v2")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        type=argparse_type(key_value),
                         help="architecture argument (default: ViT-S, random weights)")
-    parser.add_argument("--checkpoint", help="weights (default: random initialization)")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--checkpoint", type=path,
+                        help="weights (default: random initialization)")
+    parser.add_argument("--device", type=argparse_type(device_name), default="auto")
     parser.add_argument("--dtype", default="fp32", choices=DTYPES)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--out", help="folder for bench.json / bench.md")
+    parser.add_argument("--workers", type=argparse_type(worker_count), default=2)
+    parser.add_argument("--out", type=path, help="folder for bench.json / bench.md")
 
 
 def _stage(name: str, stage, options, images: int) -> dict:

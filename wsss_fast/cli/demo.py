@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import argparse
 
+from wsss_fast.options import argparse_type, device_name, seed_int, text, worker_count
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from wsss_fast.demo import DEMO_METHODS
-    parser.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    parser.add_argument("--out", type=argparse_type(text), default="demo_out",
+                        help="output folder (default demo_out)")
     parser.add_argument("--quick", action="store_true", help="small data and short training")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=argparse_type(seed_int), default=0)
+    parser.add_argument("--workers", type=argparse_type(worker_count), default=2)
+    parser.add_argument("--device", type=argparse_type(device_name), default="cpu")
     parser.add_argument("--methods", nargs="+", default=list(DEMO_METHODS),
                         choices=DEMO_METHODS, help="subset of methods (default: all)")
 

@@ -16,12 +16,64 @@ from typing import Optional
 
 import numpy as np
 
+from wsss_fast.options import finite_float, probability, worker_count
 from wsss_fast.pipeline.errors import InputError, OptionsError
 from wsss_fast.pipeline.job import item_path
 from wsss_fast.pipeline.options import (DatasetOptions, open_dataset_of, option, path_or_none,
                                         require)
 
 MIOU_RULES = ("nanmean", "mean", "present")
+MAX_THRESHOLDS = 10_000      # one confusion matrix each
+
+
+def threshold_values(text) -> list[float]:
+    """The sweep of ``START:STOP:STEP`` (STOP excluded) or ``a,b,...``: sorted, unique, in
+    [0, 1], at most MAX_THRESHOLDS; else ValueError."""
+    text = str(text).strip()
+    if ":" in text:
+        parts = text.split(":")
+        if len(parts) != 3:
+            raise ValueError(f"expected START:STOP:STEP, got {text!r}")
+        try:
+            start, stop, step = (finite_float(part) for part in parts)
+        except ValueError:
+            raise ValueError(f"expected START:STOP:STEP of finite numbers, got {text!r}") \
+                from None
+        if not step > 0 or not stop > start:
+            raise ValueError(f"expected START:STOP:STEP with STEP > 0 and STOP > START, got "
+                             f"{text!r}")
+        count = (stop - start) / step
+        if count > MAX_THRESHOLDS:
+            raise ValueError(f"expected at most {MAX_THRESHOLDS} thresholds, got {text!r} "
+                             f"({count:.3g})")
+        values = [round(start + i * step, 10) for i in range(max(1, int(round(count))))]
+    else:
+        try:
+            values = [finite_float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"expected START:STOP:STEP or a comma-separated list of numbers, "
+                             f"got {text!r}") from None
+        if not values:
+            raise ValueError(f"expected START:STOP:STEP or a list of thresholds, got {text!r}")
+        if len(values) > MAX_THRESHOLDS:
+            raise ValueError(f"expected at most {MAX_THRESHOLDS} thresholds, got {len(values)}")
+    outside = [v for v in values if probability.maximum < v or v < probability.minimum]
+    if outside:
+        raise ValueError(f"expected thresholds in [0, 1], got {text!r} (holds {outside[0]:g})")
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"expected sorted, distinct thresholds, got {text!r}")
+    return values
+
+
+def check_thresholds(value) -> str:
+    """The option's check: ``value`` (text, or a list of numbers from Python or YAML) as the
+    text ``threshold_values`` reads, once it reads."""
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected START:STOP:STEP or a list of thresholds, got {value!r}")
+    threshold_values(value)
+    return value
 
 
 @dataclass
@@ -29,19 +81,18 @@ class EvaluateOptions(DatasetOptions):
     cams: Optional[str] = option(None, "folder of CAM files (<id>.npy)")
     pred: Optional[str] = option(None, "folder of label PNGs (<id>.png)")
     thresholds: Optional[str] = option(None, "sweep: START:STOP:STEP (STOP excluded) or a "
-                                       "comma-separated list (default 0:0.6:0.01)")
+                                       "comma-separated list (default 0:0.6:0.01)",
+                                       check=check_thresholds)
     rule: str = option("nanmean", choices=MIOU_RULES)
     ignore_pred_255: bool = option(False, "label mode: leave predicted-255 pixels out instead "
                                    "of background")
     out: Optional[str] = option(None, "folder for evaluation.json/.md and sweep.png")
     name: Optional[str] = option(None, "curve / report name (default: the input folder's)")
-    workers: int = option(2, "worker processes (0: none)")
+    workers: int = option(2, "worker processes (0: none)", check=worker_count)
 
     def __post_init__(self):
         super().__post_init__()
         self.cams, self.pred, self.out = map(path_or_none, (self.cams, self.pred, self.out))
-        if self.thresholds is not None and not isinstance(self.thresholds, str):
-            self.thresholds = ",".join(str(t) for t in self.thresholds)
 
 
 @dataclass
@@ -60,18 +111,13 @@ class EvaluateResult:
 
 
 def parse_thresholds(text):
+    """The thresholds of the option (None: the sweep's default); ``OptionsError`` if bad."""
     if text is None:
         return None
-    text = str(text)
     try:
-        if ":" in text:
-            start, stop, step = (float(v) for v in text.split(":"))
-            count = int(round((stop - start) / step))
-            return [round(start + i * step, 10) for i in range(count)]
-        return [float(v) for v in text.split(",") if v.strip()]
+        return threshold_values(text)
     except ValueError as error:
-        raise OptionsError(f"--thresholds {text!r}: expected START:STOP:STEP or a list") \
-            from error
+        raise OptionsError(f"--thresholds: {error}") from error
 
 
 def _evaluate_shard(task) -> tuple:

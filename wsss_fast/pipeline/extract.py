@@ -17,12 +17,15 @@ import torch
 
 from wsss_fast.pipeline.errors import InputError, OptionsError
 from wsss_fast.pipeline.job import JobResult, JobSpec, item_path, run_dataset_job
+from wsss_fast.options import Number, device_name, positive_float, positive_int, worker_count
 from wsss_fast.pipeline.options import (DTYPES, DatasetOptions, option, parse_key_values,
                                         path_or_none, require)
 
 METHODS = ("cam", "lpcam")
 FORMATS = ("irn", "mctformer")
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# A scale multiplies the image's sides; far beyond the presets' 0.5-2.0 it only exhausts memory.
+SCALE = Number(minimum=0, above_minimum=True, maximum=10)
 
 
 @dataclass
@@ -50,15 +53,15 @@ class ExtractOptions(DatasetOptions):
                                metavar="FIELD=VALUE", group="model and method",
                                default_factory=dict)
     scales: Optional[tuple[float, ...]] = option(None, "override the preset's scales",
-                                                 group="model and method")
+                                                 group="model and method", check=SCALE)
     flip: bool = option(True, "no flipped passes", group="model and method")
     dtype: str = option("fp32", "autocast dtype of the forward", choices=DTYPES,
                         group="model and method")
     max_affinity_mib: Optional[float] = option(None, "refine by streaming when a pass's dense "
                                                "affinity exceeds this",
-                                               group="model and method")
+                                               group="model and method", check=positive_float)
     batch_size: int = option(1, "images per forward (images of one size are batched)",
-                             group="model and method")
+                             group="model and method", check=positive_int)
     out: Optional[str] = option(None, "output folder", group="output")
     format: str = option("irn", "CAM file format (irn: {keys, cam, high_res})", choices=FORMATS,
                          group="output")
@@ -66,9 +69,9 @@ class ExtractOptions(DatasetOptions):
     overlays: bool = option(False, "also write a JET overlay PNG per present class",
                             group="output")
     device: str = option("auto", "cpu, cuda, cuda:N or auto (under torchrun each rank takes "
-                         "cuda:LOCAL_RANK)", group="runtime")
+                         "cuda:LOCAL_RANK)", group="runtime", check=device_name)
     workers: int = option(2, "worker processes for image decoding (0 = in the main process)",
-                          group="runtime")
+                          group="runtime", check=worker_count)
     overwrite: bool = option(False, "redo every item and replace existing outputs (default: "
                              "resume, skipping finished items)", group="runtime")
     quiet: bool = option(False, "no progress bar", group="runtime")
@@ -79,8 +82,6 @@ class ExtractOptions(DatasetOptions):
         self.preset_args = parse_key_values(self.preset_args, "--preset-arg")
         self.checkpoint, self.prototypes = map(path_or_none, (self.checkpoint, self.prototypes))
         self.out = path_or_none(self.out)
-        if self.scales is not None:
-            self.scales = tuple(float(s) for s in self.scales)
 
 
 def build_engine(options: ExtractOptions, dataset, device):
@@ -220,8 +221,6 @@ def extract(options: ExtractOptions) -> JobResult:
     from wsss_fast.data.loader import image_loader
     from wsss_fast.pipeline.progress import progress
     require(options, "data", "model", "out")
-    if options.batch_size < 1:
-        raise OptionsError(f"--batch-size must be ≥ 1, got {options.batch_size}")
     out = Path(options.out)
 
     def setup(dataset, context) -> JobSpec:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from wsss_fast.options import (DatasetOptions, choice_problems, flag_of, option,  # noqa: F401
+from wsss_fast.options import (DatasetOptions, flag_of, option, option_problems,  # noqa: F401
                                path_or_none)
 from wsss_fast.options import parse_key_values as key_values
 from wsss_fast.pipeline.errors import OptionsError
@@ -16,11 +16,11 @@ DTYPES = ("fp32", "bf16", "fp16")
 
 def require(options, *names: str) -> None:
     """Raise ``OptionsError`` naming the options of ``names`` that are unset, or else the
-    options whose value is not one of their choices."""
+    options whose value fails its check (range, kind, choices: what the CLI refuses)."""
     missing = [flag_of(type(options), n) for n in names if getattr(options, n) in (None, "")]
     if missing:
         raise OptionsError(f"missing required option(s): {', '.join(missing)}")
-    problems = choice_problems(options)
+    problems = option_problems(options)
     if problems:
         raise OptionsError("; ".join(problems))
 

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 from wsss_fast.engine.lpcam import CLASS_FALLBACKS, LPCAM_SETTINGS
+from wsss_fast.options import (device_name, nonneg_float, positive_int, probability, seed_int,
+                               worker_count)
 from wsss_fast.pipeline.errors import InputError, OptionsError
 from wsss_fast.pipeline.options import (DatasetOptions, open_dataset_of, option,
                                         parse_key_values, path_or_none, require)
@@ -38,34 +40,37 @@ class PrototypesOptions(DatasetOptions):
     settings: str = option("auto", "upstream defaults to start from (auto: coco for COCO, else "
                            "voc)", choices=("auto", *LPCAM_SETTINGS), group=_LPCAM)
     clusters: Optional[int] = option(None, "k-means clusters per pool (VOC 12, COCO 20)",
-                                     group=_LPCAM)
+                                     group=_LPCAM, check=positive_int)
     select_thres: Optional[float] = option(None, "CAM threshold selecting object pixels",
-                                           group=_LPCAM)
+                                           group=_LPCAM, check=probability)
     class_thres: Optional[float] = option(None, "class prototypes: softmax score above",
-                                          group=_LPCAM)
+                                          group=_LPCAM, check=probability)
     context_thres: Optional[float] = option(None, "context prototypes: score below",
-                                            group=_LPCAM)
+                                            group=_LPCAM, check=probability)
     context_thres_low: Optional[float] = option(None, "context prototypes: score above",
-                                                group=_LPCAM)
+                                                group=_LPCAM, check=probability)
     tol: Optional[float] = option(None, "k-means stop: (sum of centre shifts)² < tol",
-                                  group=_LPCAM)
-    max_iter: Optional[int] = option(None, "k-means iteration cap (default 100)", group=_LPCAM)
+                                  group=_LPCAM, check=nonneg_float)
+    max_iter: Optional[int] = option(None, "k-means iteration cap (default 100)", group=_LPCAM,
+                                     check=positive_int)
     images_per_class: Optional[int] = option(None, "draw this many images per class with "
-                                             "replacement (COCO: 100)", group=_LPCAM)
+                                             "replacement (COCO: 100)", group=_LPCAM,
+                                             check=positive_int)
     class_fallback: Optional[str] = option(None, "no centre passes --class-thres: take the "
                                            "best one (argmax, default) or leave the class "
                                            "without prototypes (none)",
                                            choices=CLASS_FALLBACKS, group=_LPCAM)
     seed: Optional[int] = option(None, "seed of the k-means initial centres (default 0)",
-                                 group=_LPCAM)
+                                 group=_LPCAM, check=seed_int)
     cams: Optional[str] = option(None, "IRN CAM files of the split to select pixels with "
                                  "(default: computed with the irn_cam preset)", metavar="DIR",
                                  group=_LPCAM)
     out: Optional[str] = option(None, "prototypes file to write (.pt)", metavar="FILE",
                                 group="output")
-    device: str = option("auto", "cpu, cuda, cuda:N or auto", group="runtime")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto", group="runtime",
+                         check=device_name)
     workers: int = option(2, "worker processes for image decoding (0 = in the main process)",
-                          group="runtime")
+                          group="runtime", check=worker_count)
     overwrite: bool = option(False, "replace an existing prototypes file", group="runtime")
     quiet: bool = option(False, "no progress bar", group="runtime")
 

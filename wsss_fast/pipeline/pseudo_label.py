@@ -19,6 +19,7 @@ import numpy as np
 from wsss_fast.pipeline.errors import InputError, OptionsError
 from wsss_fast.pipeline.job import (JobResult, JobSpec, item_path, run_dataset_job,
                                     validate_label_png, worker_work)
+from wsss_fast.options import positive_float, probability, worker_count
 from wsss_fast.pipeline.options import DatasetOptions, option, path_or_none, require
 
 RULES = ("constant", "power", "confident")
@@ -30,16 +31,17 @@ class PseudoLabelOptions(DatasetOptions):
     cams: Optional[str] = option(None, "folder of CAM files (<id>.npy, irn or mctformer format)")
     out: Optional[str] = option(None, "output folder for <id>.png labels")
     rule: str = option("constant", choices=RULES)
-    threshold: float = option(0.15, "constant background τ (IRN's cam_eval_thres)")
+    threshold: float = option(0.15, "constant background τ (IRN's cam_eval_thres)",
+                              check=probability)
     alpha: Optional[float] = option(None, "power background α (default: the CRF preset's, "
-                                    "else 16)")
-    fg_threshold: float = option(0.30, "confident: τ_fg")
-    bg_threshold: float = option(0.05, "confident: τ_bg")
+                                    "else 16)", check=positive_float)
+    fg_threshold: float = option(0.30, "confident: τ_fg", check=probability)
+    bg_threshold: float = option(0.05, "confident: τ_bg", check=probability)
     crf: str = option("none", "dense CRF preset (confident needs a label CRF: irn)",
                       choices=CRFS)
     overlays: bool = option(False, "also write colour overlays")
     workers: int = option(2, "worker processes for the CRFs (0 = in the main process)",
-                          group="runtime")
+                          group="runtime", check=worker_count)
     overwrite: bool = option(False, "redo every item and replace existing outputs (default: "
                              "resume, skipping finished items)", group="runtime")
     quiet: bool = option(False, "no progress bar", group="runtime")

@@ -23,6 +23,8 @@ import torch
 from wsss_fast.pipeline.errors import InputError, OptionsError
 from wsss_fast.pipeline.job import (JobResult, JobSpec, item_path, run_dataset_job,
                                     validate_label_png, worker_work)
+from wsss_fast.options import (device_name, positive_float, positive_int, probability,
+                               worker_count)
 from wsss_fast.pipeline.options import DatasetOptions, option, path_or_none, require
 
 
@@ -33,14 +35,16 @@ class RefineOptions(DatasetOptions):
     preset: str = option("irn", choices=("irn", "psa"))
     edges: Optional[str] = option(None, "irn: folder of boundary maps <id>.npy (stride 4)")
     features: Optional[str] = option(None, "psa: folder of affinity features <id>.npy")
-    beta: Optional[float] = option(None, "affinity power (default: the preset's)")
-    steps: Optional[int] = option(None, "random-walk steps (default 256)")
-    bg_threshold: Optional[float] = option(None, "irn: background plane (0.25)")
-    alpha: Optional[float] = option(None, "psa: background power (16)")
+    beta: Optional[float] = option(None, "affinity power (default: the preset's)",
+                                   check=positive_float)
+    steps: Optional[int] = option(None, "random-walk steps (default 256)", check=positive_int)
+    bg_threshold: Optional[float] = option(None, "irn: background plane (0.25)",
+                                           check=probability)
+    alpha: Optional[float] = option(None, "psa: background power (16)", check=positive_float)
     device: str = option("auto", "cpu, cuda, cuda:N or auto (under torchrun each rank takes "
-                         "cuda:LOCAL_RANK)", group="runtime")
+                         "cuda:LOCAL_RANK)", group="runtime", check=device_name)
     workers: int = option(2, "worker processes for the walks on the CPU (0 = in the main "
-                          "process)", group="runtime")
+                          "process)", group="runtime", check=worker_count)
     overwrite: bool = option(False, "redo every item and replace existing outputs (default: "
                              "resume, skipping finished items)", group="runtime")
     quiet: bool = option(False, "no progress bar", group="runtime")

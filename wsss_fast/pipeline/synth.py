@@ -7,24 +7,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from wsss_fast.data.synthetic import MAX_CLASSES
+from wsss_fast.options import Number, normalize_options, seed_int, worker_count
 from wsss_fast.pipeline.options import option, path_or_none, require
+
+IMAGE_COUNT = Number(integer=True, minimum=0, maximum=999_999)     # the generator's limit
 
 
 @dataclass
 class SynthOptions:
     out: Optional[str] = option(None, "dataset folder to write (VOC layout)")
-    num_train: Optional[int] = option(None, "training images (default: the generator's)")
-    num_val: Optional[int] = option(None, "validation images (default: the generator's)")
-    num_classes: int = option(8, "foreground classes (≤20)")
+    num_train: Optional[int] = option(None, "training images (default: the generator's)",
+                                      check=IMAGE_COUNT)
+    num_val: Optional[int] = option(None, "validation images (default: the generator's)",
+                                    check=IMAGE_COUNT)
+    num_classes: int = option(8, f"foreground classes (≤{MAX_CLASSES})",
+                              check=Number(integer=True, minimum=1, maximum=MAX_CLASSES))
     size: Optional[tuple[int, ...]] = option(None, "image size (default: the generator's size "
-                                             "range)", nargs=2, metavar=("H", "W"))
-    seed: int = option(0)
-    workers: int = option(2)
+                                             "range)", nargs=2, metavar=("H", "W"),
+                                             check=Number(integer=True, minimum=32,
+                                                          maximum=4096))
+    seed: int = option(0, check=seed_int)
+    workers: int = option(2, check=worker_count)
 
     def __post_init__(self):
+        normalize_options(self)
         self.out = path_or_none(self.out)
-        if self.size is not None:
-            self.size = tuple(int(v) for v in self.size)
 
 
 def synth(options: SynthOptions) -> Path:

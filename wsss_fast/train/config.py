@@ -14,13 +14,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from wsss_fast.options import (DatasetOptions, choice_problems, fingerprint_fields, option,
-                               parse_key_values, path_or_none)
+from wsss_fast.options import (DatasetOptions, Number, device_name, fingerprint_fields,
+                               nonneg_float, option, option_problems, parse_key_values,
+                               path_or_none, positive_float, positive_int, seed_int, worker_count)
 
 RECIPES = ("synthetic",)
 DEFAULT_JITTER = (0.3, 0.3, 0.3, 0.1)             # TransCAM's ColorJitter
 
 _METHOD, _OPT, _AUG, _RUN = "method", "optimization", "augmentation", "run"
+PIXELS = Number(integer=True, minimum=1, maximum=16384)       # a crop or a resized side
+THREADS = Number(integer=True, minimum=1, maximum=1024)
+
+
+def check_jitter(value):
+    """``color_jitter``: True/False (TransCAM's strengths / off) or (brightness, contrast,
+    saturation, hue) with values >= 0 and hue <= 0.5 (``AugmentConfig``'s rule)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) \
+            or len(value) != 4:
+        raise ValueError(f"expected True, False or (brightness, contrast, saturation, hue), got "
+                         f"{value!r}")
+    strengths = tuple(nonneg_float(v) for v in value)
+    if strengths[3] > 0.5:
+        raise ValueError(f"expected a hue strength <= 0.5, got {value!r}")
+    return strengths
 
 
 def _method_names():
@@ -43,47 +61,47 @@ class TrainConfig(DatasetOptions):
                               group=_METHOD, default_factory=dict)
     split: Optional[str] = option("train", "split name or a path to a list file",
                                   group="dataset")
-    epochs: int = option(20, "epochs the schedule spans", group=_OPT)
+    epochs: int = option(20, "epochs the schedule spans", group=_OPT, check=positive_int)
     max_steps: Optional[int] = option(None, "stop after this many optimizer steps in total (the "
                                       "schedule still spans --epochs)", group=_OPT,
-                                      fingerprint=False)
-    batch_size: int = option(16, group=_OPT)
-    lr: float = option(5e-4, "peak learning rate (AdamW)", group=_OPT)
-    min_lr: float = option(1e-6, "final learning rate of the cosine decay", group=_OPT)
-    weight_decay: float = option(0.05, group=_OPT)
-    warmup_epochs: float = option(1.0, "linear warm-up length in epochs", group=_OPT)
-    clip_grad: Optional[float] = option(None, "max gradient norm (0 or unset: off)", group=_OPT)
-    crop: int = option(448, "square training crop, pixels", group=_AUG)
+                                      fingerprint=False, check=positive_int)
+    batch_size: int = option(16, group=_OPT, check=positive_int)
+    lr: float = option(5e-4, "peak learning rate (AdamW)", group=_OPT, check=positive_float)
+    min_lr: float = option(1e-6, "final learning rate of the cosine decay", group=_OPT,
+                           check=nonneg_float)
+    weight_decay: float = option(0.05, group=_OPT, check=nonneg_float)
+    warmup_epochs: float = option(1.0, "linear warm-up length in epochs", group=_OPT,
+                                  check=nonneg_float)
+    clip_grad: Optional[float] = option(None, "max gradient norm (0 or unset: off)", group=_OPT,
+                                        check=nonneg_float)
+    crop: int = option(448, "square training crop, pixels", group=_AUG, check=PIXELS)
     resize_long: Optional[tuple[int, ...]] = option(
         None, "random long side before cropping (default 0.625-1.25 x crop)", nargs=2,
-        metavar=("MIN", "MAX"), group=_AUG)
+        metavar=("MIN", "MAX"), group=_AUG, check=PIXELS)
     color_jitter: Union[bool, tuple[float, ...], None] = option(
         True, "no colour jitter (default: TransCAM's strengths; in Python also (brightness, "
-        "contrast, saturation, hue))", group=_AUG)
+        "contrast, saturation, hue))", group=_AUG, check=check_jitter)
     out: Optional[str] = option(None, "output folder", group=_RUN, fingerprint=False)
-    seed: int = option(0, group=_RUN)
+    seed: int = option(0, group=_RUN, check=seed_int)
     resume: bool = option(False, "continue the run in --out from its last saved state",
                           group=_RUN, fingerprint=False)
     overwrite: bool = option(False, "start afresh even if --out holds a run", group=_RUN,
                              fingerprint=False)
     save_every: Optional[int] = option(None, "also save every N steps (default: every epoch)",
-                                       group=_RUN, fingerprint=False)
-    device: str = option("auto", "cpu, cuda, cuda:N or auto", group=_RUN, fingerprint=False)
+                                       group=_RUN, fingerprint=False, check=positive_int)
+    device: str = option("auto", "cpu, cuda, cuda:N or auto", group=_RUN, fingerprint=False,
+                         check=device_name)
     workers: int = option(2, "data loading processes (0: in this process; no effect on "
-                          "results)", group=_RUN, fingerprint=False)
+                          "results)", group=_RUN, fingerprint=False, check=worker_count)
     threads: Optional[int] = option(None, "torch threads (default: torch's; 1 is often faster "
                                     "on a CPU busy with other work)", group=_RUN,
-                                    fingerprint=False)
+                                    fingerprint=False, check=THREADS)
     quiet: bool = option(False, "no progress bar", group=_RUN, fingerprint=False)
 
     def __post_init__(self):
         super().__post_init__()
         self.out = path_or_none(self.out)
         self.model_args = parse_key_values(self.model_args, "--model-arg")
-        if self.resize_long is not None:
-            self.resize_long = tuple(int(v) for v in self.resize_long)
-        if self.color_jitter is not None and not isinstance(self.color_jitter, bool):
-            self.color_jitter = tuple(float(v) for v in self.color_jitter)
 
     @classmethod
     def from_recipe(cls, recipe: Optional[str], **given) -> "TrainConfig":
@@ -93,27 +111,12 @@ class TrainConfig(DatasetOptions):
 
     def problems(self) -> list[str]:
         """What is wrong with the options (empty: nothing)."""
-        import math
         problems = [f"{name} is required" for name in ("method", "data", "out")
-                    if getattr(self, name) in (None, "")] + choice_problems(self)
-        if self.epochs < 1:
-            problems.append(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
-        for name in ("lr", "min_lr", "weight_decay", "warmup_epochs"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                problems.append(f"{name} must be a finite number >= 0, got {value}")
-        if not self.lr > 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
-        if self.clip_grad is not None and self.clip_grad < 0:
-            problems.append(f"clip_grad must be > 0 (or 0/None: off), got {self.clip_grad}")
-        for name in ("max_steps", "save_every", "threads"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                problems.append(f"{name} must be >= 1, got {value}")
-        if self.workers < 0:
-            problems.append(f"workers must be >= 0, got {self.workers}")
+                    if getattr(self, name) in (None, "")] + option_problems(self)
+        if (isinstance(self.resize_long, tuple) and len(self.resize_long) == 2
+                and not self.resize_long[0] <= self.resize_long[1]):
+            problems.append(f"--resize-long {self.resize_long[0]} {self.resize_long[1]}: "
+                            f"expected MIN <= MAX")
         if self.resume and self.overwrite:
             problems.append("resume and overwrite exclude each other")
         return problems
