@@ -23,6 +23,7 @@ import torch.utils.data
 from wsss_fast.constants import IMAGENET_MEAN, IMAGENET_STD
 from wsss_fast.data.dataset import WsssDataset
 from wsss_fast.data.images import read_image
+from wsss_fast.io.interrupts import die_with_parent
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,7 @@ def _mix(*values: int) -> int:
 
 def _seed_worker(worker_id: int) -> None:
     """Libraries drawing from the global generators inside workers see a per-worker seed."""
+    die_with_parent()   # killed with the run, even by SIGKILL, instead of loading on as an orphan
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
