@@ -63,6 +63,27 @@ class WsssDataset:
         return list(self._problems)
 
 
+class EmptyDataset(ValueError):
+    """A dataset without a usable image: nothing to do. A stage reports it with exit status 1,
+    like a run whose every item was skipped (2 stays for bad commands)."""
+
+    exit_status = 1
+
+
+def require_images(dataset: WsssDataset, what: str = "images") -> None:
+    """Raise ``EmptyDataset`` saying why ``dataset`` has no ids: nothing found, or everything
+    found was dropped at indexing (the first few problems quoted)."""
+    if dataset.ids:
+        return
+    problems = dataset.problems()
+    why = "none found"
+    if problems:
+        first = "; ".join(f"{id}: {reason}" for id, reason in problems[:3])
+        why = f"all {len(problems)} found were dropped at indexing ({first})"
+    raise EmptyDataset(f"nothing to do: the {dataset.name} dataset at {dataset.root} has no "
+                       f"{what} ({why})")
+
+
 def _first_per_id(problems: Iterable[tuple[str, str]]) -> Iterable[tuple[str, str]]:
     """One problem per id (the first found): an image missing from the split's folder and its
     orphaned labels entry are one skipped item."""

@@ -21,7 +21,7 @@ import torch
 import torch.utils.data
 
 from wsss_fast.constants import IMAGENET_MEAN, IMAGENET_STD
-from wsss_fast.data.dataset import WsssDataset
+from wsss_fast.data.dataset import EmptyDataset, WsssDataset
 from wsss_fast.data.images import read_image
 from wsss_fast.io.interrupts import die_with_parent
 
@@ -121,8 +121,9 @@ class TrainingImages(torch.utils.data.Dataset):
                 self.ids.append(id)
                 self.labels.append(torch.as_tensor(np.array(labels, dtype=np.float32)))
         if not self.ids:
-            raise ValueError(f"no image of the {dataset.name} dataset at {dataset.root} has "
-                             f"image-level labels ({len(self.unlabelled)} without)")
+            raise EmptyDataset(f"nothing to train on: no image of the {dataset.name} dataset at "
+                               f"{dataset.root} has image-level labels "
+                               f"({len(self.unlabelled)} without)")
 
     def __len__(self) -> int:
         return len(self.ids)

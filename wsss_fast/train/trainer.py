@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from wsss_fast.data.dataset import require_images
 from wsss_fast.data.factory import open_dataset
 from wsss_fast.io.atomic import atomic_write_group, atomic_write_json
 from wsss_fast.io.checksums import bytes_checksum, file_checksum
@@ -197,6 +198,7 @@ def _run(chosen: Method, config: TrainConfig, out: Path, target: torch.device, *
          progress: bool) -> Path:
     data = open_dataset(config.dataset, config.data, split=config.split, labels=config.labels,
                         classes=config.classes)
+    require_images(data)
     aug = Augmentation(crop=config.crop, resize_long=config.resize_long,
                        color_jitter=config.color_jitter)
     images = TrainingImages(data, aug, seed=config.seed)
@@ -296,8 +298,9 @@ def _resume(out: Path, fingerprint: dict, net, optimizer, run: _Run) -> bool:
         run.load(state["run"])
         _set_rng_state(state["rng"])
     except (RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else \
-            type(error).__name__
+        detail = " ".join(f"{type(error).__name__}: {error}".split())
+        if len(detail) > 300:
+            detail = detail[:297] + "..."
         raise CheckpointError(f"{path}: training state does not fit this run ({detail})") \
             from None
     expected = state.get("checkpoint_blake2b")
