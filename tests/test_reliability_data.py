@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from wsss_fast.cli import main
-from wsss_fast.data import EmptyDataset, FolderDataset, open_dataset, read_labels_file
+from wsss_fast.data import (EmptyDataset, FolderDataset, image_loader, open_dataset,
+                            read_labels_file)
 from wsss_fast.data.dataset import require_images
 from wsss_fast.data.images import read_label_png, write_label_png
 from wsss_fast.data.synthetic import generate_synthetic
@@ -24,6 +25,7 @@ from wsss_fast.models.checkpoint import read_torch_file
 from wsss_fast.pipeline import EvaluateOptions, JobSpec, NothingToDo, evaluate, run_dataset_job
 from wsss_fast.pipeline.job import item_path
 from wsss_fast.pipeline.options import DatasetOptions
+from wsss_fast.train.data import Augmentation, TrainingImages, epoch_loader
 
 TRAIN = ["--method", "mctformer_v2", "--max-steps", "1", "--batch-size", "4", "--crop", "64",
          "--workers", "0", "--device", "cpu", "--threads", "1", "--quiet"]
@@ -106,6 +108,33 @@ def test_unknown_class_names_list_every_unknown_and_the_known_ones(tmp_path):
     root = _images(tmp_path / "images", ["a", "b"])
     dataset = FolderDataset(root, labels=tmp_path / "good.csv", classes=tmp_path / "classes.txt")
     assert dataset.class_names == ("circle", "square", "triangle")
+
+
+# ------------------------------------------------------------ whole numbers
+
+def test_data_and_training_apis_refuse_fractions_instead_of_rounding(tiny_root, tmp_path):
+    dataset = open_dataset("voc", tiny_root, split="train")
+    for arguments in (dict(crop=64.5), dict(crop=True), dict(resize_long=(60.5, 80))):
+        with pytest.raises(ValueError, match="whole number"):
+            Augmentation(**arguments)
+    aug = Augmentation(crop=32, resize_long=(32, 48))
+    with pytest.raises(ValueError, match="seed must be a whole number, got 0.5"):
+        TrainingImages(dataset, aug, seed=0.5)
+    images = TrainingImages(dataset, aug, seed=np.int64(1))
+    with pytest.raises(ValueError, match=r"batch_size=2.5"):
+        epoch_loader(images, 2.5, 0, workers=0)
+    with pytest.raises(ValueError, match=r"start_batch=0.5"):
+        epoch_loader(images, 2, 0, start_batch=0.5, workers=0)
+    with pytest.raises(ValueError, match="workers must be an integer"):
+        image_loader(dataset, dataset.ids, workers=1.5)
+    for arguments, words in ((dict(num_train=2.5), "num_train=2.5"),
+                             (dict(num_classes=2.0), "num_classes=2.0"),
+                             (dict(workers=0.5), "workers=0.5"),
+                             (dict(image_size=((64.5, 70), (64, 64))), "image_size")):
+        with pytest.raises(ValueError, match=words):
+            generate_synthetic(tmp_path / "synth", **{"num_train": 2, "num_val": 1,
+                                                      **arguments})
+    assert not (tmp_path / "synth").exists()
 
 
 # ------------------------------------------------------------ one skip, empty datasets

@@ -84,6 +84,12 @@ def require_images(dataset: WsssDataset, what: str = "images") -> None:
                        f"{what} ({why})")
 
 
+def is_whole_number(value) -> bool:
+    """An integer (numpy's too), not a bool or a fraction: counts and sizes given to the data
+    and training APIs are refused, never rounded, when fractional."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _first_per_id(problems: Iterable[tuple[str, str]]) -> Iterable[tuple[str, str]]:
     """One problem per id (the first found): an image missing from the split's folder and its
     orphaned labels entry are one skipped item."""
