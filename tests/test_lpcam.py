@@ -309,7 +309,7 @@ def test_prototypes_file_round_trip_and_errors(tmp_path):
     with pytest.raises(ValueError, match="not a wsss-fast LPCAM prototypes file"):
         Prototypes.load(tmp_path / "other.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="not a readable prototypes file"):
+    with pytest.raises(ValueError, match="not a torch file"):
         Prototypes.load(tmp_path / "junk.pt")
     with pytest.raises(ValueError, match="not found"):
         Prototypes.load(tmp_path / "missing.pt")

@@ -159,7 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if os.environ.get("WSSS_FAST_DEBUG"):
             raise
         print(f"wsss-fast {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return getattr(error, "exit_status", 2)   # 1: nothing to do (an empty dataset)
 
 
 def _reported_errors() -> tuple:

@@ -26,6 +26,11 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(options_from_args(EvaluateOptions, args))
     print(result.headline)
     print(result.table)
+    missing = result.no_ground_truth
+    if missing:
+        print(f"warning: {len(missing)} images without ground truth were left out (listed in "
+              f"evaluation.json as no_ground_truth); first: {', '.join(missing[:5])}",
+              file=sys.stderr)
     skipped = result.report["skipped"]
     if skipped:
         print(f"warning: {len(skipped)} images without a usable prediction were left out "

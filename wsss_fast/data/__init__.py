@@ -10,7 +10,7 @@ from wsss_fast.data.classes import (
     with_background,
 )
 from wsss_fast.data.coco import COCODataset, build_coco_label_masks
-from wsss_fast.data.dataset import Sample, WsssDataset
+from wsss_fast.data.dataset import EmptyDataset, Sample, WsssDataset, require_images
 from wsss_fast.data.factory import open_dataset
 from wsss_fast.data.folder import FolderDataset
 from wsss_fast.data.images import (
@@ -25,9 +25,10 @@ from wsss_fast.data.synthetic import generate_synthetic, render_sample
 from wsss_fast.data.voc import VOCDataset
 
 __all__ = [
-    "COCODataset", "COCO_CATEGORY_IDS", "COCO_CLASSES", "DecodedImages", "FolderDataset",
+    "COCODataset", "COCO_CATEGORY_IDS", "COCO_CLASSES", "DecodedImages", "EmptyDataset",
+    "FolderDataset",
     "IGNORE_INDEX", "ImageDecodeError", "Sample", "VOCDataset", "VOC_CLASSES", "WsssDataset",
     "build_coco_label_masks", "generate_synthetic", "image_loader", "open_dataset",
     "read_class_names", "read_image", "read_label_png", "read_labels_file", "render_sample",
-    "voc_palette", "with_background", "write_label_png",
+    "require_images", "voc_palette", "with_background", "write_label_png",
 ]

@@ -23,8 +23,8 @@ class WsssDataset:
     """Sorted unique ids → image path, image-level labels and ground-truth PNG.
 
     ``problems()`` lists what indexing found wrong (an id without an image, an id missing from the
-    labels file, a labels entry without an image, ...): such items are dropped or get
-    ``labels=None``, and are reported rather than silently lost.
+    labels file, a labels entry without an image, ...), once per id: such items are dropped or
+    get ``labels=None``, and are reported rather than silently lost.
     """
 
     name = "dataset"
@@ -38,7 +38,7 @@ class WsssDataset:
         self._image_paths = dict(image_paths)
         self._labels = {key: _frozen(value) for key, value in labels.items()}
         self._gt_paths = dict(gt_paths)
-        self._problems = list(problems)
+        self._problems = list(_first_per_id(problems))
 
     @property
     def num_classes(self) -> int:
@@ -61,6 +61,43 @@ class WsssDataset:
 
     def problems(self) -> list[tuple[str, str]]:
         return list(self._problems)
+
+
+class EmptyDataset(ValueError):
+    """A dataset without a usable image: nothing to do. A stage reports it with exit status 1,
+    like a run whose every item was skipped (2 stays for bad commands)."""
+
+    exit_status = 1
+
+
+def require_images(dataset: WsssDataset, what: str = "images") -> None:
+    """Raise ``EmptyDataset`` saying why ``dataset`` has no ids: nothing found, or everything
+    found was dropped at indexing (the first few problems quoted)."""
+    if dataset.ids:
+        return
+    problems = dataset.problems()
+    why = "none found"
+    if problems:
+        first = "; ".join(f"{id}: {reason}" for id, reason in problems[:3])
+        why = f"all {len(problems)} found were dropped at indexing ({first})"
+    raise EmptyDataset(f"nothing to do: the {dataset.name} dataset at {dataset.root} has no "
+                       f"{what} ({why})")
+
+
+def is_whole_number(value) -> bool:
+    """An integer (numpy's too), not a bool or a fraction: counts and sizes given to the data
+    and training APIs are refused, never rounded, when fractional."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _first_per_id(problems: Iterable[tuple[str, str]]) -> Iterable[tuple[str, str]]:
+    """One problem per id (the first found): an image missing from the split's folder and its
+    orphaned labels entry are one skipped item."""
+    seen = set()
+    for id, reason in problems:
+        if id not in seen:
+            seen.add(id)
+            yield id, reason
 
 
 def _frozen(labels: np.ndarray) -> np.ndarray:

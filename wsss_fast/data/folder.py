@@ -40,11 +40,11 @@ class FolderDataset(WsssDataset):
       spaces when the cell has no ``;``), optional header ``id,labels``; or a header
       ``id,<class1>,<class2>,...`` with one 0/1 column per class;
     - ``.json`` ``{id: [names or indices]}`` or ``{id: [0/1 per class]}`` (0/1 lists when every
-      entry of the file is a 0/1 list of length K);
+      entry of the file is a list of K numbers);
     - ``.npy`` dict like ``cls_labels.npy``. Keys may carry the image extension.
-    Class names: ``classes`` (names or a txt path), else the labels file's header or names (the
-    VOC classes when every name used is one, the names sorted when none is; a mix is refused as
-    a likely typo), else ``VOC_CLASSES``. Images without an entry get ``labels=None``; both they
+    0/1 values other than 0 and 1 are an error. Class names: ``classes`` (names or a txt path),
+    else a wide CSV's header, else ``VOC_CLASSES``; a name outside them is an error listing the
+    unknown and the known names. Images without an entry get ``labels=None``; both they
     and entries without an image are listed in ``problems()``. ``split`` (optional): a list
     file restricting the ids.
     """

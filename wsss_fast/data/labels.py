@@ -1,7 +1,13 @@
 """Image-level label files (``.npy``, ``.csv``, ``.json``) and matching their keys onto ids.
 
 Class indices are 0-based over the foreground classes; labels are float32 multi-hot vectors over
-them (nonzero entries in a labels file count as present).
+them. Rules, each an error naming the file and the id rather than a silent coercion:
+
+- a 0/1 entry (npy vector, wide-CSV column, JSON 0/1 list) holds only 0 or 1 (not 2, -1, 0.5,
+  nan);
+- a class name must be one of the class names given (``classes``, a VOC root's ``classes.txt``,
+  a wide CSV's header); without them only the VOC classes are known, so a typo never becomes
+  a class of its own (the error lists the unknown names and the known ones).
 """
 
 from __future__ import annotations
@@ -46,15 +52,20 @@ def read_labels_file(path, class_names: Optional[Sequence[str]] = None
 
 
 def _multi_hot(values, num_classes: int, where: str) -> np.ndarray:
+    """A 0/1 vector of ``num_classes`` entries; any other value (2, -1, 0.5, nan) is an error
+    naming ``where`` (the file and the id) and the value, never coerced."""
     try:
         vector = np.asarray(values, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError):
         raise ValueError(f"{where}: labels must be numbers, got {values!r}") from None
     if vector.shape[0] != num_classes:
         raise ValueError(f"{where}: expected {num_classes} class entries, got {vector.shape[0]}")
-    if not np.isfinite(vector).all():
-        raise ValueError(f"{where}: non-finite label values {vector.tolist()}")
-    return (vector > 0).astype(np.float32)
+    bad = np.flatnonzero((vector != 0) & (vector != 1))   # nan compares unequal to both
+    if bad.size:
+        more = f" (and {bad.size - 1} more)" if bad.size > 1 else ""
+        raise ValueError(f"{where}: label value {vector[bad[0]]:g} at class index {bad[0]} is "
+                         f"not 0 or 1{more}; image-level labels are 0/1 per class")
+    return vector.astype(np.float32)
 
 
 def _read_npy_labels(path, names):
@@ -83,6 +94,13 @@ def _split_tokens(text: str) -> list[str]:
     return [part.strip() for part in parts if part.strip()]
 
 
+_INDEX = re.compile(r"\d+")
+# Tokens that are numbers but not class indices (-1, 0.5, nan): refused as label values, not
+# taken for class names.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(nan|inf(inity)?)",
+                     re.IGNORECASE)
+
+
 def _tokens_to_multi_hot(tokens, names, where) -> np.ndarray:
     """Multi-hot vector from class names and/or 0-based class indices (ints or digit strings)."""
     vector = np.zeros(len(names), dtype=np.float32)
@@ -91,8 +109,11 @@ def _tokens_to_multi_hot(tokens, names, where) -> np.ndarray:
         if isinstance(token, str) and token in index_of:
             vector[index_of[token]] = 1
             continue
-        if isinstance(token, str) and re.fullmatch(r"\d+", token):
+        if isinstance(token, str) and _INDEX.fullmatch(token):
             token = int(token)
+        elif isinstance(token, str) and _NUMBER.fullmatch(token):
+            raise ValueError(f"{where}: label value {token!r} is not a class index "
+                             f"(0..{len(names) - 1}) nor a class name")
         if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
             raise ValueError(f"{where}: unknown class name {token!r} "
                              f"(known: {', '.join(names)})")
@@ -103,20 +124,25 @@ def _tokens_to_multi_hot(tokens, names, where) -> np.ndarray:
     return vector
 
 
-def _names_from_tokens(token_lists: dict) -> tuple[str, ...]:
-    """Class names implied by the names a labels file uses (``{where: tokens}``): the VOC classes
-    when every name is one (VOC files keep VOC indices), the names sorted when none is; a mix is
-    refused as a likely typo."""
-    voc = set(VOC_CLASSES)
-    used = {token: where for where, tokens in token_lists.items() for token in tokens
-            if isinstance(token, str) and not re.fullmatch(r"\d+", token)}
-    if set(used) <= voc:
-        return VOC_CLASSES
-    if voc.isdisjoint(used):
-        return tuple(sorted(used))
-    token, where = next((t, w) for t, w in used.items() if t not in voc)
-    raise ValueError(f"{where}: unknown class name {token!r}: the file mixes VOC class names "
-                     f"with others; give the class names to use your own classes")
+def _check_class_names(token_lists: dict, names, given: bool) -> None:
+    """Refuse class names (``{where: tokens}``) that are not among ``names``, listing every
+    unknown name and the known ones: a typo never becomes a class of its own. Without given
+    names only the VOC classes are known; other classes need a class-name list."""
+    known = set(names)
+    unknown: dict[str, str] = {}
+    for where, tokens in token_lists.items():
+        for token in tokens:
+            if isinstance(token, str) and token not in known and not _NUMBER.fullmatch(token):
+                unknown.setdefault(token, where)
+    if not unknown:
+        return
+    (first, where), *others = unknown.items()
+    more = (f" and {len(others)} more ({', '.join(repr(name) for name, _ in others)})"
+            if others else "")
+    hint = "" if given else ("; these are the VOC classes: give the class names (--classes "
+                             "FILE) to use others")
+    raise ValueError(f"{where}: unknown class name {first!r}{more} (known: {', '.join(names)}"
+                     f"{hint})")
 
 
 def _read_csv_labels(path, names):
@@ -139,8 +165,10 @@ def _read_csv_labels(path, names):
         if row[0] in token_lists:
             raise ValueError(f"{path}:{line}: id {row[0]!r} listed twice")
         token_lists[row[0]] = (line, _split_tokens(row[1]) if len(row) == 2 else [])
-    names = names or _names_from_tokens(
-        {f"{path}:{line}": tokens for line, tokens in token_lists.values()})
+    given = names is not None
+    names = names or VOC_CLASSES
+    _check_class_names({f"{path}:{line}": tokens for line, tokens in token_lists.values()},
+                       names, given)
     for key, (line, tokens) in token_lists.items():
         entries[key] = _tokens_to_multi_hot(tokens, names, f"{path}:{line}")
     return names, entries
@@ -167,7 +195,7 @@ def _read_wide_csv(path, header_names, rows, names):
                              f"(id + one 0/1 column per class), got {len(row)}")
         if row[0] in entries:
             raise ValueError(f"{path}:{line}: id {row[0]!r} listed twice")
-        values = _multi_hot(row[1:], len(header_names), f"{path}:{line}")
+        values = _multi_hot(row[1:], len(header_names), f"{path}:{line} (id {row[0]!r})")
         entries[row[0]] = values[order]
     return names, entries
 
@@ -191,12 +219,14 @@ def _read_json_labels(path, names):
                              f"names or indices, or a 0/1 list, got {value!r}")
         token_lists[key] = value
     numeric = all(not isinstance(v, str) for value in token_lists.values() for v in value)
-    if names is None:
-        names = VOC_CLASSES if numeric else _names_from_tokens(
-            {f"labels file {path}, entry {key!r}": value for key, value in token_lists.items()})
+    given = names is not None
+    names = names or VOC_CLASSES
+    _check_class_names({f"labels file {path}, entry {key!r}": value
+                        for key, value in token_lists.items()}, names, given)
+    # 0/1 lists when every entry is a list of K numbers (then a value other than 0/1 is an
+    # error, not an index); otherwise lists of class names or indices.
     multi_hot = bool(token_lists) and numeric and all(
-        len(value) == len(names) and all(_is_binary(v) for v in value)
-        for value in token_lists.values())
+        len(value) == len(names) for value in token_lists.values())
     entries = {}
     for key, value in token_lists.items():
         where = f"labels file {path}, entry {key!r}"
@@ -207,10 +237,6 @@ def _read_json_labels(path, names):
                 raise ValueError(f"{where}: class indices must be integers, got {value!r}")
             entries[key] = _tokens_to_multi_hot(value, names, where)
     return names, entries
-
-
-def _is_binary(value) -> bool:
-    return isinstance(value, (bool, int, float)) and value in (0, 1)
 
 
 def _key_candidates(key) -> list[str]:
@@ -249,7 +275,10 @@ def resolve_labels(labels_path, class_names, ids, all_ids, source_name
     whose key names none of ``all_ids`` (the images that exist, whatever the split)."""
     names, entries = read_labels_file(labels_path, class_names)
     matched, unmatched = match_label_keys(entries, all_ids, os.fspath(labels_path))
-    problems = [(str(key), f"entry in labels file {labels_path} has no image in {source_name}")
+    # Reported under the id the key stands for (IRN's int key 2007000001 is 2007_000001), so
+    # that an image listed in the split but missing (or a directory) is one skip, not two.
+    problems = [(_key_candidates(key)[-1],
+                 f"entry {key!r} in labels file {labels_path} has no image in {source_name}")
                 for key in unmatched]
     problems += [(id, f"no entry in labels file {labels_path}; labels unknown")
                  for id in ids if id not in matched]

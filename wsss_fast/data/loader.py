@@ -7,7 +7,7 @@ from typing import Iterable, Sequence
 import cv2
 import torch.utils.data
 
-from wsss_fast.data.dataset import WsssDataset
+from wsss_fast.data.dataset import WsssDataset, is_whole_number
 from wsss_fast.data.images import read_image
 from wsss_fast.io.interrupts import die_with_parent
 
@@ -54,8 +54,10 @@ def image_loader(dataset: WsssDataset, ids: Sequence[str], workers: int = 2,
                  prefetch: int = 2) -> Iterable[dict]:
     """Iterate ``{"id", "image", "labels", "error"}`` for ``ids`` in order, decoding in
     ``workers`` processes (0: in this process); images stay numpy arrays."""
-    if workers < 0 or prefetch < 1:
-        raise ValueError(f"workers must be >= 0 and prefetch >= 1, got {workers}, {prefetch}")
+    if not (is_whole_number(workers) and is_whole_number(prefetch)) or workers < 0 \
+            or prefetch < 1:
+        raise ValueError(f"workers must be an integer >= 0 and prefetch an integer >= 1, got "
+                         f"{workers!r}, {prefetch!r}")
     return torch.utils.data.DataLoader(
         DecodedImages(dataset, ids), batch_size=None, shuffle=False, num_workers=workers,
         collate_fn=_keep_item, worker_init_fn=_single_threaded_worker if workers else None,

@@ -36,6 +36,7 @@ import cv2
 import numpy as np
 
 from wsss_fast.data.classes import IGNORE_INDEX
+from wsss_fast.data.dataset import is_whole_number
 from wsss_fast.data.images import encode_label_png
 from wsss_fast.io.atomic import atomic_write_bytes
 
@@ -80,7 +81,7 @@ class SyntheticConfig:
     jpeg_quality: int = 90
 
     def __post_init__(self):
-        if not 1 <= self.num_classes <= MAX_CLASSES:
+        if not is_whole_number(self.num_classes) or not 1 <= self.num_classes <= MAX_CLASSES:
             raise ValueError(f"num_classes must lie in 1..{MAX_CLASSES}, got {self.num_classes}")
         object.__setattr__(self, "image_size", _size_ranges(self.image_size))
         for name in ("habitat_probability", "stray_habitat_probability", "pair_probability"):
@@ -103,10 +104,13 @@ def _size_ranges(image_size) -> tuple[tuple[int, int], tuple[int, int]]:
     if isinstance(image_size, (int, np.integer)):
         image_size = (image_size, image_size)
     try:
-        ranges = tuple((int(side), int(side)) if isinstance(side, (int, np.integer))
-                       else (int(side[0]), int(side[1])) for side in image_size)
+        ranges = tuple((side, side) if is_whole_number(side) else (side[0], side[1])
+                       for side in image_size)
     except (TypeError, IndexError, ValueError):
         ranges = ()
+    if not all(is_whole_number(v) for pair in ranges for v in pair):   # 96.5 is refused, not truncated
+        ranges = ()
+    ranges = tuple((int(lo), int(hi)) for lo, hi in ranges)
     if len(ranges) != 2 or any(not 32 <= lo <= hi <= 4096 for lo, hi in ranges):
         raise ValueError(f"image_size must be S, (H, W) or ((Hmin, Hmax), (Wmin, Wmax)) with "
                          f"sides in 32..4096, got {image_size!r}")
@@ -552,6 +556,13 @@ def generate_synthetic(root, *, num_train: int = 600, num_val: int = 150, num_cl
     this dataset with the same settings is returned as is; other non-empty folders are refused.
     """
     root = os.fspath(root)
+    fractional = {name: value for name, value in (("num_train", num_train), ("num_val", num_val),
+                                                   ("num_classes", num_classes),
+                                                   ("seed", seed), ("workers", workers))
+                  if not is_whole_number(value)}
+    if fractional:
+        raise ValueError("expected whole numbers: " + ", ".join(
+            f"{name}={value!r}" for name, value in fractional.items()))
     config = SyntheticConfig(num_classes=num_classes, image_size=image_size)
     if num_train < 0 or num_val < 0 or not 0 < num_train + num_val <= 999_999:
         raise ValueError(f"num_train + num_val must lie in 1..999999, got {num_train}, {num_val}")

@@ -49,6 +49,7 @@ from tqdm import tqdm
 from wsss_fast import ops
 from wsss_fast.engine.cam_engine import CamEngine, CamResult, load_image, to_normalized_tensor
 from wsss_fast.engine.presets import Preset
+from wsss_fast.models.checkpoint import read_torch_file
 from wsss_fast.ops.prototype_cam import prototype_cam, prototype_weight
 
 PROTOTYPES_FORMAT = "wsss-fast/lpcam-prototypes"
@@ -171,11 +172,10 @@ class Prototypes:
     @classmethod
     def load(cls, path) -> "Prototypes":
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            payload = read_torch_file(path, "wsss-fast LPCAM prototypes file",
+                                      required=("format", "version"))
         except FileNotFoundError:
             raise ValueError(f"prototypes file not found: {path}") from None
-        except Exception as error:   # any unpickling failure: not a prototypes file
-            raise ValueError(f"{path}: not a readable prototypes file ({error})") from None
         if not isinstance(payload, dict) or payload.get("format") != PROTOTYPES_FORMAT:
             raise ValueError(f"{path}: not a wsss-fast LPCAM prototypes file")
         if payload.get("version") != PROTOTYPES_VERSION:

@@ -10,7 +10,7 @@ Dataset stages (extract, pseudo_label, refine) run through ``run_dataset_job``: 
 sharded over torchrun ranks, journaled, with a manifest.
 """
 
-from wsss_fast.pipeline.errors import InputError, OptionsError, PipelineError
+from wsss_fast.pipeline.errors import InputError, NothingToDo, OptionsError, PipelineError
 from wsss_fast.pipeline.evaluate import EvaluateOptions, EvaluateResult, evaluate
 from wsss_fast.pipeline.extract import ExtractOptions, extract
 from wsss_fast.pipeline.job import JobResult, JobSpec, run_dataset_job
@@ -22,6 +22,7 @@ from wsss_fast.pipeline.train import TrainResult, train
 from wsss_fast.train import TrainConfig
 
 __all__ = ["EvaluateOptions", "EvaluateResult", "ExtractOptions", "InputError", "JobResult",
-           "JobSpec", "OptionsError", "PipelineError", "PrototypesOptions", "PseudoLabelOptions",
-           "RefineOptions", "SynthOptions", "TrainConfig", "TrainResult", "build_prototypes",
-           "evaluate", "extract", "pseudo_label", "refine", "run_dataset_job", "synth", "train"]
+           "JobSpec", "NothingToDo", "OptionsError", "PipelineError", "PrototypesOptions",
+           "PseudoLabelOptions", "RefineOptions", "SynthOptions", "TrainConfig", "TrainResult",
+           "build_prototypes", "evaluate", "extract", "pseudo_label", "refine",
+           "run_dataset_job", "synth", "train"]

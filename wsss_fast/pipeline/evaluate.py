@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 
 from wsss_fast.options import finite_float, probability, worker_count
-from wsss_fast.pipeline.errors import InputError, OptionsError
+from wsss_fast.pipeline.errors import InputError, NothingToDo, OptionsError
 from wsss_fast.pipeline.job import item_path
 from wsss_fast.pipeline.options import (DatasetOptions, open_dataset_of, option, path_or_none,
                                         require)
@@ -106,6 +106,11 @@ class EvaluateResult:
         return self.report["images"]
 
     @property
+    def no_ground_truth(self) -> list:
+        """Ids of the dataset left out because they have no ground-truth label PNG."""
+        return self.report["no_ground_truth"]
+
+    @property
     def exit_status(self) -> int:
         return 0 if self.images > 0 else 1
 
@@ -153,7 +158,9 @@ def _evaluate_shard(task) -> tuple:
 
 def evaluate(options: EvaluateOptions) -> EvaluateResult:
     """Evaluate ``options.cams`` or ``options.pred``; writes the report into ``options.out``
-    when given."""
+    when given. Images without ground truth are left out and listed (``no_ground_truth``), as
+    are images whose prediction is missing or unusable (``skipped``); ``NothingToDo`` when no
+    image is left to evaluate."""
     from wsss_fast.data.classes import with_background
     from wsss_fast.evaluate import plot_sweep
     from wsss_fast.io.atomic import atomic_write_bytes, atomic_write_json
@@ -171,7 +178,9 @@ def evaluate(options: EvaluateOptions) -> EvaluateResult:
         gt_path = dataset.sample(item).gt_path
         (items.append((item, gt_path)) if gt_path else no_gt.append(item))
     if not items:
-        raise InputError(f"no ground-truth labels found for the {len(dataset.ids)} images")
+        raise NothingToDo(f"nothing to evaluate: none of the {len(dataset.ids)} images of the "
+                          f"{dataset.name} dataset at {dataset.root} has a ground-truth label "
+                          f"PNG (first: {', '.join(no_gt[:3])})")
     thresholds = parse_thresholds(options.thresholds)
     pred_ignore_as = "exclude" if options.ignore_pred_255 else 0
     shards = max(1, options.workers)
@@ -186,11 +195,15 @@ def evaluate(options: EvaluateOptions) -> EvaluateResult:
     for accumulator, _ in parts[1:]:
         total = total.merge(accumulator)
     skipped = sorted(s for _, part in parts for s in part)
+    if len(skipped) == len(items):
+        first = "; ".join(f"{i}: {r}" for i, r in skipped[:3])
+        raise NothingToDo(f"nothing could be evaluated: all {len(items)} images with ground "
+                          f"truth were skipped ({first})")
     name = options.name or folder.name
     rule = options.rule
     report = {"name": name, "mode": mode, "rule": rule, "images": len(items) - len(skipped),
               "skipped": [{"id": i, "reason": r} for i, r in skipped],
-              "no_ground_truth": len(no_gt), "class_names": list(names)}
+              "no_ground_truth": no_gt, "class_names": list(names)}
     if mode == "cams":
         best_threshold, best_miou = total.best(rule)
         index = int(np.flatnonzero(np.isclose(total.thresholds, best_threshold))[0])

@@ -34,13 +34,20 @@ def parse_key_values(pairs, option_flag: str = "--model-arg") -> dict:
 
 
 def open_dataset_of(options: DatasetOptions):
-    """The dataset the options name; a missing root or a bad split is an ``InputError``."""
+    """The dataset the options name; a missing root or a bad split is an ``InputError``, a
+    dataset without images ``NothingToDo``."""
+    from wsss_fast.data.dataset import require_images
     from wsss_fast.data.factory import open_dataset
-    from wsss_fast.pipeline.errors import InputError
+    from wsss_fast.pipeline.errors import InputError, NothingToDo
     if not os.path.isdir(options.data):
         raise InputError(f"--data {options.data}: not a folder")
     try:
-        return open_dataset(options.dataset, options.data, split=options.split,
-                            labels=options.labels, classes=options.classes)
+        dataset = open_dataset(options.dataset, options.data, split=options.split,
+                               labels=options.labels, classes=options.classes)
     except (ValueError, OSError) as error:
         raise InputError(str(error)) from error
+    try:
+        require_images(dataset)
+    except ValueError as error:
+        raise NothingToDo(str(error)) from error
+    return dataset

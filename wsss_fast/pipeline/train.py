@@ -7,7 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from wsss_fast.pipeline.errors import OptionsError
+from wsss_fast.data.dataset import EmptyDataset
+from wsss_fast.pipeline.errors import NothingToDo, OptionsError
 from wsss_fast.train import TrainConfig
 from wsss_fast.train import train as run_training
 
@@ -23,10 +24,14 @@ class TrainResult:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Train (or resume) the run of ``config``; bad options raise ``OptionsError``."""
+    """Train (or resume) the run of ``config``; bad options raise ``OptionsError``, a dataset
+    without labelled images ``NothingToDo`` (exit status 1)."""
     problems = config.problems()
     if problems:
         raise OptionsError("train: " + "; ".join(problems))
-    checkpoint = run_training(config)
+    try:
+        checkpoint = run_training(config)
+    except EmptyDataset as error:
+        raise NothingToDo(str(error)) from error
     report = json.loads((checkpoint.parent / "train.json").read_text(encoding="utf-8"))
     return TrainResult(checkpoint=checkpoint, report=report)

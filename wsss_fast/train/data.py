@@ -21,8 +21,9 @@ import torch
 import torch.utils.data
 
 from wsss_fast.constants import IMAGENET_MEAN, IMAGENET_STD
-from wsss_fast.data.dataset import WsssDataset
+from wsss_fast.data.dataset import EmptyDataset, WsssDataset, is_whole_number
 from wsss_fast.data.images import read_image
+from wsss_fast.io.interrupts import die_with_parent
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,12 @@ class Augmentation:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self):
-        if self.crop < 1:
-            raise ValueError(f"crop must be a positive number of pixels, got {self.crop}")
+        if not is_whole_number(self.crop) or self.crop < 1:
+            raise ValueError(f"crop must be a positive whole number of pixels, got {self.crop!r}")
         low, high = self.resize_long
-        if not 1 <= low <= high:
-            raise ValueError(f"resize_long must be (low, high) with 1 <= low <= high, "
-                             f"got {self.resize_long}")
+        if not (is_whole_number(low) and is_whole_number(high) and 1 <= low <= high):
+            raise ValueError(f"resize_long must be whole numbers (low, high) with 1 <= low <= "
+                             f"high, got {self.resize_long!r}")
         if self.color_jitter is not None and (len(self.color_jitter) != 4
                                               or min(self.color_jitter) < 0
                                               or self.color_jitter[3] > 0.5):
@@ -107,6 +108,8 @@ class TrainingImages(torch.utils.data.Dataset):
 
     def __init__(self, dataset: WsssDataset, aug: Augmentation, seed: int = 0,
                  ids: Optional[Sequence[str]] = None):
+        if not is_whole_number(seed):
+            raise ValueError(f"seed must be a whole number, got {seed!r}")
         self.dataset = dataset
         self.aug = aug
         self.seed = int(seed)
@@ -120,8 +123,9 @@ class TrainingImages(torch.utils.data.Dataset):
                 self.ids.append(id)
                 self.labels.append(torch.as_tensor(np.array(labels, dtype=np.float32)))
         if not self.ids:
-            raise ValueError(f"no image of the {dataset.name} dataset at {dataset.root} has "
-                             f"image-level labels ({len(self.unlabelled)} without)")
+            raise EmptyDataset(f"nothing to train on: no image of the {dataset.name} dataset at "
+                               f"{dataset.root} has image-level labels "
+                               f"({len(self.unlabelled)} without)")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -167,6 +171,7 @@ def _mix(*values: int) -> int:
 
 def _seed_worker(worker_id: int) -> None:
     """Libraries drawing from the global generators inside workers see a per-worker seed."""
+    die_with_parent()   # killed with the run, even by SIGKILL, instead of loading on as an orphan
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -182,6 +187,13 @@ def epoch_loader(images: TrainingImages, batch_size: int, epoch: int, start_batc
                  workers: int = 2):
     """A DataLoader over epoch ``epoch`` from batch ``start_batch``: full batches only (a set
     smaller than one batch gives one short batch)."""
+    counts = {"batch_size": batch_size, "epoch": epoch, "start_batch": start_batch,
+              "workers": workers}
+    bad = [f"{name}={value!r}" for name, value in counts.items()
+           if not is_whole_number(value) or value < (1 if name == "batch_size" else 0)]
+    if bad:
+        raise ValueError(f"epoch_loader: expected whole numbers (batch_size >= 1, the others "
+                         f">= 0), got {', '.join(bad)}")
     images.epoch = epoch
     sampler = EpochSampler(len(images), images.seed, epoch, batch_size, start_batch)
     drop_last = len(images) >= batch_size

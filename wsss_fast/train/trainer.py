@@ -5,7 +5,10 @@ Outputs in ``out_dir`` (each written atomically, at every epoch end, every ``sav
 and when the run stops):
 
 - ``checkpoint.pth`` — the model in its upstream format (``{'model': sd}`` or a plain ``sd``);
-- ``train_state.pth`` — model, optimizer, step, RNG states, loss history: what ``resume`` reads;
+- ``train_state.pth`` — model, optimizer, step, RNG states, loss history and the checksum of the
+  checkpoint saved with it: what ``resume`` reads. The two are written as one all-or-nothing
+  group, so a full disk keeps the previous pair; a pair torn by a kill between the two renames
+  is told by the checksum, and resume then rewrites the checkpoint from the state;
 - ``train.json`` — the configuration, per-epoch mean losses (with the training seconds elapsed at
   each epoch's end), final losses, time, skipped images.
 
@@ -28,8 +31,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from wsss_fast.data.dataset import require_images
 from wsss_fast.data.factory import open_dataset
-from wsss_fast.io.atomic import atomic_write, atomic_write_json
+from wsss_fast.io.atomic import atomic_write_group, atomic_write_json
+from wsss_fast.io.checksums import bytes_checksum, file_checksum
+from wsss_fast.models.checkpoint import CheckpointError, read_torch_file, torch_file_bytes
 from wsss_fast.models.registry import create_model
 from wsss_fast.train.config import TrainConfig
 from wsss_fast.train.data import Augmentation, TrainingImages, batches_per_epoch, epoch_loader
@@ -38,6 +44,9 @@ from wsss_fast.train.methods import Method, get_method
 CHECKPOINT = "checkpoint.pth"
 STATE = "train_state.pth"
 REPORT = "train.json"
+# What train_state.pth must hold; it also records "checkpoint_blake2b", the checksum of the
+# checkpoint.pth saved with it (absent in states of older versions).
+STATE_KEYS = ("config", "model", "optimizer", "run", "rng")
 
 # Parameters without weight decay besides biases and norms (timm's no_weight_decay set).
 NO_DECAY_NAMES = ("cls_token", "pos_embed", "pos_embed_cls", "pos_embed_pat")
@@ -105,11 +114,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _save_torch(path: Path, obj) -> None:
-    with atomic_write(path) as handle:
-        torch.save(obj, handle)
-
-
 def _cpu_state(model: torch.nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
@@ -169,6 +173,11 @@ def train(config: TrainConfig) -> Path:
     if (out / STATE).exists() and not (config.resume or config.overwrite):
         raise ValueError(f"{out} already holds a training run ({STATE}); resume it, choose "
                          f"another output folder, or overwrite it")
+    if config.resume and not (out / STATE).exists():
+        found = f"{CHECKPOINT} is there without its {STATE}" if (out / CHECKPOINT).exists() \
+            else f"no {STATE}"
+        raise ValueError(f"nothing to resume in {out} ({found}); start a new run without "
+                         f"resume (or with overwrite)")
     if config.overwrite:   # a crash before the first save must not leave the old run to resume
         for name in (STATE, CHECKPOINT, REPORT):
             (out / name).unlink(missing_ok=True)
@@ -189,6 +198,7 @@ def _run(chosen: Method, config: TrainConfig, out: Path, target: torch.device, *
          progress: bool) -> Path:
     data = open_dataset(config.dataset, config.data, split=config.split, labels=config.labels,
                         classes=config.classes)
+    require_images(data)
     aug = Augmentation(crop=config.crop, resize_long=config.resize_long,
                        color_jitter=config.color_jitter)
     images = TrainingImages(data, aug, seed=config.seed)
@@ -204,24 +214,24 @@ def _run(chosen: Method, config: TrainConfig, out: Path, target: torch.device, *
     run = _Run()
     run.skipped.update({id: reason for id, reason in data.problems()})
     run.skipped.update({id: "no image-level labels" for id in images.unlabelled})
-    if resume and (out / STATE).exists():
-        state = torch.load(out / STATE, map_location="cpu", weights_only=True)
-        _check_resumable(state["config"], config.fingerprint(), out)
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        run.load(state["run"])
-        _set_rng_state(state["rng"])
+    checkpoint_current = True
+    if resume:
+        checkpoint_current = _resume(out, config.fingerprint(), net, optimizer, run)
 
     def save() -> None:
         weights = _cpu_state(net)
-        _save_torch(out / CHECKPOINT,
-                    {"model": weights} if chosen.checkpoint_format == "wrapped" else weights)
-        _save_torch(out / STATE, {"config": config.fingerprint(), "model": weights,
+        checkpoint = torch_file_bytes(
+            {"model": weights} if chosen.checkpoint_format == "wrapped" else weights)
+        state = torch_file_bytes({"config": config.fingerprint(), "model": weights,
                                   "optimizer": optimizer.state_dict(), "run": run.state(),
-                                  "rng": _rng_state()})
+                                  "rng": _rng_state(),
+                                  "checkpoint_blake2b": bytes_checksum(checkpoint)})
+        atomic_write_group({out / CHECKPOINT: checkpoint, out / STATE: state})
         _write_report(out / REPORT, config, run, data, len(images), total_steps,
                       finished=run.step >= total_steps)
 
+    if not checkpoint_current:   # resumed with a missing or torn checkpoint: the state's weights
+        save()
     bar = tqdm(total=stop, initial=min(run.step, stop), desc=f"train {chosen.name}",
                unit="step", dynamic_ncols=True, disable=not progress, file=sys.stderr)
     try:
@@ -250,8 +260,6 @@ def _run(chosen: Method, config: TrainConfig, out: Path, target: torch.device, *
                     save()
                 if run.step >= stop:
                     break
-        if not (out / CHECKPOINT).exists():   # a finished run resumed after deleting it
-            save()
     finally:
         bar.close()
     return out / CHECKPOINT
@@ -271,6 +279,40 @@ def _step(method: Method, net, optimizer, images, labels, lr: float, clip_grad, 
         torch.nn.utils.clip_grad_norm_(net.parameters(), clip_grad)
     optimizer.step()
     return {"loss": float(loss.detach()), **terms}
+
+
+def _resume(out: Path, fingerprint: dict, net, optimizer, run: _Run) -> bool:
+    """Load the state of the run in ``out`` into ``net``, ``optimizer``, ``run`` and the global
+    generators; returns whether ``checkpoint.pth`` is the one saved with that state (False: it
+    is missing, or newer than the state because a kill tore the pair, and must be rewritten).
+    An unreadable state raises ``CheckpointError`` naming the file and the problem."""
+    path = out / STATE
+    state = read_torch_file(path, "training state", required=STATE_KEYS)
+    if not isinstance(state["config"], dict):
+        raise CheckpointError(f"{path}: not a training state ('config' is a "
+                              f"{type(state['config']).__name__}, not a dict)")
+    _check_resumable(state["config"], fingerprint, out)
+    try:
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        run.load(state["run"])
+        _set_rng_state(state["rng"])
+    except (RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+        detail = " ".join(f"{type(error).__name__}: {error}".split())
+        if len(detail) > 300:
+            detail = detail[:297] + "..."
+        raise CheckpointError(f"{path}: training state does not fit this run ({detail})") \
+            from None
+    expected = state.get("checkpoint_blake2b")
+    checkpoint = out / CHECKPOINT
+    if not checkpoint.exists():
+        return False
+    if expected is not None and file_checksum(checkpoint) != expected:
+        print(f"wsss-fast train: {checkpoint} does not match {path} (a run killed while saving "
+              f"them); resuming from the state, whose weights replace the checkpoint",
+              file=sys.stderr)
+        return False
+    return True
 
 
 def _check_resumable(saved: dict, current: dict, out: Path) -> None:
