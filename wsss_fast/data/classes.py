@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from wsss_fast.constants import voc_palette  # noqa: F401  (re-exported)
 
 VOC_CLASSES = (

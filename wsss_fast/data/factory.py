@@ -14,10 +14,6 @@ def open_dataset(kind: str, root, *, split=None, labels=None, classes=None) -> W
     """Open a dataset: ``kind`` is ``voc``, ``coco``, ``folder`` or ``auto`` (VOC layout if
     ``root/JPEGImages`` or ``root/VOC2012/JPEGImages`` exists, COCO if ``root/annotations``
     exists, else a folder of images)."""
-    from wsss_fast.data.coco import COCODataset
-    from wsss_fast.data.folder import FolderDataset
-    from wsss_fast.data.voc import VOCDataset
-
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise ValueError(f"dataset root {root} is not a directory")
