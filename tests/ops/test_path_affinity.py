@@ -3,10 +3,13 @@ reference affinity_networks.md §1.2's numbers; every face of the op against the
 reference (values, arg-max ties, gradients), an independent restatement of IRN's
 ``PathIndex`` / ``to_affinity``, validation and the torch.library registration."""
 
+import math
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.helpers import assert_rel_close, poison_heap
 from tests.ops.faces import face_params, needs_triton
@@ -210,6 +213,61 @@ def test_nan_is_the_max_like_torch_max(face, gen):
     assert torch.equal(arg.cpu(), expected_arg)
 
 
+def _irn_path_index(radius, h, w):
+    """IRN's ``PathIndex(radius, (h, w))`` restated from reference §1.2 (not from this
+    package): ``(path_indices per length, src_indices, dst_indices)``."""
+    floor = int(math.ceil(radius) - 1)
+    directions = [(0, x) for x in range(1, radius)]
+    directions += [(y, x) for y in range(1, radius) for x in range(1 - radius, radius)
+                   if x * x + y * y < radius ** 2]
+    by_length = {}
+    for dy, dx in directions:
+        coords = [(y, x) for y in range(min(0, dy), max(0, dy) + 1)
+                  for x in range(min(0, dx), max(0, dx) + 1)
+                  if (dy * x - dx * y) ** 2 / (dy ** 2 + dx ** 2) < 1]
+        coords.sort(key=lambda c: -abs(c[0]) - abs(c[1]))
+        by_length.setdefault(len(coords), []).append(coords)
+    full = np.arange(h * w, dtype=np.int64).reshape(h, w)
+    rows, cols = h - floor, w - 2 * floor
+    path_indices = [np.array([[full[dy:dy + rows, floor + dx:floor + dx + cols].reshape(-1)
+                               for dy, dx in path] for path in paths])
+                    for _, paths in sorted(by_length.items())]
+    src = full[:rows, floor:floor + cols].reshape(-1)
+    dst = np.concatenate([p[:, 0] for p in path_indices], axis=0)
+    return [torch.from_numpy(p) for p in path_indices], torch.from_numpy(src), torch.from_numpy(dst)
+
+
+def _irn_to_affinity(edge, path_indices):
+    """IRN's ``to_affinity``: index_select of every path cell, max-pool over the path, 1 −."""
+    edge = edge.view(edge.size(0), -1)
+    out = []
+    for index in path_indices:
+        dist = torch.index_select(edge, dim=-1, index=index.view(-1))
+        dist = dist.view(dist.size(0), index.size(0), index.size(1), index.size(2))
+        out.append(torch.squeeze(1 - F.max_pool2d(dist, (dist.size(2), 1)), dim=2))
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("face", FACES, indirect=True)
+@pytest.mark.parametrize("batch, h, w, radius", [(2, 37, 45, 10), (1, 64, 64, 5), (3, 9, 8, 3)])
+def test_equals_irn_path_index_and_to_affinity(face, batch, h, w, radius, gen):
+    if face.name == "triton" and face.device == "cpu" and h * w > 2000:
+        pytest.skip("the Triton interpreter: small grids only")
+    path_indices, src, dst = _irn_path_index(radius, h, w)
+    ours_src, ours_dst = irn_path_set(radius).pair_indices(h, w)
+    assert torch.equal(ours_src, src) and torch.equal(ours_dst, dst)
+    boundary = torch.sigmoid(torch.randn(batch, 1, h, w, generator=gen))
+    edge = boundary.clone().requires_grad_()
+    expected = _irn_to_affinity(edge, path_indices)
+    leaf = _on(face, boundary.clone()).requires_grad_()
+    got = path_affinity(leaf, radius)
+    assert torch.equal(got.detach().cpu(), expected.detach())  # max |Δ| = 0, as upstream
+    grad_out = torch.randint(-3, 4, expected.shape, generator=gen).float()  # sums exactly
+    expected.backward(grad_out)
+    got.backward(_on(face, grad_out))
+    assert torch.equal(leaf.grad.cpu(), edge.grad)
+
+
 def test_reference_gradcheck_float64(gen):
     boundary = torch.rand(2, 1, 6, 9, generator=gen, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda b: path_affinity_reference(b, 3), (boundary,))
@@ -246,12 +304,14 @@ def test_triton_tiles_smaller_than_the_problem(gen):
 
     boundary = _boundary(gen, 2, 11, 14)
     cells, start = path_tables(4)
-    got, arg = path_affinity_triton(boundary, cells, start, 3, block=16)  # 4 blocks of 16
+    got, arg = path_affinity_triton(boundary, cells, start, 3, block_o=4,
+                                    block_s=16)  # 4 × 6 blocks
     expected, expected_arg = _expected(boundary, 4)
     assert torch.equal(got, expected) and torch.equal(arg, expected_arg)
     grad = torch.randint(-3, 4, got.shape, generator=gen).float()
     expected_grad = path_affinity_backward_op.faces["reference"](grad, arg, 11, 14, 4)
-    got_grad = path_affinity_backward_triton(grad, arg, cells, start, 11, 14, 3, block=16)
+    got_grad = path_affinity_backward_triton(grad, arg, cells, start, 11, 14, 3,
+                                             block_o=4, block_s=16)
     assert torch.equal(got_grad, expected_grad)
 
 
