@@ -22,26 +22,30 @@ WSSS_HD bool path_max_takes(float v, float best) { return v > best || (v != v &&
 
 // 1 − path max and the arg-max of one offset for `count` consecutive sources of one window row.
 // `at` points at B(s) of the run's first source in a row-major h×w float plane of row pitch w;
-// `path` at the offset's first (cy, cx). Vectorizes along the run (`affinity` holds the running
-// max until the last loop).
+// `path` at the offset's first (cy, cx); `index` is scratch for `count` int32 (the running arg-max
+// kept as wide as the values, so that the loop vectorizes; narrowed to uint8 at the end).
+// `affinity` holds the running max until the last loop.
 WSSS_HD void path_max_run(const float* __restrict__ at, int64_t w, const int32_t* __restrict__ path,
                           int length, int64_t count, float* __restrict__ affinity,
-                          uint8_t* __restrict__ argmax) {
+                          int32_t* __restrict__ index, uint8_t* __restrict__ argmax) {
   const float* first = at + path[0] * w + path[1];
   for (int64_t i = 0; i < count; ++i) {
     affinity[i] = first[i];
-    argmax[i] = 0;
+    index[i] = 0;
   }
   for (int k = 1; k < length; ++k) {
     const float* cell = at + path[2 * k] * w + path[2 * k + 1];
     for (int64_t i = 0; i < count; ++i) {
-      const float v = cell[i];
-      const bool take = path_max_takes(v, affinity[i]);
-      affinity[i] = take ? v : affinity[i];
-      argmax[i] = take ? static_cast<uint8_t>(k) : argmax[i];
+      const float v = cell[i], best = affinity[i];
+      const bool take = path_max_takes(v, best);
+      affinity[i] = take ? v : best;
+      index[i] = take ? k : index[i];
     }
   }
-  for (int64_t i = 0; i < count; ++i) affinity[i] = 1.f - affinity[i];
+  for (int64_t i = 0; i < count; ++i) {
+    affinity[i] = 1.f - affinity[i];
+    argmax[i] = static_cast<uint8_t>(index[i]);
+  }
 }
 
 // Backward of one offset for `count` consecutive sources of one window row: adds grad[i] to the

@@ -18,7 +18,7 @@
 namespace wsss_fast {
 namespace {
 
-constexpr int64_t kRun = 128;  // sources per vectorized run (the scratch buffer is on the stack)
+constexpr int64_t kRun = 128;  // sources per vectorized run (its arg-max scratch is on the stack)
 
 // One window row of one offset, in runs of kRun sources. Compiled for AVX-512, AVX2 and baseline
 // x86-64 (picked at load time): the extension is otherwise built for the baseline ISA only.
@@ -27,8 +27,10 @@ __attribute__((target_clones("avx512f", "arch=haswell", "default")))
 #endif
 void path_max_row(const float* at_row, int64_t w, const int32_t* path, int length, int64_t cols,
                   float* affinity, uint8_t* argmax) {
+  int32_t index[kRun];
   for (int64_t x = 0; x < cols; x += kRun) {
-    path_max_run(at_row + x, w, path, length, std::min(kRun, cols - x), affinity + x, argmax + x);
+    path_max_run(at_row + x, w, path, length, std::min(kRun, cols - x), affinity + x, index,
+                 argmax + x);
   }
 }
 
