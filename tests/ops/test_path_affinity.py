@@ -37,6 +37,10 @@ def test_path_set_numbers(radius, offsets, cells, lengths):
     assert len(set(paths.offsets)) == offsets and set(paths.offsets) == set(paths.base_offsets)
 
 
+def test_a_uint8_holds_every_path_index_up_to_the_largest_radius():
+    assert irn_path_set(64).max_path_length <= 255  # the arg-max stored per pair is a uint8
+
+
 def test_irn_order_is_the_base_order_stably_sorted_by_path_length():
     paths = irn_path_set(10)
     assert list(paths.path_lengths) == sorted(paths.path_lengths)
