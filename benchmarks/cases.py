@@ -172,6 +172,69 @@ def make_random_walk(case: RandomWalkCase, form: str):
                                    2 ** case.exp_times)
 
 
+@dataclass(frozen=True)
+class PathAffinityCase:
+    """IRN's affinity training step on the boundary map: the 128×128 grid of a 512² crop,
+    radius 10 (152 offsets × 13,090 sources per image), batch 8, forward + backward."""
+
+    batch: int = 8
+    size: int = 128
+    radius: int = 10
+    dtype: torch.dtype = torch.float32
+
+    def inputs(self, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        boundary = torch.rand(self.batch, 1, self.size, self.size, generator=g).to(self.dtype)
+        paths = ops.irn_path_set(self.radius)
+        pairs = (self.batch, paths.num_offsets, paths.window(self.size, self.size).size)
+        return boundary, torch.randn(*pairs, generator=g).to(self.dtype)
+
+
+def upstream_path_index(radius: int, size: int) -> list[torch.Tensor]:
+    """IRN's ``PathIndex(radius, (size, size)).path_indices``: per path length, an int64 table
+    (n_paths, length, n_sources) of flat grid indices (``irn:misc/indexing.py``)."""
+    paths = ops.irn_path_set(radius)
+    window = paths.window(size, size)
+    grid = torch.arange(size * size).view(size, size)
+    by_length: dict[int, list[torch.Tensor]] = {}
+    for path in paths.paths:
+        cells = [grid[cy:cy + window.rows, window.left + cx:window.left + cx + window.cols]
+                 .reshape(-1) for cy, cx in path]
+        by_length.setdefault(len(path), []).append(torch.stack(cells))
+    return [torch.stack(tables) for _, tables in sorted(by_length.items())]
+
+
+def upstream_to_affinity(edge: torch.Tensor, path_indices: list[torch.Tensor]) -> torch.Tensor:
+    """IRN's ``to_affinity`` (``irn:net/resnet50_irn.py``): gather every path cell with
+    ``index_select``, max-pool over the path axis, ``1 −``; concatenated over the lengths."""
+    edge = edge.view(edge.size(0), -1)
+    affinities = []
+    for index in path_indices:
+        gathered = torch.index_select(edge, dim=-1, index=index.view(-1))
+        gathered = gathered.view(gathered.size(0), *index.shape)
+        affinities.append(torch.squeeze(1 - F.max_pool2d(gathered, (gathered.size(2), 1)), dim=2))
+    return torch.cat(affinities, dim=1)
+
+
+def make_path_affinity(case: PathAffinityCase, form: str):
+    """Boundary map → affinities → gradient of the boundary map: ``fused`` (the
+    ``path_affinity`` op) or ``gather`` (upstream's ``to_affinity``, index tables prebuilt)."""
+    boundary, grad_out = case.inputs()
+    leaf = boundary.requires_grad_()
+    if form == "gather":
+        path_indices = upstream_path_index(case.radius, case.size)
+        forward = lambda: upstream_to_affinity(leaf, path_indices)  # noqa: E731
+    else:
+        forward = lambda: ops.path_affinity(leaf, case.radius)  # noqa: E731
+
+    def run():
+        leaf.grad = None
+        forward().backward(grad_out)
+        return leaf.grad
+
+    return run
+
+
 def warm_up() -> None:
     """Call every op once on tiny inputs: loads the extension, registers the custom ops and starts
     the thread pool, so that memory measured afterwards belongs to the variant alone."""
@@ -187,3 +250,4 @@ def warm_up() -> None:
     ops.multiscale_merge_reference([torch.rand(1, 2, 3, 4)], [False], 5, 6, False, None, "sum",
                                    "minmax", 1e-8)
     ops.random_walk(torch.rand(2, 3, 4), irn_affinity(torch.rand(3, 4)), 2)
+    ops.path_affinity(torch.rand(1, 1, 5, 5, requires_grad=True), 2).sum().backward()

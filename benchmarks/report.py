@@ -30,6 +30,7 @@ def groups(quick: bool):
     attention = cases.AttentionCase(patches=576, blocks=6) if quick else cases.AttentionCase()
     merge = cases.MergeCase(height=240, width=320) if quick else cases.MergeCase()
     walk = cases.RandomWalkCase(height=24, width=32) if quick else cases.RandomWalkCase()
+    paths = cases.PathAffinityCase(batch=2, size=48) if quick else cases.PathAffinityCase()
     return {
         "attention_stats": {
             "title": (f"attention over {attention.blocks} blocks, B={attention.batch} "
@@ -67,6 +68,16 @@ def groups(quick: bool):
             "variants": {
                 "fused": lambda: cases.make_random_walk(walk, "fused"),
                 "dense": lambda: cases.make_random_walk(walk, "dense"),
+            },
+        },
+        "path_affinity": {
+            "title": (f"IRN path-max affinity, {paths.size}x{paths.size} grid, R={paths.radius}, "
+                      f"batch {paths.batch}, fp32, forward + backward (boundary map to its "
+                      "gradient)"),
+            "baseline": "gather",
+            "variants": {
+                "fused": lambda: cases.make_path_affinity(paths, "fused"),
+                "gather": lambda: cases.make_path_affinity(paths, "gather"),
             },
         },
         "class_patch_reweight": {
@@ -159,6 +170,10 @@ def main(argv=None) -> int:
         if name == "random_walk":
             print(f"\ndense / fused = {times[base] / times['fused']:.1f} (target >= 20); "
                   f"peak dense / fused = {peaks[base] / max(peaks['fused'], 0.5):.1f}")
+        if name == "path_affinity":
+            print(f"\ngather / fused = {times[base] / times['fused']:.1f} (target >= 3); "
+                  f"peak gather / fused = {peaks[base] / max(peaks['fused'], 0.5):.1f} "
+                  "(target >= 4)")
     return 0
 
 

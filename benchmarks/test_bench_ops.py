@@ -15,6 +15,7 @@ QUICK = os.environ.get("WSSS_BENCH_QUICK") == "1"
 ATTENTION = cases.AttentionCase(patches=576, blocks=6) if QUICK else cases.AttentionCase()
 MERGE = cases.MergeCase(height=240, width=320) if QUICK else cases.MergeCase()
 WALK = cases.RandomWalkCase(height=24, width=32) if QUICK else cases.RandomWalkCase()
+PATHS = cases.PathAffinityCase(batch=2, size=48) if QUICK else cases.PathAffinityCase()
 
 
 @pytest.mark.benchmark(group="attention_stats")
@@ -50,3 +51,9 @@ def test_random_walk(benchmark, form):
 @pytest.mark.parametrize("face", ["fused", "reference"])
 def test_class_patch_reweight(benchmark, face):
     benchmark(cases.make_reweight(face))
+
+
+@pytest.mark.benchmark(group="path_affinity")
+@pytest.mark.parametrize("form", ["fused", "gather"])
+def test_path_affinity(benchmark, form):
+    benchmark.pedantic(cases.make_path_affinity(PATHS, form), rounds=3, warmup_rounds=1)

@@ -5,7 +5,7 @@
 #define WSSS_FAST_ABI_H_
 
 /* Bumped with the op schemas / the exported C functions; a build reporting another is stale. */
-#define WSSS_FAST_CPU_ABI_VERSION 3
+#define WSSS_FAST_CPU_ABI_VERSION 4
 #define WSSS_FAST_CUDA_ABI_VERSION 3
 
 /* The most passes one wsss_fast_multiscale_merge call takes (the per-pass table is a kernel

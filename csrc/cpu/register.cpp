@@ -21,6 +21,12 @@ TORCH_LIBRARY(wsss_fast_C, m) {
       "Tensor? labels, str merge, str norm, float eps) -> Tensor");
   m.def("random_walk(Tensor x0, Tensor weights, int steps, int radius) -> Tensor");
   m.def(
+      "path_affinity(Tensor boundary, Tensor cells, Tensor start, int floor) -> "
+      "(Tensor, Tensor)");
+  m.def(
+      "path_affinity_backward(Tensor grad, Tensor argmax, Tensor cells, Tensor start, int h, "
+      "int w, int floor) -> Tensor");
+  m.def(
       "kmeans(Tensor features, Tensor init, int max_iter, float tol) -> "
       "(Tensor, Tensor, Tensor)");
 }
