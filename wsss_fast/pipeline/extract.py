@@ -84,12 +84,22 @@ class ExtractOptions(DatasetOptions):
         self.out = path_or_none(self.out)
 
 
+def check_option_combinations(options: ExtractOptions) -> None:
+    """Rules between options, checked with the values before the dataset is opened."""
+    if options.checkpoint is None and not options.random_init:
+        raise OptionsError("--checkpoint is required (or --random-init for a smoke test)")
+    if options.method == "lpcam":
+        if options.prototypes is None:
+            raise OptionsError("--method lpcam needs --prototypes FILE (see wsss-fast prototypes)")
+        if options.preset is not None:
+            raise OptionsError("--preset does not apply to --method lpcam (its passes are fixed: "
+                               "use --scales / --no-flip)")
+
+
 def build_engine(options: ExtractOptions, dataset, device):
     """The CAM engine of ``options`` (a ``CamEngine``, or an ``LpcamEngine`` for lpcam)."""
     from wsss_fast.engine import CamEngine
     from wsss_fast.models.registry import model_preset
-    if options.checkpoint is None and not options.random_init:
-        raise OptionsError("--checkpoint is required (or --random-init for a smoke test)")
     torch.manual_seed(0)   # --random-init: the same weights on every rank
     model = load_model(options.model, len(dataset.class_names), options.checkpoint,
                        options.model_args)
@@ -123,11 +133,6 @@ def lpcam_prototypes(options: ExtractOptions, dataset):
     """The prototypes of method lpcam, checked against the checkpoint and the classes."""
     from wsss_fast.engine.lpcam import Prototypes
     from wsss_fast.io.run_state import file_digest
-    if options.prototypes is None:
-        raise OptionsError("--method lpcam needs --prototypes FILE (see wsss-fast prototypes)")
-    if options.preset is not None:
-        raise OptionsError("--preset does not apply to --method lpcam (its passes are fixed: "
-                           "use --scales / --no-flip)")
     prototypes = Prototypes.load(options.prototypes)
     built_from = prototypes.checkpoint_sha256
     if built_from is not None and (options.checkpoint is None
@@ -221,6 +226,7 @@ def extract(options: ExtractOptions) -> JobResult:
     from wsss_fast.data.loader import image_loader
     from wsss_fast.pipeline.progress import progress
     require(options, "data", "model", "out")
+    check_option_combinations(options)
     out = Path(options.out)
 
     def setup(dataset, context) -> JobSpec:
