@@ -46,6 +46,16 @@ def _raise_interrupted(signum, _frame) -> None:
     raise Interrupted(signum)
 
 
+def _raise_once(signals: Sequence[int]):
+    """A handler raising ``Interrupted`` for the first signal only: later ones (a second Ctrl-C,
+    torchrun forwarding a SIGTERM) must not interrupt the cleanup that the first one started."""
+    def handler(signum, frame) -> None:
+        for other in signals:
+            signal.signal(other, signal.SIG_IGN)
+        _raise_interrupted(signum, frame)
+    return handler
+
+
 @contextlib.contextmanager
 def handle_interrupts(signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
     """Within the block, the given signals raise ``Interrupted`` in the main thread; the previous
@@ -54,7 +64,8 @@ def handle_interrupts(signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in signals}
+    handler = _raise_once(tuple(signals))
+    previous = {signum: signal.signal(signum, handler) for signum in signals}
     try:
         yield
     finally:
