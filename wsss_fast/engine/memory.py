@@ -9,10 +9,13 @@ A pass of ``b`` images (with flips: 2 per image) at ``h × w`` needs about
 - dense affinity: ``b · P² · 4 B`` per (B, P, P) map alive: the fp32 ``patch2patch``
   accumulator of models that refine with the patch affinity (one buffer, whatever the number of
   blocks summed into it) and DOEI's three hybrid-attention maps in its blocks;
-- streaming affinity instead of the accumulator: every block's q and k, ``2 · L · b · T · D · 4 B``.
+- streaming affinity instead of the accumulator: every block's q and k, twice (the list the
+  forward fills and its stacked copy), ``4 · L · b · T · D · 4 B``. That is less than the dense
+  map only for large grids (P ≳ 4·L·D patches: ~18k for DeiT-S, a 2200² image at 1×).
 
 ``plan_pass`` picks dense affinity when it fits the budget, else streaming where the model
-offers it (``cam_maps(affinity=...)``), else refuses the pass with ``ImageTooLarge``. The
+offers it (``cam_maps(affinity=...)``) and it fits, else refuses the pass with
+``ImageTooLarge`` naming the smaller need. The
 estimate is deliberately coarse (an upper bound of the live tensors, not allocator overhead);
 the budget defaults to half the available RAM on a CPU and 90% of the free memory on a GPU.
 """
@@ -122,7 +125,7 @@ def pass_bytes(model, batch: int, height: int, width: int, cam_kwargs: dict,
         dense_maps = DOEI_DENSE_MAPS if inner is not model else 0
         if refines(model, cam_kwargs):
             if streaming:
-                total += 2 * depth * batch * tokens * width_d * 4
+                total += 4 * depth * batch * tokens * width_d * 4
             else:
                 dense_maps += 1
         total += dense_maps * batch * patches * patches * 4
@@ -136,26 +139,26 @@ def plan_pass(model, batch: int, height: int, width: int, cam_kwargs: dict, *,
     ``max_affinity_mib`` also sends passes whose dense affinity alone exceeds it to streaming.
     Raises ``ImageTooLarge`` naming the image (``image_size``: its width and height) when no
     plan fits."""
-    choice = accepts_affinity(model) and refines(model, cam_kwargs)
-    dense = pass_bytes(model, batch, height, width, cam_kwargs, streaming=False)
-    if not choice:
-        plan = PassPlan(None, dense)
-    else:
+    budget = budget_mib * MIB
+    plans = [PassPlan(None, pass_bytes(model, batch, height, width, cam_kwargs,
+                                       streaming=False))]
+    if accepts_affinity(model) and refines(model, cam_kwargs):
         grid = _token_grid(model, height, width) or (0, 0)
         affinity_mib = batch * (grid[0] * grid[1]) ** 2 * 4 / MIB
+        streaming = PassPlan("streaming", pass_bytes(model, batch, height, width, cam_kwargs,
+                                                     streaming=True))
+        dense = PassPlan("dense", plans[0].bytes)
         over_cap = max_affinity_mib is not None and affinity_mib > max_affinity_mib
-        if dense <= budget_mib * MIB and not over_cap:
-            plan = PassPlan("dense", dense)
-        else:
-            plan = PassPlan("streaming", pass_bytes(model, batch, height, width, cam_kwargs,
-                                                    streaming=True))
-    if plan.bytes > budget_mib * MIB:
-        image_width, image_height = image_size or (width, height)
-        raise ImageTooLarge(
-            f"image {image_width}×{image_height} is too large "
-            f"({image_width * image_height / 1e6:.1f} MP, needs ~{_gb(plan.bytes)} GB of a "
-            f"{_gb(budget_mib * MIB)} GB budget; raise --max-memory-mib or downscale)")
-    return plan
+        plans = [streaming, dense] if over_cap else [dense, streaming]
+    for plan in plans:
+        if plan.bytes <= budget:
+            return plan
+    image_width, image_height = image_size or (width, height)
+    raise ImageTooLarge(
+        f"image {image_width}×{image_height} is too large "
+        f"({image_width * image_height / 1e6:.1f} MP, needs ~"
+        f"{_gb(min(plan.bytes for plan in plans))} GB of a {_gb(budget)} GB budget; raise "
+        f"--max-memory-mib or downscale)")
 
 
 def _gb(size: float) -> str:
