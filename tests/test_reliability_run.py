@@ -483,3 +483,16 @@ def test_a_signal_stops_a_run_cleanly_and_the_rerun_completes_it(many, many_clea
         assert_same_files(out / "labels", many_clean / "labels" / "labels")
     assert_no_duplicated_done_entries(out, command)
     assert not wait_for_no_survivors(tag)
+
+
+def test_an_interrupt_inside_a_deferred_block_is_raised_at_its_end():
+    from wsss_fast.io.interrupts import Interrupted, deferred_interrupts, handle_interrupts
+    reached = []
+    with pytest.raises(Interrupted) as stop:
+        with handle_interrupts():
+            with deferred_interrupts():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)
+                reached.append("end of the block")
+            reached.append("after the block")
+    assert reached == ["end of the block"] and stop.value.exit_status == 143

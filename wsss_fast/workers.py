@@ -19,7 +19,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
-from wsss_fast.io.interrupts import die_with_parent
+from wsss_fast.io.interrupts import deferred_interrupts, die_with_parent
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,10 @@ def run_in_workers(function: Callable, jobs: Iterable[tuple], workers: int = 0,
 
 
 def _run_pooled(function: Callable, jobs, workers: int, record: Callable, fatal: tuple) -> None:
-    pool = _process_pool(workers, function)
+    # Creating the pool and submitting (which starts worker processes on demand) run with
+    # interrupts deferred: a signal between a worker's start and its registration in the pool
+    # would leave it out of _kill_workers, to die later with a traceback of its own.
+    pool = None
     in_flight: dict = {}
 
     def collect(done) -> bool:
@@ -152,25 +155,33 @@ def _run_pooled(function: Callable, jobs, workers: int, record: Callable, fatal:
 
     def renewed(pool: ProcessPoolExecutor) -> ProcessPoolExecutor:
         pool.shutdown(wait=True, cancel_futures=True)
-        return _process_pool(workers, function)
+        with deferred_interrupts():
+            return _process_pool(workers, function)
+
+    def submit(index: int, args) -> Any:
+        with deferred_interrupts():
+            return pool.submit(_run_job, function, index, tuple(args), fatal)
 
     completed = False
     try:
+        with deferred_interrupts():
+            pool = _process_pool(workers, function)
         for index, args in jobs:
             while len(in_flight) >= 4 * workers:
                 if collect(wait(in_flight, return_when=FIRST_COMPLETED).done):
                     pool = renewed(pool)
             try:
-                future = pool.submit(_run_job, function, index, tuple(args), fatal)
+                future = submit(index, args)
             except BrokenProcessPool:  # broke since the last collect
                 pool = renewed(pool)
-                future = pool.submit(_run_job, function, index, tuple(args), fatal)
+                future = submit(index, args)
             in_flight[future] = index
         while in_flight:
             if collect(wait(in_flight, return_when=FIRST_COMPLETED).done):
                 pool = renewed(pool)
         completed = True
     finally:
-        if not completed:   # an exception or an interrupt: nobody will collect the results
-            _kill_workers(pool)
-        pool.shutdown(wait=True, cancel_futures=True)
+        if pool is not None:
+            if not completed:   # an exception or an interrupt: nobody will collect the results
+                _kill_workers(pool)
+            pool.shutdown(wait=True, cancel_futures=True)

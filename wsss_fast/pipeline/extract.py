@@ -251,6 +251,7 @@ def _shutdown_loader(iterator) -> None:
 def extract(options: ExtractOptions) -> JobResult:
     """Extract the CAMs of ``options``' dataset into ``options.out``; rerunning resumes."""
     from wsss_fast.data.loader import image_loader
+    from wsss_fast.io.interrupts import deferred_interrupts
     from wsss_fast.pipeline.progress import progress
     require(options, "data", "model", "out")
     if options.batch_size < 1:
@@ -264,7 +265,8 @@ def extract(options: ExtractOptions) -> JobResult:
         writer = CamWriter(options, out, dataset.class_names)
 
         def work(todo, state):
-            loader = iter(image_loader(dataset, todo, workers=options.workers))
+            with deferred_interrupts():   # its workers start and are registered together
+                loader = iter(image_loader(dataset, todo, workers=options.workers))
             try:
                 _extract_items(loader, len(todo), state, context.rank)
             finally:
