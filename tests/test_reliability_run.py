@@ -496,3 +496,14 @@ def test_an_interrupt_inside_a_deferred_block_is_raised_at_its_end():
                 reached.append("end of the block")
             reached.append("after the block")
     assert reached == ["end of the block"] and stop.value.exit_status == 143
+
+
+def test_the_budget_estimate_covers_every_model_family():
+    from wsss_fast.models.conformer import transcam_small
+    from wsss_fast.models.resnet_cam import resnet50_cam
+    from wsss_fast.engine.memory import plan_pass
+    for model, kwargs in ((transcam_small(), {}), (resnet50_cam(num_classes=20), {}),
+                          (_tiny_model(), {"refine": True})):
+        small = plan_pass(model, 2, 256, 256, kwargs, budget_mib=1e6)
+        large = plan_pass(model, 2, 512, 512, kwargs, budget_mib=1e6)
+        assert 0 < small.bytes < large.bytes, type(model).__name__

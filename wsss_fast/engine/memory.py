@@ -120,7 +120,9 @@ def pass_bytes(model, batch: int, height: int, width: int, cam_kwargs: dict,
         patches = grid[0] * grid[1]
         class_tokens = getattr(inner, "cls_token", None)   # MCTformer: one per class
         tokens = patches + (1 if class_tokens is None else int(class_tokens.shape[1]))
-        depth = len(getattr(inner, "blocks", ())) or int(getattr(inner, "depth", 1))
+        blocks = getattr(inner, "blocks", None)   # (Conformer's `blocks` is a method)
+        depth = (len(blocks) if isinstance(blocks, torch.nn.ModuleList)
+                 else int(getattr(inner, "depth", 1)))
         total += batch * tokens * width_d * 4 * VIT_ACTIVATION_FACTOR
         dense_maps = DOEI_DENSE_MAPS if inner is not model else 0
         if refines(model, cam_kwargs):
