@@ -576,7 +576,8 @@ _POOL_RUN = textwrap.dedent("""
 
 _LOADER_RUN = textwrap.dedent("""
     import sys, time
-    from wsss_fast.data.base import WsssDataset, image_loader
+    from wsss_fast.data.dataset import WsssDataset
+    from wsss_fast.data.loader import image_loader
     from wsss_fast.io.interrupts import Interrupted, handle_interrupts
 
     class SlowDataset(WsssDataset):

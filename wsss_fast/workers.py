@@ -3,20 +3,23 @@
 Both are CPU-bound and single-threaded per image (pydensecrf holds the GIL; one random walk runs
 on one thread), so throughput comes from processes, each running whole images. Workers never
 outlive the run: they are killed when it stops on an exception (``Interrupted`` included), and
-Linux kills them when the program dies without cleanup (SIGKILL; ``die_with_parent``).
+Linux kills them when the program dies without cleanup (SIGKILL; ``die_with_parent``). They
+ignore SIGINT: a Ctrl-C reaches the whole process group, and the parent, which handles it, stops
+them (a worker would otherwise print a KeyboardInterrupt traceback of its own).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
-from wsss_fast.io.interrupts import die_with_parent
+from wsss_fast.io.interrupts import deferred_interrupts, die_with_parent
 
 
 @dataclass(frozen=True)
@@ -29,9 +32,11 @@ class JobFailure:
     traceback: str
 
 
-def _run_job(function: Callable, index: int, args: tuple) -> Any:
+def _run_job(function: Callable, index: int, args: tuple, fatal: tuple = ()) -> Any:
     try:
         return function(*args)
+    except fatal:
+        raise   # an error of the whole run (e.g. a full disk): re-raised in the parent
     except Exception as exc:  # reported per job; the run goes on
         return JobFailure(index, f"{type(exc).__name__}: {exc}", traceback.format_exc())
 
@@ -56,6 +61,7 @@ def _init_worker() -> None:
     hands each worker a copy of that pipe (for nested process creation, not used here), which
     would keep the server, and so the worker, alive after this program dies: close it."""
     die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from multiprocessing import forkserver
     server = getattr(forkserver, "_forkserver", None)
     alive = getattr(server, "_forkserver_alive_fd", None)
@@ -78,11 +84,16 @@ def _kill_workers(pool: ProcessPoolExecutor) -> None:
 
 
 def run_in_workers(function: Callable, jobs: Iterable[tuple], workers: int = 0,
-                   progress: bool = True, desc: str | None = None) -> list:
+                   progress: bool = True, desc: str | None = None, *,
+                   on_result: Optional[Callable[[int, Any], None]] = None,
+                   fatal: tuple = ()) -> list:
     """``[function(*args) for args in jobs]`` over ``workers`` processes, in the jobs' order.
 
     A job that raises (or whose worker dies) yields a ``JobFailure`` in its place instead of
-    stopping the others. ``workers=0`` runs in this process with the same semantics. With
+    stopping the others, except for exceptions of the types in ``fatal``: those stop every job
+    and are raised here. ``on_result(index, result)`` is called in this process as each job
+    finishes (in completion order), e.g. to journal it at once rather than at the end.
+    ``workers=0`` runs in this process with the same semantics. With
     workers, ``function`` and the arguments must be picklable (a module-level function) and at
     most ``4 * workers`` jobs are in flight, so ``jobs`` may be a lazy iterable (e.g. loading the
     CAMs per image). ``progress`` shows a tqdm bar.
@@ -96,20 +107,30 @@ def run_in_workers(function: Callable, jobs: Iterable[tuple], workers: int = 0,
     total = len(jobs) if hasattr(jobs, "__len__") else None
     bar = tqdm(total=total, desc=desc, disable=not progress)
     results: dict[int, Any] = {}
+    fatal = tuple(fatal)
+
+    def record(index: int, result: Any) -> None:
+        results[index] = result
+        if on_result is not None:
+            on_result(index, result)
+        bar.update()
+
     try:
         if workers == 0:
             for index, args in enumerate(jobs):
-                results[index] = _run_job(function, index, tuple(args))
-                bar.update()
+                record(index, _run_job(function, index, tuple(args), fatal))
         else:
-            _run_pooled(function, enumerate(jobs), workers, results, bar)
+            _run_pooled(function, enumerate(jobs), workers, record, fatal)
     finally:
         bar.close()
     return [results[index] for index in range(len(results))]
 
 
-def _run_pooled(function: Callable, jobs, workers: int, results: dict, bar) -> None:
-    pool = _process_pool(workers, function)
+def _run_pooled(function: Callable, jobs, workers: int, record: Callable, fatal: tuple) -> None:
+    # Creating the pool and submitting (which starts worker processes on demand) run with
+    # interrupts deferred: a signal between a worker's start and its registration in the pool
+    # would leave it out of _kill_workers, to die later with a traceback of its own.
+    pool = None
     in_flight: dict = {}
 
     def collect(done) -> bool:
@@ -118,39 +139,49 @@ def _run_pooled(function: Callable, jobs, workers: int, results: dict, bar) -> N
         for future in done:
             index = in_flight.pop(future)
             try:
-                results[index] = future.result()
+                result = future.result()
+            except fatal:
+                raise
             except BrokenProcessPool as exc:
                 # Every job in flight when a worker dies (e.g. a segfault in native code) fails
                 # with it; a fresh pool runs the rest.
-                results[index] = JobFailure(index, f"BrokenProcessPool: {exc}", "")
+                result = JobFailure(index, f"BrokenProcessPool: {exc}", "")
                 broken = True
             except Exception as exc:  # e.g. arguments or a result that do not pickle
-                results[index] = JobFailure(index, f"{type(exc).__name__}: {exc}",
-                                            traceback.format_exc())
-            bar.update()
+                result = JobFailure(index, f"{type(exc).__name__}: {exc}",
+                                    traceback.format_exc())
+            record(index, result)
         return broken
 
     def renewed(pool: ProcessPoolExecutor) -> ProcessPoolExecutor:
         pool.shutdown(wait=True, cancel_futures=True)
-        return _process_pool(workers, function)
+        with deferred_interrupts():
+            return _process_pool(workers, function)
+
+    def submit(index: int, args) -> Any:
+        with deferred_interrupts():
+            return pool.submit(_run_job, function, index, tuple(args), fatal)
 
     completed = False
     try:
+        with deferred_interrupts():
+            pool = _process_pool(workers, function)
         for index, args in jobs:
             while len(in_flight) >= 4 * workers:
                 if collect(wait(in_flight, return_when=FIRST_COMPLETED).done):
                     pool = renewed(pool)
             try:
-                future = pool.submit(_run_job, function, index, tuple(args))
+                future = submit(index, args)
             except BrokenProcessPool:  # broke since the last collect
                 pool = renewed(pool)
-                future = pool.submit(_run_job, function, index, tuple(args))
+                future = submit(index, args)
             in_flight[future] = index
         while in_flight:
             if collect(wait(in_flight, return_when=FIRST_COMPLETED).done):
                 pool = renewed(pool)
         completed = True
     finally:
-        if not completed:   # an exception or an interrupt: nobody will collect the results
-            _kill_workers(pool)
-        pool.shutdown(wait=True, cancel_futures=True)
+        if pool is not None:
+            if not completed:   # an exception or an interrupt: nobody will collect the results
+                _kill_workers(pool)
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -153,8 +153,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args = parser.parse_args(argv)
     except SystemExit as exit:
         return exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 2)
+    from wsss_fast.io.interrupts import Interrupted, handle_interrupts
     try:
-        return int(args._run(args) or 0)
+        with handle_interrupts():
+            return int(args._run(args) or 0)
+    except Interrupted as stop:   # workers stopped, temporary files removed, journals kept
+        print(f"wsss-fast {args.command}: {stop} — rerun the same command to resume",
+              file=sys.stderr)
+        return stop.exit_status
     except _reported_errors() as error:
         if os.environ.get("WSSS_FAST_DEBUG"):
             raise

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from wsss_fast import ops
+from wsss_fast.engine.memory import PassPlan, default_memory_budget_mib, plan_pass
 from wsss_fast.engine.presets import Preset, get_preset
 
 ImageLike = Union[str, os.PathLike, PIL.Image.Image, np.ndarray]
@@ -70,7 +71,8 @@ class CamEngine:
     def __init__(self, model: torch.nn.Module, preset: Union[str, Preset] = "mctformer_v2", *,
                  device: Union[str, torch.device, None] = None,
                  dtype: Optional[torch.dtype] = None,
-                 max_affinity_mib: Optional[float] = None, **overrides):
+                 max_affinity_mib: Optional[float] = None,
+                 max_memory_mib: Optional[float] = None, **overrides):
         """
         Args:
             dtype: run the model under autocast in ``torch.bfloat16`` or ``torch.float16``
@@ -78,6 +80,10 @@ class CamEngine:
             max_affinity_mib: for models whose ``cam_maps`` take ``affinity=``, passes whose dense
                 (B, P, P) patch affinity would exceed this many MiB are refined by streaming
                 instead (O(T·d) memory per block rather than O(P²)).
+            max_memory_mib: memory budget of one pass, checked before it runs
+                (``engine.memory``): passes over it are refined by streaming where the model
+                can, images still over it raise ``ImageTooLarge``. Default: half the available
+                RAM on a CPU, 90% of the free GPU memory on a GPU.
             overrides: preset fields (``scales=``, ``flip=``, ...).
         """
         self.preset = get_preset(preset, **overrides)
@@ -90,6 +96,10 @@ class CamEngine:
                              "model class")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.eval().to(self.device)
+        if max_memory_mib is not None and not max_memory_mib > 0:
+            raise ValueError(f"max_memory_mib must be > 0, got {max_memory_mib}")
+        self.max_memory_mib = (default_memory_budget_mib(self.device) if max_memory_mib is None
+                               else float(max_memory_mib))
 
     def pass_inputs(self, image: PIL.Image.Image):
         """[(batch of the resized image and, if flipping, its flip)] per scale or square side."""
@@ -114,15 +124,28 @@ class CamEngine:
             batch = torch.stack([x, x.flip(-1)]) if preset.flip else x[None]
             yield batch.to(self.device)
 
-    def _check_pass_size(self, width: int, height: int, size) -> None:
-        """A clear error for images too small (or too thin) for the model at some pass."""
+    def _pass_target(self, width: int, height: int, size) -> tuple[int, int]:
+        """(height, width) of the pass at ``size`` (a scale or a square side) of an image."""
         preset = self.preset
         if preset.square_sizes is not None:
-            target = (int(size), int(size))
-        elif preset.resize == "tensor_bilinear":
-            target = (int(height * size), int(width * size))
-        else:
-            target = (round(height * size), round(width * size))
+            return int(size), int(size)
+        if preset.resize == "tensor_bilinear":
+            return int(height * size), int(width * size)
+        return round(height * size), round(width * size)
+
+    def check_memory(self, size: tuple[int, int], images: int = 1) -> list[PassPlan]:
+        """The plans of the passes of ``images`` images of ``size`` (width, height), before any
+        runs; ``ImageTooLarge`` if one of them does not fit ``max_memory_mib``."""
+        width, height = size
+        batch = images * (2 if self.preset.flip else 1)
+        return [plan_pass(self.model, batch, *self._pass_target(width, height, s),
+                          self.preset.cam_kwargs, budget_mib=self.max_memory_mib,
+                          max_affinity_mib=self.max_affinity_mib, image_size=size)
+                for s in self.preset.sizes]
+
+    def _check_pass_size(self, width: int, height: int, size) -> None:
+        """A clear error for images too small (or too thin) for the model at some pass."""
+        target = self._pass_target(width, height, size)
         grid = self.model.grid(*target) if hasattr(self.model, "grid") else target
         if min(grid) < 1:
             raise ValueError(f"image {width}×{height} is too small for the model: the pass at "
@@ -148,6 +171,7 @@ class CamEngine:
             if results[index] is None:
                 groups.setdefault(image.size, []).append(index)
         for indices in groups.values():
+            self.check_memory(images[indices[0]].size, len(indices))
             passes = [[] for _ in indices]   # per image, what pass_maps gave for each pass
             for batches in zip(*(self.pass_inputs(images[i]) for i in indices)):
                 with torch.autocast(self.device.type, dtype=self.dtype or torch.bfloat16,
@@ -206,10 +230,10 @@ class CamEngine:
 
     def _cam_kwargs(self, batch: torch.Tensor) -> dict:
         kwargs = dict(self.preset.cam_kwargs)
-        if self.max_affinity_mib is not None and hasattr(self.model, "grid"):
-            h0, w0 = self.model.grid(*batch.shape[-2:])
-            dense_mib = batch.shape[0] * (h0 * w0) ** 2 * 4 / 2**20
-            kwargs["affinity"] = "streaming" if dense_mib > self.max_affinity_mib else "dense"
+        plan = plan_pass(self.model, batch.shape[0], *batch.shape[-2:], kwargs,
+                         budget_mib=self.max_memory_mib, max_affinity_mib=self.max_affinity_mib)
+        if plan.affinity is not None:
+            kwargs["affinity"] = plan.affinity
         return kwargs
 
     def _labels(self, labels, num_classes: int) -> torch.Tensor:

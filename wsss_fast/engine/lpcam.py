@@ -258,6 +258,27 @@ def _cluster(points: torch.Tensor, settings: LpcamSettings, seed: int,
     return result.centres.cpu(), result.iterations
 
 
+def _bank_image(engine: CamEngine, item: dict, cams, settings: LpcamSettings) -> "_BankImage":
+    """One image's entry of the feature bank: its features and the pixels its CAMs select."""
+    from wsss_fast.io.cam_files import check_finite_cams, load_cam_file
+    device, model = engine.device, engine.model
+    image = load_image(item["image"])
+    if cams is not None:
+        record = load_cam_file(Path(cams) / f"{item['id']}.npy")
+        keys, high_res = [int(k) for k in record.keys], torch.from_numpy(record.high_res)
+    else:
+        result = engine(image, item["labels"])
+        keys = [int(k) for k in result.keys]
+        high_res = result.high_res[torch.as_tensor(result.keys, dtype=torch.long)]
+        check_finite_cams(f"CAMs of {item['id']}", high_res=high_res)
+    x = to_normalized_tensor(image, LPCAM_PRESET.mean, LPCAM_PRESET.std)[None]
+    features = model.features(x.to(device))[0].float()
+    selected, not_selected = select_pixels(high_res.to(device), features.shape[1:],
+                                           settings.select_thres)
+    return _BankImage(features.flatten(1).t().contiguous().cpu(), keys, selected.cpu(),
+                      not_selected.cpu())
+
+
 def build_prototypes(model: torch.nn.Module, dataset, *, ids: Optional[Sequence[str]] = None,
                      settings: LpcamSettings = LpcamSettings(), cams: Union[str, Path, None] = None,
                      device: Union[str, torch.device, None] = None, workers: int = 0,
@@ -272,40 +293,38 @@ def build_prototypes(model: torch.nn.Module, dataset, *, ids: Optional[Sequence[
     result's ``settings["skipped"]``.
     """
     from wsss_fast.data.loader import image_loader
-    from wsss_fast.io.cam_files import CamFileError, load_cam_file
+    from wsss_fast.io.cam_files import CamFileError
 
     engine = CamEngine(model, "irn_cam", device=device)
-    device, model = engine.device, engine.model
+    model = engine.model
     ids = list(dataset.ids if ids is None else ids)
     members = class_members(dataset, ids, settings)
     needed = sorted({id for ids_c in members for id in ids_c})
     bank: dict[str, _BankImage] = {}
     skipped: dict[str, str] = {}
-    bar = tqdm(image_loader(dataset, needed, workers=workers), total=len(needed),
-               desc="LPCAM feature bank", unit="img", disable=not progress, file=sys.stderr)
-    with torch.no_grad():
-        for item in bar:
-            if item["error"] is not None:
-                skipped[item["id"]] = item["error"]
-                continue
-            image = load_image(item["image"])
-            if cams is not None:
-                try:
-                    record = load_cam_file(Path(cams) / f"{item['id']}.npy")
-                except (CamFileError, OSError) as error:
-                    skipped[item["id"]] = f"no usable CAM file: {error}"
+    loader = iter(image_loader(dataset, needed, workers=workers))
+    bar = tqdm(loader, total=len(needed), desc="LPCAM feature bank", unit="img",
+               disable=not progress, file=sys.stderr)
+    try:
+        with torch.no_grad():
+            for item in bar:
+                if item["error"] is not None:
+                    skipped[item["id"]] = item["error"]
                     continue
-                keys, high_res = [int(k) for k in record.keys], torch.from_numpy(record.high_res)
-            else:
-                result = engine(image, item["labels"])
-                keys = [int(k) for k in result.keys]
-                high_res = result.high_res[torch.as_tensor(result.keys, dtype=torch.long)]
-            x = to_normalized_tensor(image, LPCAM_PRESET.mean, LPCAM_PRESET.std)[None]
-            features = model.features(x.to(device))[0].float()
-            selected, not_selected = select_pixels(high_res.to(device), features.shape[1:],
-                                                   settings.select_thres)
-            bank[item["id"]] = _BankImage(features.flatten(1).t().contiguous().cpu(), keys,
-                                          selected.cpu(), not_selected.cpu())
+                try:
+                    entry = _bank_image(engine, item, cams, settings)
+                except Exception as error:   # one image (too large, NaN CAMs) never stops it
+                    if cams is not None and isinstance(error, (CamFileError, OSError)):
+                        reason = f"no usable CAM file: {error}"
+                    elif isinstance(error, ValueError):
+                        reason = str(error)
+                    else:
+                        reason = f"{type(error).__name__}: {error}"
+                    skipped[item["id"]] = reason
+                else:
+                    bank[item["id"]] = entry
+    finally:   # an interrupt: stop the decoding workers now
+        getattr(loader, "_shutdown_workers", lambda: None)()
     if not bank:
         raise ValueError(f"no usable image for the LPCAM feature bank ({len(skipped)} skipped, "
                          f"e.g. {next(iter(skipped.items()), None)})")

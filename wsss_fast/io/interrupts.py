@@ -46,6 +46,40 @@ def _raise_interrupted(signum, _frame) -> None:
     raise Interrupted(signum)
 
 
+# Signals that arrived inside ``deferred_interrupts()`` blocks, raised when the outermost ends.
+_deferral = threading.local()
+
+
+def _raise_once(signals: Sequence[int]):
+    """A handler raising ``Interrupted`` for the first signal only: later ones (a second Ctrl-C,
+    torchrun forwarding a SIGTERM) must not interrupt the cleanup that the first one started.
+    Inside ``deferred_interrupts()`` the signal is kept for the end of the block."""
+    def handler(signum, frame) -> None:
+        for other in signals:
+            signal.signal(other, signal.SIG_IGN)
+        if getattr(_deferral, "depth", 0):
+            _deferral.pending = signum
+            return
+        _raise_interrupted(signum, frame)
+    return handler
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """A block that an interrupt must not cut in two (starting a worker process and registering
+    it, so that it is stopped with the others): a signal arriving inside raises ``Interrupted``
+    when the block ends."""
+    _deferral.depth = getattr(_deferral, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _deferral.depth -= 1
+        pending = getattr(_deferral, "pending", None)
+        if not _deferral.depth and pending is not None:
+            _deferral.pending = None
+            raise Interrupted(pending)
+
+
 @contextlib.contextmanager
 def handle_interrupts(signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
     """Within the block, the given signals raise ``Interrupted`` in the main thread; the previous
@@ -54,7 +88,8 @@ def handle_interrupts(signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in signals}
+    handler = _raise_once(tuple(signals))
+    previous = {signum: signal.signal(signum, handler) for signum in signals}
     try:
         yield
     finally:

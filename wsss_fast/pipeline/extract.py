@@ -60,6 +60,11 @@ class ExtractOptions(DatasetOptions):
     max_affinity_mib: Optional[float] = option(None, "refine by streaming when a pass's dense "
                                                "affinity exceeds this",
                                                group="model and method", check=positive_float)
+    max_memory_mib: Optional[float] = option(None, "memory budget of one forward pass: passes "
+                                             "over it refine by streaming, images still over it "
+                                             "are skipped (default: half the available RAM, "
+                                             "90%% of the free GPU memory)",
+                                             group="model and method", check=positive_float)
     batch_size: int = option(1, "images per forward (images of one size are batched)",
                              group="model and method", check=positive_int)
     out: Optional[str] = option(None, "output folder", group="output")
@@ -113,9 +118,10 @@ def build_engine(options: ExtractOptions, dataset, device):
     if options.method == "lpcam":
         from wsss_fast.engine.lpcam import LpcamEngine
         return LpcamEngine(model, lpcam_prototypes(options, dataset), device=device,
-                           dtype=dtype, **overrides)
+                           dtype=dtype, max_memory_mib=options.max_memory_mib, **overrides)
     return CamEngine(model, options.preset or model_preset(options.model), device=device,
-                     dtype=dtype, max_affinity_mib=options.max_affinity_mib, **overrides)
+                     dtype=dtype, max_affinity_mib=options.max_affinity_mib,
+                     max_memory_mib=options.max_memory_mib, **overrides)
 
 
 def load_model(name: str, num_classes: int, checkpoint: Optional[str], model_args: dict):
@@ -179,12 +185,28 @@ class CamWriter:
     def write(self, state, item: str, image: np.ndarray, keys, high_res, low_res) -> None:
         from wsss_fast.io.cam_files import save_cam_file
         from wsss_fast.io.overlays import jet_overlay, save_rgb_png
+        from wsss_fast.pipeline.job import write_outputs
         outputs = self.outputs(item, keys)
-        save_cam_file(outputs["cam"], keys, high_res, low_res, fmt=self.options.format,
-                      fp16=self.options.fp16)
-        for i, k in enumerate(keys if self.options.overlays else ()):
-            save_rgb_png(outputs[f"overlay_{k}"], jet_overlay(image, high_res[i]))
+
+        def publish():
+            save_cam_file(outputs["cam"], keys, high_res, low_res, fmt=self.options.format,
+                          fp16=self.options.fp16)
+            for i, k in enumerate(keys if self.options.overlays else ()):
+                save_rgb_png(outputs[f"overlay_{k}"], jet_overlay(image, high_res[i]))
+        write_outputs(publish, outputs["cam"])
         state.record_done(item, outputs)
+
+    def write_or_skip(self, state, item: str, image: np.ndarray, keys, high_res,
+                      low_res) -> None:
+        """``write``, or journal ``item`` as skipped if its maps cannot be written (NaN or inf
+        values: checked before anything is written). Errors of the output folder stop the run."""
+        from wsss_fast.io.cam_files import check_finite_cams
+        from wsss_fast.pipeline.job import item_failure
+        try:
+            check_finite_cams(f"CAMs of {item}", high_res=high_res, low_res=low_res)
+            self.write(state, item, image, keys, high_res, low_res)
+        except Exception as error:
+            state.record_skipped(item, item_failure(error))
 
     def finished(self, state, item: str) -> bool:
         """Resume check; with overlays their names depend on the keys stored in the CAM file."""
@@ -203,27 +225,39 @@ class CamWriter:
 
 
 def _extract_batch(engine, batch, writer: CamWriter, state) -> None:
-    """CAMs of a batch; a ValueError (e.g. an image too small for the model) is isolated to its
-    image by retrying the batch one image at a time."""
+    """CAMs of a batch. A failure (an image too small for the model or too large for the memory
+    budget, an error in the model) is isolated to its image by retrying the batch one image at a
+    time; the image is then skipped with the reason. Non-finite CAMs are skipped, never written."""
+    from wsss_fast.pipeline.job import item_failure
     try:
         results = engine.extract([it["image"] for it in batch], [it["labels"] for it in batch])
-    except ValueError as error:
+    except Exception as error:
+        reason = item_failure(error)
         if len(batch) > 1:
             for item in batch:
                 _extract_batch(engine, [item], writer, state)
         else:
-            state.record_skipped(batch[0]["id"], str(error))
+            state.record_skipped(batch[0]["id"], reason)
         return
     for item, result in zip(batch, results):
         keys = torch.as_tensor(result.keys, dtype=torch.long)
-        writer.write(state, item["id"], item["image"], result.keys,
-                     result.high_res[keys.to(result.high_res.device)].cpu().numpy(),
-                     result.low_res[keys.to(result.low_res.device)].cpu().numpy())
+        high_res = result.high_res[keys.to(result.high_res.device)].cpu().numpy()
+        low_res = result.low_res[keys.to(result.low_res.device)].cpu().numpy()
+        writer.write_or_skip(state, item["id"], item["image"], result.keys, high_res, low_res)
+
+
+def _shutdown_loader(iterator) -> None:
+    """Stop and join a DataLoader iterator's worker processes now (on an interrupt or an error,
+    the iterator may otherwise live on in the traceback, its workers with it)."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def extract(options: ExtractOptions) -> JobResult:
     """Extract the CAMs of ``options``' dataset into ``options.out``; rerunning resumes."""
     from wsss_fast.data.loader import image_loader
+    from wsss_fast.io.interrupts import deferred_interrupts
     from wsss_fast.pipeline.progress import progress
     require(options, "data", "model", "out")
     check_option_combinations(options)
@@ -234,9 +268,16 @@ def extract(options: ExtractOptions) -> JobResult:
         writer = CamWriter(options, out, dataset.class_names)
 
         def work(todo, state):
+            with deferred_interrupts():   # its workers start and are registered together
+                loader = iter(image_loader(dataset, todo, workers=options.workers))
+            try:
+                _extract_items(loader, len(todo), state, context.rank)
+            finally:
+                _shutdown_loader(loader)
+
+        def _extract_items(loader, total, state, rank):
             batch = []
-            bar = progress(image_loader(dataset, todo, workers=options.workers), len(todo),
-                           f"extract[{context.rank}]", options.quiet, context.rank)
+            bar = progress(loader, total, f"extract[{rank}]", options.quiet, rank)
             for item in bar:
                 if item["error"] is not None:
                     state.record_skipped(item["id"], item["error"])
@@ -245,9 +286,10 @@ def extract(options: ExtractOptions) -> JobResult:
                 elif not np.any(np.asarray(item["labels"]) > 0):
                     # IRN's convention: no positive class -> an empty CAM (all background).
                     height, width = item["image"].shape[:2]
-                    writer.write(state, item["id"], item["image"], np.zeros(0, np.int64),
-                                 np.zeros((0, height, width), np.float32),
-                                 np.zeros((0, -(-height // 4), -(-width // 4)), np.float32))
+                    writer.write_or_skip(
+                        state, item["id"], item["image"], np.zeros(0, np.int64),
+                        np.zeros((0, height, width), np.float32),
+                        np.zeros((0, -(-height // 4), -(-width // 4)), np.float32))
                 else:
                     batch.append(item)
                     if len(batch) == options.batch_size:

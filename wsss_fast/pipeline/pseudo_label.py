@@ -18,7 +18,7 @@ import numpy as np
 
 from wsss_fast.pipeline.errors import InputError, OptionsError
 from wsss_fast.pipeline.job import (JobResult, JobSpec, item_path, run_dataset_job,
-                                    validate_label_png, worker_work)
+                                    validate_label_png, worker_work, write_outputs)
 from wsss_fast.options import positive_float, probability, worker_count
 from wsss_fast.pipeline.options import DatasetOptions, option, path_or_none, require
 
@@ -87,7 +87,8 @@ def make_label(image, cams, keys, options: dict) -> np.ndarray:
 
 def label_job(item: str, cam_path: str, image_path: str, outputs: dict, options: dict):
     """One image, in a worker process: read, label, write atomically. Returns None or the
-    reason the item was skipped."""
+    reason the item was skipped (non-finite CAM files included: ``load_cam_file`` refuses
+    them)."""
     from wsss_fast.data.images import ImageDecodeError, read_image, write_label_png
     from wsss_fast.io.cam_files import CamFileError, load_cam_file
     from wsss_fast.io.overlays import label_overlay, save_rgb_png
@@ -107,9 +108,11 @@ def label_job(item: str, cam_path: str, image_path: str, outputs: dict, options:
         label = make_label(image, cams, record.keys, options)
     except ValueError as error:
         return str(error)
-    write_label_png(outputs["label"], label)
-    if "overlay" in outputs:
-        save_rgb_png(outputs["overlay"], label_overlay(image, label))
+    def publish():
+        write_label_png(outputs["label"], label)
+        if "overlay" in outputs:
+            save_rgb_png(outputs["overlay"], label_overlay(image, label))
+    write_outputs(publish, outputs["label"])   # an unwritable folder stops the run
     return None
 
 

@@ -22,7 +22,7 @@ import torch
 
 from wsss_fast.pipeline.errors import InputError, OptionsError
 from wsss_fast.pipeline.job import (JobResult, JobSpec, item_path, run_dataset_job,
-                                    validate_label_png, worker_work)
+                                    validate_label_png, worker_work, write_outputs)
 from wsss_fast.options import (device_name, positive_float, positive_int, probability,
                                worker_count)
 from wsss_fast.pipeline.options import DatasetOptions, option, path_or_none, require
@@ -135,7 +135,7 @@ def refine_job(item: str, image_path: str, cam_path: str, label_path: str, setti
                            torch.device(settings["device"]))
     except (CamFileError, ImageDecodeError, ValueError) as error:
         return str(error)
-    write_label_png(label_path, np.asarray(label, np.uint8))
+    write_outputs(lambda: write_label_png(label_path, np.asarray(label, np.uint8)), label_path)
     return None
 
 
