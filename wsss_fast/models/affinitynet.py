@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss_fast.models.edam import BottleneckBlock, ResBlock
+from wsss_fast.models.edam import add_resnet38_trunk
 from wsss_fast.models.registry import ModelEntry, register_model
 
 OUTPUT_STRIDE = 8
@@ -44,21 +44,7 @@ class AffinityNet(nn.Module):
             raise ValueError(f"head must give 3 positive widths, got {head}")
         self.finetune = finetune
         w = width
-        self.conv1a = nn.Conv2d(3, w, 3, padding=1, bias=False)
-        stage_blocks = []
-        stages = ((w, 2 * w, 2 * w, 2, 1), (2 * w, 4 * w, 4 * w, 2, 1), (4 * w, 8 * w, 8 * w, 2, 1),
-                  (8 * w, 8 * w, 16 * w, 1, 2))
-        for stage, (count, (cin, mid, cout, stride, dilation)) in enumerate(zip(blocks, stages), 2):
-            for index in range(count):
-                name = f"b{stage}" if index == 0 else f"b{stage}_{index}"
-                block = (ResBlock(cin, mid, cout, stride, first_dilation=1, dilation=dilation)
-                         if index == 0 else ResBlock(cout, mid, cout, dilation=dilation))
-                self.add_module(name, block)
-                stage_blocks.append(name)
-        self.stage_blocks = tuple(stage_blocks)
-        self.b6 = BottleneckBlock(16 * w, 32 * w, dilation=4, dropout=0.3)
-        self.b7 = BottleneckBlock(32 * w, 64 * w, dilation=4, dropout=0.5)
-        self.bn7 = nn.BatchNorm2d(64 * w)
+        self.stage_blocks = add_resnet38_trunk(self, w, blocks)
 
         h3, h4, h5 = (int(c) for c in head)
         self.f8_3 = nn.Conv2d(8 * w, h3, 1, bias=False)

@@ -80,6 +80,28 @@ class BottleneckBlock(nn.Module):
         return self.conv_branch1(pre) + out
 
 
+def add_resnet38_trunk(module: nn.Module, width: int, blocks) -> tuple[str, ...]:
+    """Add ResNet-38's conv1a, stages b2–b5 (``blocks`` residual blocks each), b6, b7 and bn7 to
+    ``module`` under the upstream key names (EDAM's and PSA's ``resnet38d``); returns the stage
+    block names in forward order."""
+    w = width
+    module.conv1a = nn.Conv2d(3, w, 3, padding=1, bias=False)
+    stage_blocks = []
+    stages = ((w, 2 * w, 2 * w, 2, 1), (2 * w, 4 * w, 4 * w, 2, 1), (4 * w, 8 * w, 8 * w, 2, 1),
+              (8 * w, 8 * w, 16 * w, 1, 2))
+    for stage, (count, (cin, mid, cout, stride, dilation)) in enumerate(zip(blocks, stages), 2):
+        for index in range(count):
+            name = f"b{stage}" if index == 0 else f"b{stage}_{index}"
+            block = (ResBlock(cin, mid, cout, stride, first_dilation=1, dilation=dilation)
+                     if index == 0 else ResBlock(cout, mid, cout, dilation=dilation))
+            module.add_module(name, block)
+            stage_blocks.append(name)
+    module.b6 = BottleneckBlock(16 * w, 32 * w, dilation=4, dropout=0.3)
+    module.b7 = BottleneckBlock(32 * w, 64 * w, dilation=4, dropout=0.5)
+    module.bn7 = nn.BatchNorm2d(64 * w)
+    return tuple(stage_blocks)
+
+
 class BertLayerNorm(nn.Module):
     """BERT-pytorch's LayerNorm: ``a_2 · (x − mean) / (std + eps) + b_2``, unbiased std."""
 
@@ -210,21 +232,7 @@ class Edam(nn.Module):
         self.num_classes = num_classes
         self.finetune = finetune
         w = width
-        self.conv1a = nn.Conv2d(3, w, 3, padding=1, bias=False)
-        stage_blocks = []
-        stages = ((w, 2 * w, 2 * w, 2, 1), (2 * w, 4 * w, 4 * w, 2, 1), (4 * w, 8 * w, 8 * w, 2, 1),
-                  (8 * w, 8 * w, 16 * w, 1, 2))
-        for stage, (count, (cin, mid, cout, stride, dilation)) in enumerate(zip(blocks, stages), 2):
-            for index in range(count):
-                name = f"b{stage}" if index == 0 else f"b{stage}_{index}"
-                block = (ResBlock(cin, mid, cout, stride, first_dilation=1, dilation=dilation)
-                         if index == 0 else ResBlock(cout, mid, cout, dilation=dilation))
-                self.add_module(name, block)
-                stage_blocks.append(name)
-        self.stage_blocks = tuple(stage_blocks)   # b2, b2_1, …, b5_2 in forward order
-        self.b6 = BottleneckBlock(16 * w, 32 * w, dilation=4, dropout=0.3)
-        self.b7 = BottleneckBlock(32 * w, 64 * w, dilation=4, dropout=0.5)
-        self.bn7 = nn.BatchNorm2d(64 * w)
+        self.stage_blocks = add_resnet38_trunk(self, w, blocks)   # b2, b2_1, …, b5_2
 
         self.mask_layer = nn.Conv2d(64 * w, num_classes + 1, 3, padding=1, bias=False)
         self.embedding = CmaEmbedding(hidden, max_positions, dropout)
