@@ -174,7 +174,7 @@ def test_empty_dataset_exits_1_for_every_dataset_stage(tiny_root, tmp_path, caps
     with pytest.raises(EmptyDataset, match="has no images \\(none found\\)"):
         require_images(open_dataset("folder", empty))
     stages = {
-        "extract": ["--model", "mctformer_v2_tiny", "--out", str(tmp_path / "x")],
+        "extract": ["--model", "mctformer_v2_tiny", "--random-init", "--out", str(tmp_path / "x")],
         "pseudo-label": ["--cams", str(tmp_path / "cams"), "--out", str(tmp_path / "p")],
         "refine": ["--cams", str(tmp_path / "cams"), "--out", str(tmp_path / "r")],
         "evaluate": ["--cams", str(tmp_path / "cams")],

@@ -12,6 +12,7 @@ from wsss_fast.data.dataset import EmptyDataset
 from wsss_fast.pipeline.errors import NothingToDo, OptionsError
 from wsss_fast.train import TrainConfig
 from wsss_fast.train import train as run_training
+from wsss_fast.train.trainer import check_out_folder
 
 
 @dataclass
@@ -40,6 +41,7 @@ def train(config: TrainConfig) -> TrainResult:
     problems = config.problems()
     if problems:
         raise OptionsError("train: " + "; ".join(problems))
+    check_out_folder(config)   # before the lock: a refused run leaves no folder behind
     with train_lock(config.out):   # one run at a time per output folder (RunLocked)
         try:
             checkpoint = run_training(config)

@@ -149,6 +149,20 @@ class _Run:
         self.sums, self.updates = {}, 0
 
 
+def check_out_folder(config: TrainConfig) -> None:
+    """ValueError if ``config.out`` holds a run that is neither resumed nor overwritten, or holds
+    nothing to resume; writes nothing (checked before the run's lock is taken)."""
+    out = Path(config.out)
+    if (out / STATE).exists() and not (config.resume or config.overwrite):
+        raise ValueError(f"{out} already holds a training run ({STATE}); resume it, choose "
+                         f"another output folder, or overwrite it")
+    if config.resume and not (out / STATE).exists():
+        found = f"{CHECKPOINT} is there without its {STATE}" if (out / CHECKPOINT).exists() \
+            else f"no {STATE}"
+        raise ValueError(f"nothing to resume in {out} ({found}); start a new run without "
+                         f"resume (or with overwrite)")
+
+
 def train(config: TrainConfig) -> Path:
     """Train ``config.method`` on the images of ``config.data`` (``config.split``) that have
     image-level labels; returns the path of the checkpoint.
@@ -170,14 +184,7 @@ def train(config: TrainConfig) -> Path:
     chosen = get_method(config.method)
     resolved = config.resolved(chosen)
     out = Path(config.out)
-    if (out / STATE).exists() and not (config.resume or config.overwrite):
-        raise ValueError(f"{out} already holds a training run ({STATE}); resume it, choose "
-                         f"another output folder, or overwrite it")
-    if config.resume and not (out / STATE).exists():
-        found = f"{CHECKPOINT} is there without its {STATE}" if (out / CHECKPOINT).exists() \
-            else f"no {STATE}"
-        raise ValueError(f"nothing to resume in {out} ({found}); start a new run without "
-                         f"resume (or with overwrite)")
+    check_out_folder(config)
     if config.overwrite:   # a crash before the first save must not leave the old run to resume
         for name in (STATE, CHECKPOINT, REPORT):
             (out / name).unlink(missing_ok=True)
