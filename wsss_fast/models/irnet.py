@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss_fast.models.checkpoint import CheckpointMismatch, read_state_dict
-from wsss_fast.models.registry import ModelEntry, register_model
+from wsss_fast.models.registry import ModelEntry, count_blocks, register_model
 from wsss_fast.models.resnet_cam import ResNetBackbone
 
 OUTPUT_STRIDE = 4                    # of both outputs
@@ -256,12 +256,8 @@ def config_from_state(state: dict) -> dict:
     config = {}
     if "resnet50.conv1.weight" in state:
         config["width"] = state["resnet50.conv1.weight"].shape[0]
-        layers = []
-        for index in range(1, 5):
-            prefix = f"resnet50.layer{index}."
-            blocks = {int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix)}
-            layers.append(max(blocks) + 1 if blocks else 0)
-        config["layers"] = tuple(layers)
+        config["layers"] = tuple(count_blocks(state, f"resnet50.layer{index}.")
+                                 for index in range(1, 5))
     if "fc_edge1.0.weight" in state:
         config["edge_channels"] = state["fc_edge1.0.weight"].shape[0]
     if all(f"fc_dp{i}.0.weight" in state for i in (1, 2, 3)):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss_fast.models.registry import ModelEntry, register_model
+from wsss_fast.models.registry import ModelEntry, count_blocks, register_model
 
 
 class Bottleneck(nn.Module):
@@ -146,12 +146,8 @@ def config_from_state(state: dict) -> dict:
         config["num_classes"] = state["classifier.weight"].shape[0]
     if "resnet50.conv1.weight" in state:
         config["width"] = state["resnet50.conv1.weight"].shape[0]
-        layers = []
-        for index in range(1, 5):
-            prefix = f"resnet50.layer{index}."
-            blocks = {int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix)}
-            layers.append(max(blocks) + 1 if blocks else 0)
-        config["layers"] = tuple(layers)
+        config["layers"] = tuple(count_blocks(state, f"resnet50.layer{index}.")
+                                 for index in range(1, 5))
     return config
 
 
