@@ -66,6 +66,40 @@ _LN_EPS = 1e-6      # transformer blocks and FCUDown
 _EXPANSION = 4
 
 
+def _conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """``bn(conv(x))`` for an eval-mode ``bn``, as one convolution with the folded weights."""
+    weight, bias = _folded(conv, bn, x)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor):
+    """The folded ``(weight, bias)``, in ``x``'s memory format. Without autograd they are cached
+    on ``conv`` until a parameter or statistic changes (a new version or storage): each small
+    weight op is one more parallel region, and on a loaded CPU every region waits for its
+    threads."""
+    sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    memory_format = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
+                     and not x.is_contiguous() else torch.contiguous_format)
+    cacheable = not torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    key = (memory_format,) + tuple(None if t is None else (t.data_ptr(), t._version, t.dtype)
+                                   for t in sources)
+    cached = getattr(conv, "_folded_cache", None)
+    if cacheable and cached is not None and cached[0] == key:
+        return cached[1]
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    weight = (conv.weight * scale.reshape(-1, 1, 1, 1)).contiguous(memory_format=memory_format)
+    if cacheable:
+        conv._folded_cache = (key, (weight, bias))
+    return weight, bias
+
+
+def _relu(x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    return x.relu_() if inplace else F.relu(x)
+
+
 class _Bottleneck(nn.Module):
     """Upstream ``ConvBlock``: 1×1 → 3×3 (stride) → 1×1 with residual; ``forward`` also returns
     the mid activation ``x2`` (what ``FCUDown`` consumes). ``x_t`` (the expanded tokens) is added
@@ -86,6 +120,8 @@ class _Bottleneck(nn.Module):
             self.residual_bn = nn.BatchNorm2d(outplanes, eps=_BN_EPS)
 
     def forward(self, x: torch.Tensor, x_t: Optional[torch.Tensor] = None):
+        if not self.training:
+            return self._forward_eval(x, x_t)
         y = F.relu(self.bn1(self.conv1(x)))
         if x_t is not None:
             y = y + x_t
@@ -93,6 +129,19 @@ class _Bottleneck(nn.Module):
         y = self.bn3(self.conv3(x2))
         shortcut = self.residual_bn(self.residual_conv(x)) if self.res_conv else x
         return F.relu(y + shortcut), x2
+
+    def _forward_eval(self, x: torch.Tensor, x_t: Optional[torch.Tensor]):
+        """The same function with every BatchNorm folded into its conv, and (without autograd) the
+        ReLUs and adds in place: on a CPU the elementwise passes over fresh stride-4 maps cost
+        as much as the convs they follow."""
+        inplace = not torch.is_grad_enabled()
+        y = _relu(_conv_bn(self.conv1, self.bn1, x), inplace)
+        if x_t is not None:
+            y = y.add_(x_t) if inplace else y + x_t
+        x2 = _relu(_conv_bn(self.conv2, self.bn2, y), inplace)
+        y = _conv_bn(self.conv3, self.bn3, x2)
+        shortcut = _conv_bn(self.residual_conv, self.residual_bn, x) if self.res_conv else x
+        return _relu(y.add_(shortcut) if inplace else y + shortcut, inplace), x2
 
 
 class _Squeeze(nn.Module):
@@ -105,9 +154,14 @@ class _Squeeze(nn.Module):
         self.ln = nn.LayerNorm(embed_dim, eps=_LN_EPS)
 
     def forward(self, x: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
-        x = self.conv_project(x)
-        if self.dw_stride > 1:
-            x = F.avg_pool2d(x, self.dw_stride, self.dw_stride)
+        if self.training:
+            x = self.conv_project(x)
+            if self.dw_stride > 1:
+                x = F.avg_pool2d(x, self.dw_stride, self.dw_stride)
+        else:   # a 1×1 conv commutes with average pooling: pool first, project dw² fewer pixels
+            if self.dw_stride > 1:
+                x = F.avg_pool2d(x, self.dw_stride, self.dw_stride)
+            x = self.conv_project(x)
         x = F.gelu(self.ln(x.flatten(2).transpose(1, 2)))
         return torch.cat([x_t[:, :1], x], dim=1)
 
@@ -124,7 +178,10 @@ class _Expand(nn.Module):
     def forward(self, x_t: torch.Tensor, h: int, w: int) -> torch.Tensor:
         b, _, d = x_t.shape
         x = x_t[:, 1:].transpose(1, 2).reshape(b, d, h, w)
-        x = F.relu(self.bn(self.conv_project(x)))
+        if self.training:
+            x = F.relu(self.bn(self.conv_project(x)))
+        else:
+            x = _relu(_conv_bn(self.conv_project, self.bn, x), not torch.is_grad_enabled())
         if self.up_stride > 1:
             x = F.interpolate(x, size=(h * self.up_stride, w * self.up_stride), mode="nearest")
         return x
@@ -270,7 +327,14 @@ class Conformer(nn.Module):
         def kwargs(i):
             return stats.block_kwargs(i) if stats is not None else None
 
-        x_base = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        if self.training:
+            x_base = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        else:
+            # channels_last: oneDNN runs NHWC convs without reordering every map to its blocked
+            # layout and back; token <-> map reshapes (FCUDown / FCUUp) stay views.
+            x = x.contiguous(memory_format=torch.channels_last)
+            x_base = F.max_pool2d(_relu(_conv_bn(self.conv1, self.bn1, x),
+                                        not torch.is_grad_enabled()), 3, 2, 1)
         x, _ = self.conv_1(x_base)
         x_t = self.trans_patch_conv(x_base).flatten(2).transpose(1, 2)
         x_t = torch.cat([self.cls_token.expand(x_t.shape[0], -1, -1).to(x_t.dtype), x_t], dim=1)
