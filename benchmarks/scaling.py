@@ -38,6 +38,8 @@ VARIANTS = ("floor", "dense", "streaming", "materializing")
 PRESET_SCALES = (1.0, 0.5, 1.5, 2.0)
 GIB = 1024 ** 3
 VIT_S = dict(depth=12, heads=6, dim=384, classes=20, patch=16)
+# --quick: a 2-block ViT of width 64, so that the smoke test takes seconds
+MODELS = {"vit_s": VIT_S, "tiny": dict(depth=2, heads=1, dim=64, classes=20, patch=16)}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -56,9 +58,9 @@ def image_size(kind: str, size: int) -> tuple[int, int]:
     return (size, size) if kind == "single" else (size, size * 3 // 4)   # PIL (width, height)
 
 
-def model_bytes(kind: str, size: int) -> dict:
+def model_bytes(kind: str, size: int, config: dict = VIT_S) -> dict:
     """The dominant memory term of each variant (the largest pass of the row)."""
-    L, H, D, C, p = (VIT_S[k] for k in ("depth", "heads", "dim", "classes", "patch"))
+    L, H, D, C, p = (config[k] for k in ("depth", "heads", "dim", "classes", "patch"))
     worst = {"dense": 0, "streaming": 0, "materializing": 0}
     for height, width, batch in row_passes(kind, size):
         patches = (height // p) * (width // p)
@@ -74,7 +76,7 @@ def largest_patches(kind: str, size: int) -> int:
     return max((h // VIT_S["patch"]) * (w // VIT_S["patch"]) for h, w, _ in row_passes(kind, size))
 
 
-def make_run(variant: str, kind: str, size: int):
+def make_run(variant: str, kind: str, size: int, model_size: str = "vit_s"):
     import PIL.Image
     import torch
 
@@ -83,7 +85,9 @@ def make_run(variant: str, kind: str, size: int):
     from wsss_fast.models.mctformer import mctformer_v2
 
     torch.manual_seed(0)
-    model = mctformer_v2().eval()
+    config = MODELS[model_size]
+    model = mctformer_v2(num_classes=config["classes"], embed_dim=config["dim"],
+                         depth=config["depth"], num_heads=config["heads"]).eval()
     width, height = image_size(kind, size)
     rng = np.random.default_rng(0)
     image = PIL.Image.fromarray(rng.integers(0, 256, (max(height // 8, 1), max(width // 8, 1), 3),
@@ -128,14 +132,14 @@ def _materializing_single(model, image):
     return torch.matmul(patch_attn.unsqueeze(1), cams.reshape(1, c, -1, 1)).reshape(1, c, wf, hf)
 
 
-def child(variant: str, kind: str, size: int) -> dict:
+def child(variant: str, kind: str, size: int, model_size: str) -> dict:
     import torch
 
     from benchmarks.memory import peak_growth_mib, reset_peak
 
     with torch.no_grad():
-        make_run(variant, "single", 64)()  # lazy imports, thread pool, first-call costs
-        run = make_run(variant, kind, size)
+        make_run(variant, "single", 64, model_size)()  # lazy imports, first-call costs
+        run = make_run(variant, kind, size, model_size)
         baseline = reset_peak()
         start = time.perf_counter()
         run()
@@ -152,11 +156,12 @@ def run_child(args: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure_rows(rows, max_materializing_gib: float, rounds: int, log, done=None) -> list[dict]:
+def measure_rows(rows, max_materializing_gib: float, rounds: int, log, done=None,
+                 model_size: str = "vit_s") -> list[dict]:
     """Every row's variants; ``done(results)`` after each row (partial reports)."""
     results = []
     for kind, size in rows:
-        model = model_bytes(kind, size)
+        model = model_bytes(kind, size, MODELS[model_size])
         entry = {"kind": kind, "size": size, "patches": largest_patches(kind, size),
                  "model_gib": {k: v / GIB for k, v in model.items()}, "variants": {}}
         for variant in VARIANTS:
@@ -165,7 +170,7 @@ def measure_rows(rows, max_materializing_gib: float, rounds: int, log, done=None
                 continue
             best = None
             for _ in range(rounds):
-                r = run_child(["--child", variant, kind, str(size)])
+                r = run_child(["--child", variant, kind, str(size), model_size])
                 best = r if best is None or r["seconds"] < best["seconds"] else \
                     {**best, "peak_mib": max(best["peak_mib"], r["peak_mib"])}
             entry["variants"][variant] = best
@@ -205,13 +210,15 @@ def synthetic_set(root: Path, images: int, height: int, width: int) -> str:
                                   seed=0))
 
 
-def measure_extract(images: int, height: int, width: int, batches, workers, log) -> list[dict]:
+def measure_extract(images: int, height: int, width: int, batches, workers, log,
+                    model_args: dict | None = None) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="wsss-fast-scaling-data-") as scratch:
         data = synthetic_set(Path(scratch) / "synth", images, height, width)
         for w in workers:
             for b in batches:
-                rate = extract_throughput(data, batch_size=b, workers=w, images=images)
+                rate = extract_throughput(data, batch_size=b, workers=w, images=images,
+                                          model_args=model_args)
                 rows.append({"batch_size": b, "workers": w, "images_per_second": rate})
                 log(f"extract batch {b} workers {w}: {rate:.3f} images/s")
     return rows
@@ -245,10 +252,13 @@ def markdown(results, extract_rows, settings: str, extract_settings: str) -> str
             f"{_fmt(v['materializing'], 'peak_mib', digits=0)} | "
             f"{m['dense']:.3f} / {m['streaming']:.3f} / {m['materializing']:.2f} |")
     lines += ["", "Materializing 'skipped': its stacked-attention estimate is over "
-              "`--max-materializing-gib`. Memory grows as P² for dense and materializing (the "
-              "latter ×2·L·H) and as P·d for streaming; time grows as P² for every variant "
-              "(attention itself), so streaming trades a second pass over q, k for the P×P "
-              "accumulator."]
+              "`--max-materializing-gib`. Memory: dense keeps one P×P fp32 accumulator per "
+              "forward (O(P²)), materializing keeps every block's H attention maps (O(L·H·T²)), "
+              "streaming keeps every block's q and k (O(L·T·D)). Streaming therefore needs less "
+              "memory only beyond P ≈ 2·L·D patches (9,216 for ViT-S: about a 1536² pass); below "
+              "that the dense accumulator is the smaller one, which is why the engine picks dense "
+              "unless a pass's affinity exceeds its budget. Time grows as P² for every variant "
+              "(attention itself)."]
     if extract_rows:
         lines += ["", "## End-to-end `extract` throughput", "", extract_settings, "",
                   "| --workers | --batch-size | images/s |", "|---:|---:|---:|"]
@@ -305,20 +315,24 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 4, 16])
     parser.add_argument("--workers", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--quick", action="store_true",
-                        help="sizes 64/96, preset 96, extract 4 images of 48×64 (smoke test)")
+                        help="a 2-block ViT of width 64, sizes 64/96, preset 96, extract 4 images "
+                        "of 48×64 (smoke test)")
     parser.add_argument("--out", default=str(RESULTS / "scaling"),
                         help="writes OUT.md and OUT.png (default benchmarks/results/scaling)")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        variant, kind, size = args.child
-        print(json.dumps(child(variant, kind, int(size))))
+        variant, kind, size, model_size = (args.child + ["vit_s"])[:4]
+        print(json.dumps(child(variant, kind, int(size), model_size)))
         return 0
     for name in ("sizes", "presets", "batch_sizes", "workers"):
         if any(v < 1 for v in getattr(args, name)):
             parser.error(f"--{name.replace('_', '-')} must be positive integers")
+    model_size = "tiny" if args.quick else "vit_s"
+    config = MODELS[model_size]
     if args.quick:
-        args.sizes, args.presets = [64, 96], [96]
+        args.sizes = [64, 96] if args.sizes == parser.get_default("sizes") else args.sizes
+        args.presets = [96] if args.presets == parser.get_default("presets") else args.presets
         args.extract_images, args.extract_size = 4, (48, 64)
         args.batch_sizes, args.workers = [1, 2], [1]
     import torch
@@ -327,16 +341,21 @@ def main(argv=None) -> int:
     settings = (f"CPU, fp32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
                 f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start "
                 f"(a shared machine: absolute times are pessimistic, ratios within a row were "
-                f"measured one after another); MCTformer-V2 ViT-S, random weights; best of "
+                f"measured one after another); MCTformer-V2 "
+                f"{'ViT-S' if model_size == 'vit_s' else 'tiny ViT (smoke test)'} ({config['depth']}"
+                f" blocks, D {config['dim']}, {config['heads']} heads), random weights; best of "
                 f"{args.rounds} run(s) per variant.")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = lambda rows_so_far: out.with_suffix(".md").write_text(  # noqa: E731
         markdown(rows_so_far, [], settings + " (partial: still running)", ""))
-    results = measure_rows(rows, args.max_materializing_gib, args.rounds, log, partial)
+    results = measure_rows(rows, args.max_materializing_gib, args.rounds, log, partial,
+                           model_size)
+    tiny_args = {"embed_dim": config["dim"], "depth": config["depth"],
+                 "num_heads": config["heads"]} if args.quick else None
     extract_rows = [] if args.no_extract else measure_extract(
-        args.extract_images, *args.extract_size, args.batch_sizes, args.workers, log)
+        args.extract_images, *args.extract_size, args.batch_sizes, args.workers, log, tiny_args)
     extract_settings = (f"`wsss_fast.pipeline.extract` (the `wsss-fast extract` stage) on "
                         f"{args.extract_images} synthetic {args.extract_size[1]}×"
                         f"{args.extract_size[0]} images, MCTformer-V2 ViT-S random weights, "
