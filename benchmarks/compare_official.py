@@ -38,6 +38,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -117,7 +118,7 @@ def train_checkpoint(work: Path, family: str, steps: int) -> Path:
     data = generate_synthetic(work / "train_set_k20", num_train=320, num_val=0,
                               num_classes=TRANSCAM_CLASSES, seed=0)
     method, model = ("mctformer_v2", "mctformer_v2") if family == "mctformer" else \
-        ("transcam", "transcam_small")
+        ("transcam", "transcam")
     cmd = [sys.executable, "-m", "wsss_fast", "train", "--method", method, "--recipe",
            "synthetic", "--model", model, "--data", str(data), "--batch-size", "8",
            "--epochs", "1", "--warmup-epochs", "0.1", "--max-steps", str(steps),
@@ -221,7 +222,7 @@ def ours(family: str, root: Path, checkpoint: Path, out: Path, scales) -> callab
         model = create_model("mctformer_v2", checkpoint=str(checkpoint)).eval()
         engine = CamEngine(model, "mctformer_v2", scales=scales)
     else:
-        model = create_model("transcam_small", checkpoint=str(checkpoint)).eval()
+        model = create_model("transcam", checkpoint=str(checkpoint)).eval()
         engine = CamEngine(model, "transcam")
 
     def run(listing: str):
@@ -280,6 +281,7 @@ def child(args) -> dict:
 
     family, side = args.child
     out = Path(args.out_dir)
+    shutil.rmtree(out, ignore_errors=True)  # no stale maps from an earlier run
     root, checkpoint = Path(args.images_root), Path(args.checkpoint)
     if side == "ours":
         run = ours(family, root, checkpoint, out, MCT_SCALES)
@@ -410,7 +412,7 @@ def main(argv=None) -> int:
         print(f"{family}: {n} images {size[1]}x{size[0]}, {classes} classes, weights {checkpoint}",
               flush=True)
         result = compare(family, repo, checkpoint, root, work, args.rounds)
-        settings = (f"MCTformer-V2 ViT-S, {n} synthetic {size[1]}×{size[0]} images, scales "
+        settings = (f"MCTformer-V2, {n} synthetic {size[1]}×{size[0]} images, scales "
                     f"{'/'.join(map(str, MCT_SCALES))} × flip" if family == "mctformer" else
                     f"TransCAM Conformer-S, {n} synthetic {size[1]}×{size[0]} images, squares "
                     "256/512/768 × flip")
