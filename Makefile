@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 
-.PHONY: install test test-all bench bench-report demo demo-quick ops-demo clean
+.PHONY: install test test-all bench bench-report gpu-check demo demo-quick ops-demo clean
 
 install:  ## pinned dependencies (CPU torch first: never let pip pick a CUDA build), then the build
 	$(PIP) install --disable-pip-version-check -q torch==2.13.0
@@ -21,13 +21,19 @@ bench: install  ## pytest-benchmark suites (full-size cases; minutes)
 bench-report: install  ## one table of side-by-side ratios with peak memory
 	$(PYTHON) -m benchmarks.report
 
+gpu-check: install  ## on a CUDA machine (<= 8 min): nvcc build, gpu tests, GPU benchmarks -> benchmarks/results/gpu/report.md
+	$(PYTHON) -m benchmarks.gpu_check
+
 demo: install  ## the pipeline on the synthetic benchmark, every method trained (~20 min, 2 cores)
 	$(PYTHON) -m wsss_fast demo --out demo_out
 
 demo-quick: install  ## the same at a smoke-test size (48 images, 2 epochs: CI)
 	$(PYTHON) -m wsss_fast demo --quick --out demo_quick
 
-ops-demo: install  ## the ops on a ViT-S-sized case: every face checked against the reference, timed
+ops-gpu-check: install  ## on a CUDA machine (<= 8 min): nvcc build, gpu tests, GPU benchmarks -> benchmarks/results/gpu/report.md
+	$(PYTHON) -m benchmarks.gpu_check
+
+demo: install  ## the ops on a ViT-S-sized case: every face checked against the reference, timed
 	$(PYTHON) examples/ops_demo.py
 
 clean:

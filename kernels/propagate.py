@@ -24,11 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wsss_fast.kernels.attention_stats import tile_config
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+from wsss_fast.kernels.attention_stats import dot_precision, tile_config
 
 
 def _matmul_tiles(dtype: torch.dtype) -> tuple[int, int, int, int]:
@@ -154,7 +150,7 @@ def propagate_triton(affinity: torch.Tensor, cam: torch.Tensor, *,
     _propagate_kernel[grid](
         affinity, cam, out, num_patches, num_classes,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT_PRECISION=_dot_precision(cam.dtype), num_warps=num_warps,
+        DOT_PRECISION=dot_precision(cam.dtype, cam.device), num_warps=num_warps,
     )
     return out
 
@@ -189,7 +185,8 @@ def propagate_streaming_triton(q: torch.Tensor, k: torch.Tensor, cam: torch.Tens
         q, k, cam, out, layer_ids, layer_weights, len(active),
         float(scale), batch, num_heads, seq_len, num_cls, head_dim, num_classes,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=block_k,
-        QK_PRECISION=_dot_precision(q.dtype), CAM_PRECISION=_dot_precision(cam.dtype),
+        QK_PRECISION=dot_precision(q.dtype, q.device),
+        CAM_PRECISION=dot_precision(cam.dtype, cam.device),
         num_warps=num_warps,
     )
     return out

@@ -1,0 +1,429 @@
+"""Our CAM generators against the official ones, side by side in one run (issue 13, item 4).
+
+    python -m benchmarks.compare_official --mctformer-repo ~/src/MCTformer [--transcam-repo ~/src/TransCAM]
+    python -m benchmarks.compare_official --mctformer-repo PATH --quick     # 2 small images, smoke test
+
+The official code is imported from the checkout given (xulianuwa/MCTformer, liruiwen/TransCAM;
+the golden outputs in tests/data/golden name the commits); nothing of it is copied here. Without
+a path the comparison is skipped with one line (exit 0).
+
+Same weights, images and scales for both sides:
+* weights: ``--mctformer-checkpoint`` / ``--transcam-checkpoint`` in the upstream layouts
+  (MCTformer ``{'model': sd}`` of ``deit_small_MCTformerV2_patch16_224``, TransCAM's plain state
+  dict of ``Net_sm``); without one, ``wsss-fast train`` trains the full-size model briefly
+  (``--train-steps``) on a synthetic set, so that maps have structure (random weights give
+  nearly flat maps whose min-max amplifies rounding);
+* images: synthetic ``--size`` images in VOC layout (``--images`` of them);
+* MCTformer-V2: the official ``engine.generate_attention_maps_ms`` with ``VOC12DatasetMS``, scales
+  1.0/0.5/1.5/2.0 × flip, layer_index 3, fused attention, patch-attention refinement, batch 1,
+  ``.npy`` dicts saved; ours ``CamEngine(model, "mctformer_v2")`` with the same scales;
+* TransCAM: the official ``infer_TransCAM.py`` run as a script (squares 256/512/768 × flip, its
+  two CRF seeds at 0.60 / 0.25, timed separately through ``tool.imutils.crf_inference_label``);
+  ours ``CamEngine(model, "transcam")``, CAMs only. The ratio that compares like with like is
+  theirs minus CRF (CAM-only) against ours.
+
+Each side runs in its own subprocess: model loaded and warmed up on a small image, peak RSS reset
+(VmHWM, /proc/self/clear_refs), then every image, its output saved as upstream does. Sides run in
+interleaved rounds; the best round's time counts. max |diff| is over the saved per-class
+normalized maps of both sides. The only run-time adaptations of the official code are that
+``.cuda()`` is a no-op, ``PIL.Image.CUBIC`` is mapped to ``BICUBIC`` (removed in Pillow 10) and
+``wsss_fast`` is imported first (it makes the pinned CUDA torchvision importable on CPU torch,
+which timm needs), and where scikit-learn is missing a stub ``sklearn.metrics`` lets MCTformer's
+``engine.py`` import (it uses it for training-time mAP only; the stub raises if called).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+
+MCT_SCALES = (1.0, 0.5, 1.5, 2.0)
+MCT_MODEL = "deit_small_MCTformerV2_patch16_224"
+TRANSCAM_CLASSES = 20          # infer_TransCAM.py hard-codes VOC's 20 classes (21 outputs)
+SIDES = {"mctformer": ("theirs", "ours"), "transcam": ("theirs", "ours")}
+
+
+# ---------------------------------------------------------------------------------- checks
+
+
+def check_repo(family: str, path: str) -> Path:
+    """The checkout must hold the files the official generator is run from."""
+    need = {"mctformer": ("models.py", "engine.py", "datasets.py", "vision_transformer.py"),
+            "transcam": ("infer_TransCAM.py", "network/conformer_CAM.py", "voc12/data.py",
+                         "tool/imutils.py")}[family]
+    root = Path(path).expanduser().resolve()
+    missing = [f for f in need if not (root / f).is_file()]
+    if missing:
+        raise SystemExit(f"compare_official: --{family}-repo {path} is not a {family} checkout "
+                         f"(missing {', '.join(missing)})")
+    return root
+
+
+# ---------------------------------------------------------------------------------- data
+
+
+def prepare_images(work: Path, family: str, count: int, size: tuple[int, int],
+                   num_classes: int) -> Path:
+    """Synthetic images in VOC layout plus what the official loaders read: ``train_aug_id.txt``
+    (MCTformer), a ``/JPEGImages/<id>.jpg`` list (TransCAM), ``voc12/cls_labels.npy`` keyed by
+    image id (both read it relative to the working directory), and a warm-up image."""
+    import PIL.Image
+
+    from wsss_fast.data.synthetic import generate_synthetic
+
+    root = work / f"{family}_images_{count}_{size[0]}x{size[1]}_k{num_classes}"
+    if (root / "ready").exists():
+        return root
+    generate_synthetic(root / "voc", num_train=count, num_val=0, num_classes=num_classes,
+                       image_size=size, seed=1)
+    labels = np.load(root / "voc" / "cls_labels.npy", allow_pickle=True).item()
+    names = sorted((root / "voc" / "ImageSets" / "Segmentation" / "train.txt").read_text()
+                   .split())
+    by_name = {}
+    for name in names:
+        vector = np.zeros(TRANSCAM_CLASSES if family == "transcam" else num_classes, np.float32)
+        vector[:num_classes] = labels[int(name.replace("_", ""))]
+        by_name[name] = vector
+    warm = "2026_999999"
+    PIL.Image.open(root / "voc" / "JPEGImages" / f"{names[0]}.jpg").convert("RGB").resize(
+        (64, 48)).save(root / "voc" / "JPEGImages" / f"{warm}.jpg")
+    by_name[warm] = by_name[names[0]]
+    (root / "voc12").mkdir(exist_ok=True)
+    np.save(root / "voc12" / "cls_labels.npy", by_name, allow_pickle=True)
+    for listing, ids in (("run", names), ("warm", [warm])):
+        (root / listing).mkdir(exist_ok=True)
+        (root / listing / "train_aug_id.txt").write_text("".join(f"{i}\n" for i in ids))
+        (root / listing / "list.txt").write_text("".join(f"/JPEGImages/{i}.jpg\n" for i in ids))
+    (root / "ready").write_text("")
+    return root
+
+
+def train_checkpoint(work: Path, family: str, steps: int) -> Path:
+    """Train the full-size model briefly with our trainer (upstream checkpoint layout)."""
+    out = work / f"{family}_trained_{steps}"
+    if (out / "checkpoint.pth").exists():
+        return out / "checkpoint.pth"
+    from wsss_fast.data.synthetic import generate_synthetic
+
+    data = generate_synthetic(work / "train_set_k20", num_train=320, num_val=0,
+                              num_classes=TRANSCAM_CLASSES, seed=0)
+    method, model = ("mctformer_v2", "mctformer_v2") if family == "mctformer" else \
+        ("transcam", "transcam")
+    cmd = [sys.executable, "-m", "wsss_fast", "train", "--method", method, "--recipe",
+           "synthetic", "--model", model, "--data", str(data), "--batch-size", "8",
+           "--epochs", "1", "--warmup-epochs", "0.1", "--max-steps", str(steps),
+           "--out", str(out), "--overwrite", "--quiet"]
+    print(f"training {model} briefly ({steps} steps): {' '.join(cmd[1:])}", flush=True)
+    subprocess.run(cmd, check=True)
+    return out / "checkpoint.pth"
+
+
+def checkpoint_classes(path: Path, family: str) -> int:
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    if family == "mctformer":
+        return int(state["head.weight"].shape[0])
+    return int(state["trans_cls_head.weight"].shape[0]) - 1
+
+
+# ---------------------------------------------------------------------------------- children
+
+
+def _needs_sklearn(*args, **kwargs):
+    raise RuntimeError("scikit-learn is not installed (the official mAP needs it)")
+
+
+def _upstream_on_cpu(repo: Path) -> None:
+    """The adaptations listed in the module docstring, and the checkout on sys.path."""
+    import PIL.Image
+    import torch
+
+    import wsss_fast  # noqa: F401  (torchvision shim before timm)
+
+    if importlib.util.find_spec("sklearn") is None:
+        # engine.py imports average_precision_score at the top for its training-time mAP only
+        for name in ("sklearn", "sklearn.metrics"):
+            stub = types.ModuleType(name)
+            stub.__spec__ = importlib.util.spec_from_loader(name, loader=None)  # torch._dynamo
+            sys.modules[name] = stub
+        sys.modules["sklearn.metrics"].average_precision_score = _needs_sklearn
+    torch.nn.Module.cuda = lambda self, *a, **k: self
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    if not hasattr(PIL.Image, "CUBIC"):
+        PIL.Image.CUBIC = PIL.Image.BICUBIC
+    sys.path.insert(0, str(repo))
+
+
+def _images(root: Path, listing: str) -> list[str]:
+    return (root / listing / "train_aug_id.txt").read_text().split()
+
+
+def mctformer_theirs(repo: Path, root: Path, checkpoint: Path, out: Path, scales) -> callable:
+    _upstream_on_cpu(repo)
+    import torch
+
+    from wsss_fast.models.registry import count_blocks
+
+    os.chdir(root)  # datasets.py reads voc12/cls_labels.npy from the working directory
+    import datasets
+    import engine
+    import models
+
+    state = torch.load(checkpoint, map_location="cpu")["model"]
+    classes, embed_dim = state["cls_token"].shape[1:]
+    if embed_dim == 384:
+        model = getattr(models, MCT_MODEL)(num_classes=classes)
+    else:  # a smaller checkpoint (smoke tests): the official class, heads of 64 as ours assume
+        from functools import partial
+
+        model = models.MCTformerV2(
+            patch_size=16, embed_dim=embed_dim, depth=count_blocks(state, "blocks."),
+            num_heads=max(1, embed_dim // 64), mlp_ratio=4, qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_classes=classes)
+    model.load_state_dict(state)
+    transform = datasets.build_transform(False, argparse.Namespace(input_size=224,
+                                                                   gen_attention_maps=True))
+
+    def run(listing: str):
+        dataset = datasets.VOC12DatasetMS(img_name_list_path=str(root / listing),
+                                          voc12_root=str(root / "voc"), scales=tuple(scales),
+                                          train=False, gen_attn=True, transform=transform)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=0)
+        engine.generate_attention_maps_ms(loader, model, torch.device("cpu"), argparse.Namespace(
+            attention_dir=None, cam_npy_dir=str(out / listing), img_list=str(root / listing),
+            model=MCT_MODEL, patch_size=16, nb_classes=classes, layer_index=3,
+            attention_type="fused", patch_attn_refine=True, visualize_cls_attn=True,
+            out_crf=None))
+        return {}
+
+    return run
+
+
+def ours(family: str, root: Path, checkpoint: Path, out: Path, scales) -> callable:
+    import PIL.Image
+
+    from wsss_fast.engine import CamEngine
+    from wsss_fast.models.registry import create_model
+
+    labels = np.load(root / "voc12" / "cls_labels.npy", allow_pickle=True).item()
+    if family == "mctformer":
+        model = create_model("mctformer_v2", checkpoint=str(checkpoint)).eval()
+        engine = CamEngine(model, "mctformer_v2", scales=scales)
+    else:
+        model = create_model("transcam", checkpoint=str(checkpoint)).eval()
+        engine = CamEngine(model, "transcam")
+
+    def run(listing: str):
+        (out / listing).mkdir(parents=True, exist_ok=True)
+        for name in _images(root, listing):
+            image = PIL.Image.open(root / "voc" / "JPEGImages" / f"{name}.jpg").convert("RGB")
+            np.save(out / listing / f"{name}.npy", engine(image, labels[name]).as_dict())
+        return {}
+
+    return run
+
+
+def transcam_theirs(repo: Path, root: Path, checkpoint: Path, out: Path, scales) -> callable:
+    import runpy
+
+    _upstream_on_cpu(repo)
+    os.chdir(root)  # voc12/data.py reads voc12/cls_labels.npy from the working directory
+    import tool.imutils
+
+    crf_seconds = [0.0]
+    official_crf = tool.imutils.crf_inference_label
+
+    def timed_crf(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return official_crf(*args, **kwargs)
+        finally:
+            crf_seconds[0] += time.perf_counter() - start
+
+    # infer_TransCAM.py does `from tool.imutils import crf_inference_label` when it runs
+    tool.imutils.crf_inference_label = timed_crf
+
+    def run(listing: str):
+        crf_seconds[0] = 0.0
+        argv = sys.argv
+        sys.argv = ["infer_TransCAM.py", "--weights", str(checkpoint), "--infer_list",
+                    str(root / listing / "list.txt"), "--voc12_root", str(root / "voc"),
+                    "--out_cam", str(out / listing), "--out_crf", str(out / f"{listing}_crf"),
+                    "--arch", "sm", "--method", "transcam"]
+        try:
+            runpy.run_path(str(repo / "infer_TransCAM.py"), run_name="__main__")
+        finally:
+            sys.argv = argv
+        return {"crf_seconds": crf_seconds[0]}
+
+    return run
+
+
+def child(args) -> dict:
+    """One side: load, warm up on the small image, reset the peak, run every image."""
+    import contextlib
+
+    import torch
+
+    from benchmarks.memory import peak_growth_mib, reset_peak
+
+    family, side = args.child
+    out = Path(args.out_dir)
+    shutil.rmtree(out, ignore_errors=True)  # no stale maps from an earlier run
+    root, checkpoint = Path(args.images_root), Path(args.checkpoint)
+    if side == "ours":
+        run = ours(family, root, checkpoint, out, MCT_SCALES)
+    else:
+        make = mctformer_theirs if family == "mctformer" else transcam_theirs
+        run = make(Path(args.repo), root, checkpoint, out, MCT_SCALES)
+    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):  # upstream prints progress
+        run("warm")
+        baseline = reset_peak()
+        start = time.perf_counter()
+        extra = run("run")
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_mib": peak_growth_mib(baseline), **extra}
+
+
+# ---------------------------------------------------------------------------------- parent
+
+
+def max_abs_diff(ours_dir: Path, theirs_dir: Path, names) -> float:
+    worst = 0.0
+    for name in names:
+        a = np.load(ours_dir / f"{name}.npy", allow_pickle=True).item()
+        b = np.load(theirs_dir / f"{name}.npy", allow_pickle=True).item()
+        if sorted(a) != sorted(b):
+            raise RuntimeError(f"{name}: classes differ, ours {sorted(a)} vs theirs {sorted(b)}")
+        for k in a:
+            worst = max(worst, float(np.abs(a[k].astype(np.float64) - b[k]).max()))
+    return worst
+
+
+def compare(family: str, repo: Path, checkpoint: Path, root: Path, work: Path,
+            rounds: int) -> dict:
+    names = _images(root, "run")
+    best = {side: {"seconds": float("inf"), "peak_mib": 0.0, "crf_seconds": 0.0}
+            for side in SIDES[family]}
+    for _ in range(rounds):
+        for side in SIDES[family]:
+            cmd = [sys.executable, "-m", "benchmarks.compare_official", "--child", family, side,
+                   "--repo", str(repo), "--images-root", str(root), "--checkpoint",
+                   str(checkpoint), "--out-dir", str(work / f"out_{family}_{side}")]
+            done = subprocess.run(cmd, capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            if done.returncode != 0:
+                raise SystemExit(f"compare_official: {family} {side} failed:\n"
+                                 f"{done.stderr[-3000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            if result["seconds"] < best[side]["seconds"]:
+                best[side].update(seconds=result["seconds"],
+                                  crf_seconds=result.get("crf_seconds", 0.0))
+            best[side]["peak_mib"] = max(best[side]["peak_mib"], result["peak_mib"])
+    diff = max_abs_diff(work / f"out_{family}_ours" / "run", work / f"out_{family}_theirs" / "run",
+                        names)
+    return {"images": len(names), "sides": best, "max_abs_diff": diff}
+
+
+def table(family: str, result: dict, settings: str) -> list[str]:
+    n = result["images"]
+    theirs, ours_ = result["sides"]["theirs"], result["sides"]["ours"]
+    cam_theirs = theirs["seconds"] - theirs["crf_seconds"]
+    lines = [f"\n## {settings}", "",
+             "| generator | time / image (s) | peak RSS above the loaded model (MiB) |",
+             "|---|---:|---:|"]
+    if family == "transcam":
+        lines += [f"| official infer_TransCAM.py, CAMs + 2 CRF seeds | {theirs['seconds'] / n:.2f}"
+                  f" | {theirs['peak_mib']:.0f} |",
+                  f"| of which the 2 CRF seeds | {theirs['crf_seconds'] / n:.2f} | |",
+                  f"| official, CAMs only (total − CRF) | {cam_theirs / n:.2f} | |"]
+    else:
+        lines.append(f"| official generate_attention_maps_ms | {theirs['seconds'] / n:.2f} | "
+                     f"{theirs['peak_mib']:.0f} |")
+    lines.append(f"| ours, CamEngine | {ours_['seconds'] / n:.2f} | {ours_['peak_mib']:.0f} |")
+    ratio = cam_theirs / ours_["seconds"]
+    lines += ["", f"official / ours = **{ratio:.2f}×** time"
+              f"{' (CAM-only; with the CRF seeds in theirs: ' + format(theirs['seconds'] / ours_['seconds'], '.2f') + '×)' if family == 'transcam' else ''}"
+              f", **{theirs['peak_mib'] / max(ours_['peak_mib'], 1):.1f}×** peak RSS; "
+              f"max |ours − official| over the normalized maps = {result['max_abs_diff']:.2g}"]
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mctformer-repo", help="checkout of xulianuwa/MCTformer")
+    parser.add_argument("--transcam-repo", help="checkout of liruiwen/TransCAM")
+    parser.add_argument("--mctformer-checkpoint", help="{'model': sd} of the official ViT-S V2")
+    parser.add_argument("--transcam-checkpoint", help="state dict of the official Net_sm")
+    parser.add_argument("--train-steps", type=int, default=24,
+                        help="steps of the brief training when no checkpoint is given")
+    parser.add_argument("--images", type=int, default=4, help="synthetic images (default 4)")
+    parser.add_argument("--transcam-images", type=int, default=None,
+                        help="synthetic images for TransCAM (default: --images)")
+    parser.add_argument("--size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds (best counts)")
+    parser.add_argument("--quick", action="store_true", help="2 images of 160x224 (smoke test)")
+    parser.add_argument("--work", default="/tmp/wsss-fast-compare-official",
+                        help="scratch folder (images, trained weights, outputs; reused)")
+    parser.add_argument("--report", help="also write the markdown report here")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    for hidden in ("--repo", "--images-root", "--checkpoint", "--out-dir"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    if not args.mctformer_repo and not args.transcam_repo:
+        print("compare_official: skipped: give --mctformer-repo and/or --transcam-repo (a "
+              "checkout of the official code; it is never copied into this repository)")
+        return 0
+    repos = {family: check_repo(family, path) for family, path in
+             (("mctformer", args.mctformer_repo), ("transcam", args.transcam_repo)) if path}
+    size = (160, 224) if args.quick else tuple(args.size)
+    count = 2 if args.quick else args.images
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    lines = [f"# Official generators vs ours, side by side (`python -m benchmarks.compare_official"
+             f" {' '.join(argv if argv is not None else sys.argv[1:])}`)", "",
+             f"CPU, fp32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+             f"{os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f} at the start); "
+             f"{args.rounds} interleaved round(s), best time, each side in its own process."]
+    for family, repo in repos.items():
+        given = args.mctformer_checkpoint if family == "mctformer" else args.transcam_checkpoint
+        checkpoint = Path(given) if given else train_checkpoint(work, family, args.train_steps)
+        classes = checkpoint_classes(checkpoint, family)
+        n = count if family == "mctformer" or args.transcam_images is None else \
+            args.transcam_images
+        root = prepare_images(work, family, n, size, classes)
+        print(f"{family}: {n} images {size[1]}x{size[0]}, {classes} classes, weights {checkpoint}",
+              flush=True)
+        result = compare(family, repo, checkpoint, root, work, args.rounds)
+        settings = (f"MCTformer-V2, {n} synthetic {size[1]}×{size[0]} images, scales "
+                    f"{'/'.join(map(str, MCT_SCALES))} × flip" if family == "mctformer" else
+                    f"TransCAM Conformer-S, {n} synthetic {size[1]}×{size[0]} images, squares "
+                    "256/512/768 × flip")
+        lines += table(family, result, settings + f"; weights `{checkpoint.name}` ({classes} "
+                                                  f"classes), official code at `{repo}`")
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.report:
+        Path(args.report).write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
