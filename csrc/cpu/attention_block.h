@@ -7,10 +7,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <string>
 #include <vector>
 
@@ -65,42 +63,6 @@ inline at::ScalarType gemm_dtype(at::ScalarType input) {
 #define WSSS_VECTORIZED
 #endif
 
-// exp(x) for x ≤ 0 (Cephes expf: range reduction by ln 2, degree-6 polynomial; ≤ 2 ulp on
-// [-87, 0]; below -87 it returns e^-87 ≈ 1.6e-38 instead of a denormal or 0).
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;  // branch-free forms vectorize (std::max returns a reference)
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return y * __builtin_bit_cast(float, bits);
-}
-
-WSSS_VECTORIZED static float row_max(const float* __restrict x, int64_t n) {
-  float m = x[0];
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
-  return m;
-}
-
-// x[j] = exp(scale · (x[j] − max)); returns Σ x[j]. scale > 0, so the max of scale·x is scale·max.
-WSSS_VECTORIZED static float exp_sum(float* __restrict x, int64_t n, float max, float scale) {
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) {
-    const float e = exp_nonpositive((x[j] - max) * scale);
-    x[j] = e;
-    sum += e;
-  }
-  return sum;
-}
-
 // dst[j] = alpha·src[j] (first) or dst[j] += alpha·src[j].
 WSSS_VECTORIZED static void scaled_add(float* __restrict dst, const float* __restrict src,
                                        float alpha, int64_t n, bool first) {
@@ -126,9 +88,9 @@ inline void axpy(float* __restrict dst, const float* __restrict src, float alpha
 // Per-thread scratch for one tile: reused across heads and tiles, so the hot loop allocates
 // nothing (fresh rows×T buffers would each be an mmap + page faults).
 //
-// A tile's softmax is left unnormalized: `exps()` holds exp(scale·(s − max_row)) and
-// `inv_sums()` 1/Σ per row, so P·V scales its rows×d result instead of a rows×T pass, and the
-// head sum folds the normalization into its one pass (`add_probs`).
+// The tile keeps its softmax and a per-row factor (inv_sums_) applied by P·V and the head sum;
+// it is 1 with ATen's softmax. A fused unnormalized exp pass (Cephes exp, target_clones) was
+// measured slower here than ATen's vectorized softmax (issue 13 report), so it is not used.
 class AttentionTile {
  public:
   // `gemm_dtype`: kFloat, or kBFloat16 for bf16 GEMMs (inputs given in bf16 then).
@@ -142,8 +104,8 @@ class AttentionTile {
     }
   }
 
-  // exp(scale·(q_rows·kᵀ − max)) over all keys: (rows, d) × (d, T) -> (rows, T) fp32, and the
-  // inverse row sums; valid until the next call. `k_transposed` is (d, T): contiguous is the
+  // softmax(scale · q_rows·kᵀ) over all keys: (rows, d) × (d, T) -> (rows, T) fp32; valid until
+  // the next call. `k_transposed` is (d, T): contiguous is the
   // fastest GEMM layout, a transposed view of a (T, d) k avoids a copy.
   void compute(const at::Tensor& q_rows, const at::Tensor& k_transposed, double scale) {
     rows_ = q_rows.size(0);
@@ -155,13 +117,10 @@ class AttentionTile {
     } else {
       at::mm_out(exps, q_rows, k_transposed);
     }
-    const int64_t tokens = exps.size(1);
-    const float s = static_cast<float>(scale);
-    float* data = exps.data_ptr<float>();
-    for (int64_t i = 0; i < rows_; ++i) {
-      float* row = data + i * tokens;
-      inv_sums_[i] = 1.0f / exp_sum(row, tokens, row_max(row, tokens), s);
-    }
+    // ATen's vectorized softmax, in place (see the class comment).
+    if (scale != 1.0) exps.mul_(scale);
+    at::_softmax_out(exps, exps, /*dim=*/1, /*half_to_float=*/false);
+    std::fill(inv_sums_.begin(), inv_sums_.begin() + rows_, 1.0f);
     if (bf16_) exps_bf16_.narrow(0, 0, rows_).copy_(exps);
   }
 

@@ -32,7 +32,7 @@ at::Tensor attention_stats_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
   TORCH_CHECK(q_in.dim() == 4 && k_in.sizes() == q_in.sizes() && v_in.sizes() == q_in.sizes(),
               "attention_stats: q, k, v must be (B, H, T, d) of one shape");
   // bf16 inputs stay bf16 where the GEMMs run in bf16 (gemm_dtype); the softmax, its head sum
-  // and the output are fp32. The scale is applied inside the softmax (no scaled copy of q).
+  // and the output are fp32. The scale is applied to each tile's scores (no scaled copy of q).
   const at::ScalarType compute = gemm_dtype(q_in.scalar_type());
   const at::Tensor q = q_in.to(compute).contiguous();
   const at::Tensor k_t = k_in.to(compute).transpose(-1, -2).contiguous();  // (…, d, T)
