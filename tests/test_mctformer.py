@@ -10,6 +10,7 @@ import torch
 
 from tests.golden import golden_path
 from tests.oracles import upstream_mctformer
+from wsss_fast import ops
 from wsss_fast.engine import CamEngine
 from wsss_fast.models import CheckpointMismatch, load_checkpoint
 from wsss_fast.models.mctformer import (global_ranking_pool, mctformer_plus, mctformer_v1,
@@ -179,6 +180,35 @@ def test_engine_bf16_autocast_stays_close_to_fp32():
         # bf16 matmuls (3 significant digits) on deliberately peaky random weights: different
         # (so autocast did run), but the same maps (seen: mean 0.02-0.03, correlation 0.98-0.99).
         assert 0 < diff.mean() < 0.05 and correlation > 0.95, (diff.mean(), correlation)
+
+
+@pytest.mark.parametrize("max_affinity_mib", [None, 1e-6])   # dense, then streaming affinity
+def test_engine_bf16_runs_the_attention_ops_on_bf16_blocks(monkeypatch, max_affinity_mib):
+    """Autocast hands the ops bf16 q, k, v (the cpu face then picks bf16 GEMMs where the CPU
+    has them): no block is widened to fp32 before attention."""
+    seen = {"attention_stats": [], "propagate_streaming": []}
+
+    def spy(name):
+        real = getattr(ops, name)
+
+        def wrapper(q, k, *args, **kwargs):
+            seen[name].append((q.dtype, k.dtype))
+            return real(q, k, *args, **kwargs)
+        return wrapper
+
+    for name in seen:
+        monkeypatch.setattr(ops, name, spy(name))
+    model = random_model("v2", seed=7)
+    image, label = random_image(64, 96, 0), np.eye(20, dtype=np.float32)[[1, 9]].sum(0)
+    CamEngine(model, "mctformer_v2", scales=(1.0,), dtype=torch.bfloat16,
+              max_affinity_mib=max_affinity_mib)(image, label)
+    # Dense: every block feeds the affinity; streaming: only the class-attention blocks do (the
+    # others run plain SDPA, on bf16 too).
+    calls = len(seen["attention_stats"])
+    assert calls == model.depth if max_affinity_mib is None else 0 < calls < model.depth
+    assert set(seen["attention_stats"]) == {(torch.bfloat16, torch.bfloat16)}
+    assert set(seen["propagate_streaming"]) == (set() if max_affinity_mib is None
+                                                else {(torch.bfloat16, torch.bfloat16)})
 
 
 def test_global_ranking_pool_by_hand():

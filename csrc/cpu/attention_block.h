@@ -4,9 +4,12 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
-
+#include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 namespace wsss_fast {
@@ -25,36 +28,144 @@ inline int64_t tile_rows(int64_t rows_total, int64_t batch) {
   return (rows_total + tiles - 1) / tiles;
 }
 
+// Whether bf16 inputs run their two GEMMs in bf16 (fp32 softmax statistics and accumulators
+// either way) or are widened to fp32 first. bf16 GEMMs only pay where oneDNN has bf16 kernels
+// (AVX-512 / AMX); elsewhere ATen's bf16 GEMM is a slow reference loop (7× sgemm on AVX2), so
+// "auto" widens. WSSS_FAST_CPU_BF16_GEMM=on|off overrides (tests force both paths).
+inline bool bf16_gemm_enabled() {
+  const char* env = std::getenv("WSSS_FAST_CPU_BF16_GEMM");
+  const std::string mode = env ? env : "auto";
+  if (mode == "on") return true;
+  if (mode == "off") return false;
+  TORCH_CHECK(mode == "auto" || mode.empty(),
+              "WSSS_FAST_CPU_BF16_GEMM must be auto, on or off, got '", mode, "'");
+  static const bool native = [] {
+    const auto op = c10::Dispatcher::singleton()
+                        .findSchemaOrThrow("mkldnn::_is_mkldnn_bf16_supported", "")
+                        .typed<bool()>();
+    return op.call();
+  }();
+  return native;
+}
+
+// The dtype the GEMMs of a tile run in, for inputs of dtype `input`.
+inline at::ScalarType gemm_dtype(at::ScalarType input) {
+  return input == at::kBFloat16 && bf16_gemm_enabled() ? at::kBFloat16 : at::kFloat;
+}
+
+// ---------------------------------------------------------------------------- row kernels
+// Written as plain loops the compiler vectorizes; target_clones builds copies for x86-64-v4 / v3
+// (AVX-512, AVX2 + FMA) picked at load time; the extension is compiled for the baseline ISA.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define WSSS_VECTORIZED \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define WSSS_VECTORIZED
+#endif
+
+// dst[j] = alpha·src[j] (first) or dst[j] += alpha·src[j].
+WSSS_VECTORIZED static void scaled_add(float* __restrict dst, const float* __restrict src,
+                                       float alpha, int64_t n, bool first) {
+  if (first) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) dst[j] = alpha * src[j];
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) dst[j] += alpha * src[j];
+  }
+}
+
+WSSS_VECTORIZED static void scale_in_place(float* x, float alpha, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) x[j] *= alpha;
+}
+
+// dst[j] += alpha * src[j]: the accumulator update.
+inline void axpy(float* __restrict dst, const float* __restrict src, float alpha, int64_t n) {
+  scaled_add(dst, src, alpha, n, /*first=*/false);
+}
+
 // Per-thread scratch for one tile: reused across heads and tiles, so the hot loop allocates
 // nothing (fresh rows×T buffers would each be an mmap + page faults).
+//
+// The tile keeps its softmax and a per-row factor (inv_sums_) applied by P·V and the head sum;
+// it is 1 with ATen's softmax. A fused unnormalized exp pass (Cephes exp, target_clones) was
+// measured slower here than ATen's vectorized softmax (issue 13 report), so it is not used.
 class AttentionTile {
  public:
-  AttentionTile(int64_t tokens, int64_t head_dim, const at::TensorOptions& options)
-      : scores_(at::empty({kQueryRowBlock, tokens}, options)),
-        q_scaled_(at::empty({kQueryRowBlock, head_dim}, options)) {}
-
-  // softmax(q_rows · kᵀ · scale) over all keys: (rows, d) × (d, T) -> (rows, T) fp32, valid until
-  // the next call. `k_transposed` is (d, T): contiguous is the fastest sgemm layout, a transposed
-  // view of a (T, d) k avoids a copy. The scale is applied to the rows×d queries, not to rows×T.
-  const at::Tensor& probs(const at::Tensor& q_rows, const at::Tensor& k_transposed,
-                          double scale) {
-    const int64_t rows = q_rows.size(0);
-    at::Tensor queries = q_rows;
-    if (scale != 1.0) {  // callers that can afford a scaled copy of q pass scale 1
-      queries = q_scaled_.narrow(0, 0, rows);
-      at::mul_out(queries, q_rows, at::Scalar(scale));
+  // `gemm_dtype`: kFloat, or kBFloat16 for bf16 GEMMs (inputs given in bf16 then).
+  AttentionTile(int64_t tokens, at::ScalarType gemm_dtype)
+      : bf16_(gemm_dtype == at::kBFloat16),
+        exps_(at::empty({kQueryRowBlock, tokens}, at::kFloat)),
+        inv_sums_(kQueryRowBlock) {
+    if (bf16_) {
+      scores_bf16_ = at::empty({kQueryRowBlock, tokens}, at::kBFloat16);
+      exps_bf16_ = at::empty({kQueryRowBlock, tokens}, at::kBFloat16);
     }
-    at::Tensor scores = scores_.narrow(0, 0, rows);
-    at::mm_out(scores, queries, k_transposed);
-    at::_softmax_out(scores, scores, /*dim=*/1, /*half_to_float=*/false);
-    current_ = scores;
-    return current_;
+  }
+
+  // softmax(scale · q_rows·kᵀ) over all keys: (rows, d) × (d, T) -> (rows, T) fp32; valid until
+  // the next call. `k_transposed` is (d, T): contiguous is the
+  // fastest GEMM layout, a transposed view of a (T, d) k avoids a copy.
+  void compute(const at::Tensor& q_rows, const at::Tensor& k_transposed, double scale) {
+    rows_ = q_rows.size(0);
+    at::Tensor exps = exps_.narrow(0, 0, rows_);
+    if (bf16_) {  // bf16 GEMM (fp32 accumulation inside), the scores widened for the softmax
+      at::Tensor scores = scores_bf16_.narrow(0, 0, rows_);
+      at::mm_out(scores, q_rows, k_transposed);
+      exps.copy_(scores);
+    } else {
+      at::mm_out(exps, q_rows, k_transposed);
+    }
+    // ATen's vectorized softmax, in place (see the class comment).
+    if (scale != 1.0) exps.mul_(scale);
+    at::_softmax_out(exps, exps, /*dim=*/1, /*half_to_float=*/false);
+    std::fill(inv_sums_.begin(), inv_sums_.begin() + rows_, 1.0f);
+    if (bf16_) exps_bf16_.narrow(0, 0, rows_).copy_(exps);
+  }
+
+  // out_rows (fp32, (rows, n)) = softmax · values, or += alpha · softmax[:, col0:] · values when
+  // `accumulate` (values (T − col0, n), in the GEMM dtype).
+  void times(const at::Tensor& values, at::Tensor& out_rows, int64_t col0 = 0,
+             bool accumulate = false, float alpha = 1.0f) {
+    const at::Tensor exps = (bf16_ ? exps_bf16_ : exps_).narrow(0, 0, rows_);
+    const at::Tensor lhs = exps.narrow(1, col0, exps.size(1) - col0);
+    const bool in_place = !bf16_ && !accumulate;
+    const at::Tensor product = in_place ? at::mm_out(out_rows, lhs, values)
+                                        : at::mm(lhs, values).to(at::kFloat);
+    const int64_t n = out_rows.size(1);
+    TORCH_CHECK(out_rows.is_contiguous() || out_rows.stride(1) == 1,
+                "attention tile: output rows must be row-contiguous");
+    float* dst = out_rows.data_ptr<float>();
+    const float* src = product.data_ptr<float>();
+    const int64_t dst_stride = out_rows.stride(0), src_stride = product.stride(0);
+    for (int64_t i = 0; i < rows_; ++i) {
+      const float a = alpha * inv_sums_[i];
+      if (in_place) {
+        scale_in_place(dst + i * dst_stride, a, n);
+      } else {
+        scaled_add(dst + i * dst_stride, src + i * src_stride, a, n, /*first=*/!accumulate);
+      }
+    }
+  }
+
+  // head_sum[i, j] (=, if first, or +=) softmax[i, col0 + j], j < n: the normalization and the
+  // sum over heads in one pass.
+  void add_probs(float* head_sum, int64_t n, int64_t col0, bool first) const {
+    const int64_t tokens = exps_.size(1);
+    const float* data = exps_.data_ptr<float>();
+    for (int64_t i = 0; i < rows_; ++i) {
+      scaled_add(head_sum + i * n, data + i * tokens + col0, inv_sums_[i], n, first);
+    }
   }
 
  private:
-  at::Tensor scores_;
-  at::Tensor q_scaled_;
-  at::Tensor current_;
+  bool bf16_;
+  int64_t rows_ = 0;
+  at::Tensor exps_;         // (kQueryRowBlock, T) fp32
+  at::Tensor scores_bf16_;  // bf16 GEMM output, then widened into exps_
+  at::Tensor exps_bf16_;    // the bf16 left operand of the second GEMM
+  std::vector<float> inv_sums_;
 };
 
 // One (batch, head) slice per entry of a (..., T, d) tensor flattened over its leading dims, so
@@ -65,11 +176,6 @@ inline std::vector<at::Tensor> matrices(const at::Tensor& t) {
   out.reserve(flat.size(0));
   for (int64_t i = 0; i < flat.size(0); ++i) out.push_back(flat[i]);
   return out;
-}
-
-// dst[j] += alpha * src[j]: the accumulator update (vectorized by the compiler).
-inline void axpy(float* __restrict dst, const float* __restrict src, float alpha, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] += alpha * src[j];
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -1,7 +1,8 @@
 // attention_stats, CPU face (DESIGN §3.1): per (batch, tile of query rows), loop over heads:
 // probabilities of the tile, o = P v into the output, and the head sum of the tile's patch
 // columns kept in a rows×P buffer; the tile then adds its rows, scaled by weight/H, into the
-// accumulators it owns (no two tiles share a row, so no locking).
+// accumulators it owns (no two tiles share a row, so no locking). bf16 inputs: bf16 GEMMs where
+// the CPU has them (attention_block.h), fp32 softmax, head sums and accumulators always.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -30,10 +31,12 @@ at::Tensor attention_stats_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                double cls_row_weight) {
   TORCH_CHECK(q_in.dim() == 4 && k_in.sizes() == q_in.sizes() && v_in.sizes() == q_in.sizes(),
               "attention_stats: q, k, v must be (B, H, T, d) of one shape");
-  // The softmax scale is applied to q once per block (one T·d copy; per-tile scaling costs ~5%).
-  const at::Tensor q = q_in.to(at::kFloat).mul(scale).contiguous();
-  const at::Tensor k_t = k_in.to(at::kFloat).transpose(-1, -2).contiguous();  // (…, d, T)
-  const at::Tensor v = v_in.to(at::kFloat).contiguous();
+  // bf16 inputs stay bf16 where the GEMMs run in bf16 (gemm_dtype); the softmax, its head sum
+  // and the output are fp32. The scale is applied to each tile's scores (no scaled copy of q).
+  const at::ScalarType compute = gemm_dtype(q_in.scalar_type());
+  const at::Tensor q = q_in.to(compute).contiguous();
+  const at::Tensor k_t = k_in.to(compute).transpose(-1, -2).contiguous();  // (…, d, T)
+  const at::Tensor v = v_in.to(compute).contiguous();
   const int64_t batch = q.size(0), heads = q.size(1), tokens = q.size(2);
   const int64_t n_cls = num_cls, n_patch = tokens - num_cls;
   TORCH_CHECK(n_cls >= 0 && n_patch > 0, "attention_stats: num_cls must be in [0, T)");
@@ -45,14 +48,14 @@ at::Tensor attention_stats_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
   const float p2p_alpha = static_cast<float>(patch2patch_weight / heads);
   const float row0_alpha = static_cast<float>(cls_row_weight / heads);
 
-  at::Tensor out = at::empty_like(q);
+  at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
   const std::vector<at::Tensor> qs = matrices(q), k_ts = matrices(k_t), vs = matrices(v),
                                 outs = matrices(out);
   const int64_t tile_size = tile_rows(tokens, batch);
   const int64_t tiles = ceil_div(tokens, tile_size);
   at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
-    AttentionTile tile(tokens, q.size(3), q.options());
-    at::Tensor head_sum_buffer = at::empty({kQueryRowBlock, n_patch}, q.options());
+    AttentionTile tile(tokens, compute);
+    std::vector<float> head_sum(kQueryRowBlock * n_patch);
     for (int64_t index = begin; index < end; ++index) {
       const int64_t b = index / tiles;
       const int64_t r0 = (index % tiles) * tile_size;
@@ -61,21 +64,15 @@ at::Tensor attention_stats_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
       const bool has_cls_rows = r0 < n_cls;
       const bool has_patch_rows = r0 + rows > n_cls;
       const bool feeds = (has_cls_rows && (c2p || (row0 && r0 == 0))) || (has_patch_rows && p2p);
-      at::Tensor head_sum = head_sum_buffer.narrow(0, 0, rows);
       for (int64_t h = 0; h < heads; ++h) {
         const int64_t bh = b * heads + h;
-        const at::Tensor& probs = tile.probs(qs[bh].narrow(0, r0, rows), k_ts[bh], 1.0);
+        tile.compute(qs[bh].narrow(0, r0, rows), k_ts[bh], scale);
         at::Tensor out_rows = outs[bh].narrow(0, r0, rows);
-        at::mm_out(out_rows, probs, vs[bh]);
-        if (!feeds) continue;
-        if (h == 0) {
-          head_sum.copy_(probs.narrow(1, n_cls, n_patch));  // saves a zeroing pass
-        } else {
-          head_sum.add_(probs.narrow(1, n_cls, n_patch));
-        }
+        tile.times(vs[bh], out_rows);
+        if (feeds) tile.add_probs(head_sum.data(), n_patch, n_cls, /*first=*/h == 0);
       }
       if (!feeds) continue;
-      const float* sums = head_sum.data_ptr<float>();
+      const float* sums = head_sum.data();
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t token = r0 + i;
         const float* src = sums + i * n_patch;

@@ -103,6 +103,57 @@ def test_attention_stats_cpu_low_precision_inputs(gen, dtype):
     assert_rel_close(c2p, c2p_ref, 1e-5, what="cls2patch")  # fp32 softmax of exact inputs
 
 
+# bf16 inputs: "on" runs the two GEMMs in bf16 (scores rounded to bf16 before the fp32 softmax),
+# "off" widens the inputs to fp32 first; "auto" picks "on" only where oneDNN has bf16 GEMMs.
+
+
+@pytest.mark.usefixtures("cpu_face")
+@pytest.mark.parametrize("gemm", ["on", "off"])
+@pytest.mark.parametrize("b, h, c, p, d", [(1, 3, 20, 301, 64), (2, 2, 1, 45, 24), (1, 1, 0, 7, 5)])
+def test_attention_stats_cpu_bf16_gemm_paths(gen, monkeypatch, gemm, b, h, c, p, d):
+    monkeypatch.setenv("WSSS_FAST_CPU_BF16_GEMM", gemm)
+    q, k, v = (randn(gen, b, h, c + p, d, dtype=torch.bfloat16) for _ in range(3))
+    has_cls = c > 0
+    accs = poisoned_accumulators(gen, (b, c, p), (b, p, p), (b, p))
+    expected = [a.clone() for a in accs]
+    kwargs = dict(cls2patch=accs[0] if has_cls else None, cls2patch_weight=0.5,
+                  patch2patch=accs[1], patch2patch_weight=1.0,
+                  cls_row=accs[2] if has_cls else None, cls_row_weight=2.0)
+    ref = ops.attention_stats_reference(q, k, v, d ** -0.5, c, expected[0] if has_cls else None,
+                                        0.5, expected[1], 1.0,
+                                        expected[2] if has_cls else None, 2.0)
+    starts = [a.clone() for a in accs]
+    poison_heap(q.numel())
+    out = ops.attention_stats(q, k, v, d ** -0.5, c, **kwargs)
+    assert out.dtype == torch.bfloat16
+    assert_rel_close(out, ref, TOL[torch.bfloat16], what="o")
+    for name, got, want, start in zip(("cls2patch", "patch2patch", "cls_row"), accs, expected,
+                                      starts):
+        if not (has_cls or name == "patch2patch"):
+            continue
+        if gemm == "off":   # fp32 softmax of the exact bf16 values: fp32 agreement
+            assert_rel_close(got, want, 1e-5, what=name)
+        else:   # what was added (the poisoned start would dwarf the bf16-score error)
+            assert_rel_close(got - start, want - start, 2e-2, what=name)
+
+
+@pytest.mark.usefixtures("cpu_face")
+def test_attention_stats_cpu_bf16_gemm_switch_changes_the_computation(gen, monkeypatch):
+    q, k, v = (randn(gen, 1, 2, 3 + 60, 16, dtype=torch.bfloat16) for _ in range(3))
+    results = {}
+    for gemm in ("on", "off"):
+        monkeypatch.setenv("WSSS_FAST_CPU_BF16_GEMM", gemm)
+        c2p = torch.zeros(1, 3, 60)
+        ops.attention_stats(q, k, v, 0.25, 3, cls2patch=c2p)
+        results[gemm] = c2p
+    # bf16-rounded scores: close to the widened computation but not bitwise equal to it.
+    assert not torch.equal(results["on"], results["off"])
+    assert_rel_close(results["on"], results["off"], 2e-2, what="cls2patch")
+    monkeypatch.setenv("WSSS_FAST_CPU_BF16_GEMM", "sometimes")
+    with pytest.raises(RuntimeError, match="WSSS_FAST_CPU_BF16_GEMM must be auto, on or off"):
+        ops.attention_stats(q, k, v, 0.25, 3)
+
+
 @pytest.mark.usefixtures("cpu_face")
 def test_attention_stats_cpu_skips_zero_weight_and_missing_accumulators(gen):
     q, k, v = (randn(gen, 1, 2, 37, 8) for _ in range(3))

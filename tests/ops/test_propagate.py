@@ -78,6 +78,22 @@ def test_propagate_streaming_cpu_matches_reference(gen, layers, b, h, c, p, d, k
     ref = ops.propagate_streaming_reference(q, kk, cam, d ** -0.5, c, weights)
     assert_rel_close(out, ref, 1e-4, what="propagate_streaming")  # long reductions over layers
 
+@pytest.mark.usefixtures("cpu_face")
+@pytest.mark.parametrize("gemm, tol", [("on", 3e-2), ("off", 1e-4)])
+@pytest.mark.parametrize("cam_dtype", [torch.float32, torch.bfloat16])
+def test_propagate_streaming_cpu_bf16_gemm_paths(gen, monkeypatch, gemm, tol, cam_dtype):
+    monkeypatch.setenv("WSSS_FAST_CPU_BF16_GEMM", gemm)
+    layers, b, h, c, p, d, k = 3, 2, 3, 20, 157, 64, 20
+    q, kk = (randn(gen, layers, b, h, c + p, d, dtype=torch.bfloat16) for _ in range(2))
+    cam = randn(gen, b, p, k, dtype=cam_dtype)
+    weights = [1.0, 0.0, 0.5]
+    poison_heap(cam.numel())
+    out = ops.propagate_streaming(q, kk, cam, scale=d ** -0.5, num_cls=c, weights=weights)
+    ref = ops.propagate_streaming_reference(q, kk, cam.float(), d ** -0.5, c, weights)
+    assert out.dtype == cam_dtype
+    # A bf16 cam is compared after its own rounding: the op returns the dtype of cam.
+    assert_rel_close(out.float(), ref, max(tol, TOL[cam_dtype]), what="propagate_streaming")
+
 # ----------------------------------------------------- triton face (the interpreter on CPU tensors)
 
 
