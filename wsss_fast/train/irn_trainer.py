@@ -186,6 +186,15 @@ def poly_lr(step: int, total_steps: int, lr: float) -> float:
     return lr * (1 - step / max(1, total_steps)) ** POLY_POWER
 
 
+def irn_optimizer(net, lr: float, weight_decay: float,
+                  momentum: Optional[float] = None) -> torch.optim.SGD:
+    """IRN's ``PolyOptimizer`` groups (``IrNet.trainable_parameters``: boundary ×1,
+    displacement ×10, a trained backbone ×1) with ``weight_decay``; ``momentum=None`` is
+    upstream's: the weight decay (passed in SGD's momentum slot)."""
+    groups = [dict(group, weight_decay=weight_decay) for group in net.trainable_parameters()]
+    return torch.optim.SGD(groups, lr=lr, momentum=weight_decay if momentum is None else momentum)
+
+
 @torch.no_grad()
 def displacement_mean(net, images: IrLabelImages, batch_size: int, device) -> torch.Tensor:
     """IRN's MeanShift statistics (train_irn.py:87-110): the mean over batches of each batch's
@@ -219,9 +228,7 @@ def run_irn(chosen: Method, config: TrainConfig, out: Path, target: torch.device
     if config.backbone is not None:
         net.load_backbone(config.backbone)
     net = net.to(target)
-    momentum = config.weight_decay if config.momentum is None else config.momentum
-    groups = [dict(group, weight_decay=config.weight_decay) for group in net.trainable_parameters()]
-    optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=momentum)
+    optimizer = irn_optimizer(net, config.lr, config.weight_decay, config.momentum)
     total_steps = config.epochs * batches_per_epoch(len(images), config.batch_size)
 
     def store_mean_shift() -> None:
