@@ -4,9 +4,9 @@ Generates the data, trains a small model per method, extracts CAMs on the valida
 every method, evaluates the seeds (background-threshold sweep), makes pseudo-labels with the dense
 CRF and with IRN's random walk, evaluates those, and writes a report: a markdown table, the
 sweep curves and an overlay gallery. The random walk of the strong methods (``LEARNED_RW``)
-is IRN's: an IRNet trained on the row's confident regions. Every step calls the pipeline API (``wsss_fast.pipeline``,
-the functions under the CLI) and is resumable: rerunning the demo in the same folder reuses
-finished steps.
+is IRN's: an IRNet trained on the row's confident regions. Every step calls the pipeline API
+(``wsss_fast.pipeline``, the functions under the CLI) and is resumable: rerunning the demo in
+the same folder reuses finished steps.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from wsss_fast.constants import IMAGENET_MEAN, IMAGENET_STD
+from wsss_fast.engine.cam_engine import to_normalized_tensor
 from wsss_fast.models.checkpoint import CheckpointError, read_state_dict
 from wsss_fast.models.registry import create_model
 from wsss_fast.registry import Registry
@@ -80,13 +81,6 @@ AFFINITY_NETWORKS: Registry[AffinityNetwork] = Registry(
     "affinity network", builtin_modules=("wsss_fast.engine.learned_affinity",))
 
 
-def normalized_image(image: np.ndarray) -> torch.Tensor:
-    """uint8 ``(H, W, 3)`` RGB → ImageNet-normalised ``(3, H, W)`` float32."""
-    x = (image.astype(np.float32) / 255.0 - np.asarray(IMAGENET_MEAN, np.float32)) \
-        / np.asarray(IMAGENET_STD, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
-
-
 class IrnBoundary:
     """IRNet's boundary map of one image (see the module docstring)."""
 
@@ -98,8 +92,8 @@ class IrnBoundary:
     def __call__(self, image: np.ndarray) -> np.ndarray:
         height, width = image.shape[:2]
         size = self.pad_size if max(height, width) <= self.pad_size else None
-        edge, _ = self.model.edge_and_displacement(normalized_image(image).to(self.device),
-                                                   size=size)
+        x = to_normalized_tensor(image, IMAGENET_MEAN, IMAGENET_STD).to(self.device)
+        edge, _ = self.model.edge_and_displacement(x, size=size)
         return edge[0].float().cpu().numpy()
 
 

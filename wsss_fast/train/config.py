@@ -145,8 +145,8 @@ class TrainConfig(DatasetOptions):
     def resolved(self, method) -> "TrainConfig":
         """This config with the values that depend on others filled in: ``method``'s
         (a ``Method``) canonical name, model and optimization defaults (for the options left
-        None), the absolute ir-label and backbone paths, the absolute data root, the resize range of the
-        crop, the jitter strengths (None: off) and ``clip_grad`` None for off."""
+        None), the absolute ir-label, backbone and data paths, the resize range of the crop, the
+        jitter strengths (None: off) and ``clip_grad`` None for off."""
         crop = int(self.crop)
         jitter = self.color_jitter
         defaults = {**GENERIC_OPTIMIZATION, **method.defaults}

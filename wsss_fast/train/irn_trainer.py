@@ -40,7 +40,7 @@ from wsss_fast.data.images import read_image, read_label_png
 from wsss_fast.models.registry import create_model
 from wsss_fast.train.affinity import IRN_RADIUS, IRN_STRIDE, irn_loss, irn_targets
 from wsss_fast.train.config import TrainConfig
-from wsss_fast.train.data import batches_per_epoch, collate
+from wsss_fast.train.data import batches_per_epoch, random_crop_window
 from wsss_fast.train.methods import Method, register_method
 from wsss_fast.train.trainer import _seed_everything, run_loop
 
@@ -77,6 +77,12 @@ def check_ir_label(label: np.ndarray, image_size: tuple[int, int], num_classes: 
     return None
 
 
+def _normalized(image: np.ndarray) -> np.ndarray:
+    """uint8 RGB → ImageNet-normalised float32 ``(H, W, 3)``."""
+    return (image.astype(np.float32) / 255.0 - np.asarray(IMAGENET_MEAN, np.float32)) \
+        / np.asarray(IMAGENET_STD, np.float32)
+
+
 def irn_augment(image: np.ndarray, label: np.ndarray, crop: int, rng: np.random.Generator
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """IRN's training view: ``(3, crop, crop)`` float32 image, ``(crop, crop)`` int64 label."""
@@ -85,20 +91,13 @@ def irn_augment(image: np.ndarray, label: np.ndarray, crop: int, rng: np.random.
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     image = cv2.resize(image, size, interpolation=cv2.INTER_CUBIC)
     label = cv2.resize(label, size, interpolation=cv2.INTER_NEAREST)
-    x = (image.astype(np.float32) / 255.0 - np.asarray(IMAGENET_MEAN, np.float32)) \
-        / np.asarray(IMAGENET_STD, np.float32)
+    x = _normalized(image)
     if rng.random() < 0.5:
         x, label = x[:, ::-1], label[:, ::-1]
-    h, w = x.shape[:2]
     out = np.zeros((crop, crop, 3), np.float32)
     out_label = np.full((crop, crop), IGNORE_INDEX, np.int64)
-    dy, dx = (int(rng.integers(0, abs(n - crop) + 1)) for n in (h, w))
-    src_y, dst_y = (dy, 0) if h >= crop else (0, dy)
-    src_x, dst_x = (dx, 0) if w >= crop else (0, dx)
-    rows, cols = min(h, crop), min(w, crop)
-    out[dst_y:dst_y + rows, dst_x:dst_x + cols] = x[src_y:src_y + rows, src_x:src_x + cols]
-    out_label[dst_y:dst_y + rows, dst_x:dst_x + cols] = label[src_y:src_y + rows,
-                                                              src_x:src_x + cols]
+    source, target = random_crop_window(x.shape[:2], crop, rng)
+    out[target], out_label[target] = x[source], label[source]
     return (torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))),
             torch.from_numpy(out_label))
 
@@ -106,8 +105,7 @@ def irn_augment(image: np.ndarray, label: np.ndarray, crop: int, rng: np.random.
 def padded_view(image: np.ndarray, crop: int) -> torch.Tensor:
     """The normalised image zero-padded (or cut) top-left to ``crop × crop`` (IRN's MeanShift
     pass)."""
-    x = (image.astype(np.float32) / 255.0 - np.asarray(IMAGENET_MEAN, np.float32)) \
-        / np.asarray(IMAGENET_STD, np.float32)
+    x = _normalized(image)
     out = np.zeros((crop, crop, 3), np.float32)
     rows, cols = min(crop, x.shape[0]), min(crop, x.shape[1])
     out[:rows, :cols] = x[:rows, :cols]
