@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.helpers import random_image
+from tests.oracles.irn_gather import gather_path_max_affinity
 from wsss_fast.ops import irn_path_set
 from wsss_fast.train import affinity as A
 
@@ -203,8 +204,21 @@ def test_path_max_affinity_equals_restatement_exactly(gen):
     ours = A.path_max_affinity(edge)
     assert ours.shape == (2, 152, 13090) and ours.dtype == torch.float32
     assert torch.equal(ours, restated_path_max(edge[:, 0], 10))
+    assert torch.equal(ours, gather_path_max_affinity(edge[:, 0], 10))   # upstream's gather
     small = torch.rand(1, 20, 24, generator=gen)
     assert torch.equal(A.path_max_affinity(small, radius=5), restated_path_max(small, 5))
+    assert torch.equal(A.path_max_affinity(small, radius=5), gather_path_max_affinity(small, 5))
+
+
+def test_path_max_affinity_gradient_equals_gather_oracle(gen):
+    edge = torch.sigmoid(torch.randn(2, 1, 40, 44, generator=gen))
+    weights = torch.randn(2, 152, 31 * 26, generator=gen)   # window 31×26
+    fused = edge.clone().requires_grad_()
+    (A.path_max_affinity(fused) * weights).sum().backward()
+    gathered = edge[:, 0].clone().requires_grad_()
+    (gather_path_max_affinity(gathered) * weights).sum().backward()
+    # Same arg-max cells; only the float32 summation order of each cell's pairs differs.
+    assert torch.allclose(fused.grad[:, 0], gathered.grad, atol=1e-5)
 
 
 def test_pair_displacement_equals_restatement(gen):

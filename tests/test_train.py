@@ -447,4 +447,6 @@ def test_cli_train_recipe_is_explicit_and_printed(tiny_root, tmp_path, capsys):
                      str(plain), "--max-steps", "1", "--batch-size", "4", "--crop", "64",
                      "--workers", "0", "--device", "cpu", "--quiet"]) == 0
     generic = TrainConfig(method="mctformer_v2", data=str(tiny_root), out=str(plain))
+    generic = generic.resolved(get_method("mctformer_v2"))   # the method's defaults filled in
+    assert generic.epochs == 20
     assert json.loads((plain / "train.json").read_text())["config"]["epochs"] == generic.epochs

@@ -2,10 +2,11 @@
 
 Generates the data, trains a small model per method, extracts CAMs on the validation split with
 every method, evaluates the seeds (background-threshold sweep), makes pseudo-labels with the dense
-CRF and with the IRN random walk, evaluates those, and writes a report: a markdown table, the
-sweep curves and an overlay gallery. Every step calls the pipeline API (``wsss_fast.pipeline``,
-the functions under the CLI) and is resumable: rerunning the demo in the same folder reuses
-finished steps.
+CRF and with IRN's random walk, evaluates those, and writes a report: a markdown table, the
+sweep curves and an overlay gallery. The random walk of the strong methods (``LEARNED_RW``)
+is IRN's: an IRNet trained on the row's confident regions. Every step calls the pipeline API
+(``wsss_fast.pipeline``, the functions under the CLI) and is resumable: rerunning the demo in
+the same folder reuses finished steps.
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ DEMO_METHODS = ("token_cam", "mctformer_v1", "mctformer_v2", "mctformer_v2+doei"
 INFERENCE_PLUGINS = {
     "mctformer_v2+doei": ("mctformer_v2", "mctformer_v2_doei_tiny", "mctformer_v2_doei"),
 }
+
+
+# Rows whose +RW column is IRN's learned walk: IRNet trained on the row's confident regions (the
+# strong methods, seeds >= 40 in the published table); the others keep the image-gradient walk
+# (labelled in the report), which costs no training.
+LEARNED_RW = ("token_cam", "mctformer_v1", "mctformer_v2", "mctformer_v2+doei", "lpcam")
+# IRNet's input is zero-padded to one square side covering every synthetic image (96-160 px), as
+# IRN pads VOC images to 512.
+IRN_PAD_SIZE = 160
 
 
 @dataclass(frozen=True)
@@ -180,6 +190,47 @@ def demo_lpcam_cams(data: Path, work: Path, train_overrides: dict, *, seed: int,
     return work / "extract" / "cams"
 
 
+def irn_backbone(data: Path, out: Path, scale: DemoScale, *, seed: int, workers: int,
+                 device: str) -> Path:
+    """The IRN CAM classifier of the LPCAM row (``out/lpcam/train``, trained first if missing,
+    with the settings ``demo_lpcam_cams`` uses): its ResNet is IRNet's frozen backbone."""
+    return _train("irn_cam", data, out / "lpcam" / "train", scale, seed, workers, device)
+
+
+def learned_walk(method: str, data: Path, out: Path, cams: Path, scale: DemoScale,
+                 threshold: float, *, seed: int, workers: int, device: str) -> Path:
+    """IRN's refinement of a row's validation CAMs: confident regions (``pseudo-label --rule
+    confident``), IRNet trained on them over the IRN classifier's frozen backbone (IRN's
+    protocol: the network learns from the CAMs of the images it then labels, here the
+    validation split, never from ground truth), its boundary map walked by ``refine``.
+    Returns the labels folder, or None when no image has a usable confident region."""
+    from wsss_fast.pipeline import (NothingToDo, PseudoLabelOptions, RefineOptions,
+                                    TrainConfig, pseudo_label, refine, train)
+    from wsss_fast.train.trainer import CHECKPOINT, STATE
+    work = out / method
+    common = dict(data=str(data), split="val", cams=str(cams), workers=workers, quiet=True)
+    checked(pseudo_label(PseudoLabelOptions(**common, out=str(work / "confident"),
+                                            rule="confident", crf="irn")))
+    backbone = irn_backbone(data, out, scale, seed=seed, workers=workers, device=device)
+    run = work / "irn"
+    if not (run / CHECKPOINT).exists():
+        # IRN keeps its crop (its pairs reach 40 px); a smaller scale shortens its schedule.
+        overrides = {k: v for k, v in scale.train_overrides.items() if k != "crop"}
+        try:
+            train(TrainConfig.from_recipe(
+                "synthetic", method="irn", data=str(data), split="val", out=str(run),
+                seed=seed, ir_labels=str(work / "confident" / "labels"), backbone=str(backbone),
+                workers=workers, device=device, resume=(run / STATE).exists(), quiet=True,
+                **overrides))
+        except NothingToDo as error:
+            _log(f"{method}: no IRNet ({error})")
+            return None
+    checked(refine(RefineOptions(**common, out=str(work / "rw"), preset="irn",
+                                 bg_threshold=threshold, irn_checkpoint=str(run / CHECKPOINT),
+                                 pad_size=IRN_PAD_SIZE, device=device)))
+    return work / "rw" / "labels"
+
+
 def run_method(method: str, data: Path, out: Path, scale: DemoScale, seed: int, workers: int,
                device: str, cooccurrence: Sequence[int]) -> MethodResult:
     from wsss_fast.pipeline import (PseudoLabelOptions, RefineOptions, extract, pseudo_label,
@@ -219,9 +270,19 @@ def run_method(method: str, data: Path, out: Path, scale: DemoScale, seed: int, 
                                             threshold=threshold, crf="irn")))
     result.crf_miou = evaluate_folder(data, "val", "pred", work / "crf" / "labels",
                                       work / "eval_crf")["at_best"]["miou"]["nanmean"]
-    checked(refine(RefineOptions(**common, out=str(work / "rw"), preset="irn",
-                                 bg_threshold=threshold, device=device)))
-    result.rw_miou = evaluate_folder(data, "val", "pred", work / "rw" / "labels",
+    rw_labels = None
+    if method in LEARNED_RW:
+        rw_labels = learned_walk(method, data, out, cams, scale, threshold, seed=seed,
+                                 workers=workers, device=device)
+    if rw_labels is None:
+        checked(refine(RefineOptions(**common, out=str(work / "rw_gradient"), preset="irn",
+                                     bg_threshold=threshold, device=device)))
+        rw_labels = work / "rw_gradient" / "labels"
+        why = "no IRNet for this row" if method not in LEARNED_RW else \
+            "no confident region to train IRNet on"
+        result.note = "; ".join(filter(None, [result.note, f"+RW over image-gradient edges "
+                                              f"({why})"]))
+    result.rw_miou = evaluate_folder(data, "val", "pred", rw_labels,
                                      work / "eval_rw")["at_best"]["miou"]["nanmean"]
     return result
 
@@ -313,7 +374,9 @@ def run_demo(out, *, quick: bool = False, seed: int = 0, workers: int = 2, devic
             f"\nSeeds: CAMs at the best background threshold (mIoU, nanmean over background + "
             f"classes); FP/FN: mean over classes at that threshold (IRN's rates); co-occ. IoU: "
             f"mean IoU of the co-occurrence classes; +CRF: IRN label CRF of the seed; +RW: IRN "
-            f"random walk over image-gradient edges.\n\n{table}\n\n"
+            f"random walk over the boundary map of an IRNet trained on the row's confident "
+            f"regions (backbone: the LPCAM row's IRN classifier, frozen), or over "
+            f"image-gradient edges where a note says so.\n\n{table}\n\n"
             f"Total time: {minutes:.1f} min. Curves: sweep_curves.png; overlays: gallery.png.\n")
     atomic_write_bytes(out / "report.md", text.encode())
     atomic_write_json(out / "report.json", {"quick": quick, "seed": seed, "minutes": minutes,

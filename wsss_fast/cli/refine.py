@@ -5,11 +5,13 @@
        normalization and a constant background plane (--bg-threshold 0.25).
   psa  the full-resolution CAMs with a (1 − max)^α background walk at stride 8 over a feature
        affinity (β 8, 256 steps).
-Boundary maps (--edges DIR of <id>.npy in [0,1] at stride 4, e.g. from an IRN boundary network)
-and PSA features (--features DIR of <id>.npy, C×⌈H/8⌉×⌈W/8⌉) are optional: without them an
-image-gradient edge map / the image's colours stand in (a weaker, training-free substitute).
+The boundary map comes from a trained IRNet (--irn-checkpoint FILE from `train --method irn`:
+IRN's padded, flip-averaged single-scale inference), from maps made elsewhere (--edges DIR of
+<id>.npy in [0,1] at stride 4; PSA: --features DIR of <id>.npy, C×⌈H/8⌉×⌈W/8⌉), or, without
+either, from image gradients / the image's colours (a weaker, training-free substitute).
 
-  wsss-fast refine --data VOC2012 --cams cams_v2/cams --out rw_labels --preset irn
+  wsss-fast refine --data VOC2012 --cams cams_v2/cams --out rw_labels --preset irn \
+      --irn-checkpoint runs/irn/checkpoint.pth
 """
 
 from __future__ import annotations

@@ -9,6 +9,12 @@ benchmark (printed; options given still win). --max-steps stops early; the sched
 
   wsss-fast train --method mctformer_v2 --data VOC2012 --out runs/v2
   wsss-fast train --method mctformer_v2 --recipe synthetic --data data/synth --out runs/v2
+  wsss-fast train --method irn --data VOC2012 --ir-labels ir_labels --backbone cam/checkpoint.pth \
+      --model resnet50_irn --crop 512 --out runs/irn
+
+--method irn trains IRN's IRNet from confident-region labels with IRN's SGD-poly optimizer; its
+momentum defaults to the weight decay, as upstream passes weight_decay in SGD's momentum slot
+(--momentum 0.9 for textbook SGD).
 """
 
 from __future__ import annotations

@@ -281,7 +281,9 @@ def irn_tiny(num_classes=None, **kwargs) -> IrNet:
 # Not a CAM model: the preset is that of the CAMs IRN refines (and of its backbone's classifier).
 register_model("resnet50_irn", ModelEntry(resnet50_irn, "irn", preset="irn_cam",
                                           config_from_state=config_from_state,
+                                          remap=drop_irn_loss_buffers,
                                           description="IRN boundary + displacement (ResNet-50)"))
 register_model("irn_tiny", ModelEntry(irn_tiny, "irn", preset="irn_cam",
                                       config_from_state=config_from_state,
+                                      remap=drop_irn_loss_buffers,
                                       description="tiny IRN for CPU runs"))

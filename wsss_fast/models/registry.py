@@ -29,6 +29,9 @@ class ModelEntry:
     preset: Optional[str] = None        # default CAM preset; None: the family's
     background_slot: bool = False       # one output more than classes (TransCAM's unused bg)
     config_from_state: Optional[Callable[[dict], dict]] = None
+    # Applied to a checkpoint's state dict before the strict load (e.g. IRN's saved loss
+    # module also holds its path tables: ``irnet.drop_irn_loss_buffers``).
+    remap: Optional[Callable[[dict], dict]] = None
     defaults: dict = field(default_factory=dict)
     description: str = ""
 
@@ -80,7 +83,7 @@ def create_model(name: str, num_classes: Optional[int] = None, checkpoint=None,
     except TypeError as error:
         raise ValueError(f"bad arguments for model {name!r}: {error}") from None
     if state is not None:
-        load_checkpoint(model, state)
+        load_checkpoint(model, state, remap=entry.remap)
     return model
 
 

@@ -5,9 +5,11 @@
        normalization and a constant background plane (bg_threshold 0.25).
   psa  the full-resolution CAMs with a (1 − max)^α background walk at stride 8 over a feature
        affinity (β 8, 256 steps).
-Boundary maps (``edges``: a folder of <id>.npy in [0,1] at stride 4) and PSA features
-(``features``: <id>.npy, C×⌈H/8⌉×⌈W/8⌉) are optional: without them an image-gradient edge map /
-the image's colours stand in (a weaker, training-free substitute).
+The affinity comes from a learned network (``irn_checkpoint``: IRNet's boundary map, computed
+here; ``engine.learned_affinity`` holds the networks), from maps made elsewhere (``edges``: a
+folder of <id>.npy in [0,1] at stride 4; ``features``: <id>.npy, C×⌈H/8⌉×⌈W/8⌉), or, without
+either, from an image-gradient edge map / the image's colours (a weaker, training-free
+substitute).
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ class RefineOptions(DatasetOptions):
     preset: str = option("irn", choices=("irn", "psa"))
     edges: Optional[str] = option(None, "irn: folder of boundary maps <id>.npy (stride 4)")
     features: Optional[str] = option(None, "psa: folder of affinity features <id>.npy")
+    irn_checkpoint: Optional[str] = option(
+        None, "irn: a trained IRNet (train --method irn): its boundary maps (IRN's single-scale, "
+        "padded, flip-averaged inference) instead of --edges or the image-gradient stand-in")
+    pad_size: int = option(512, "learned networks: images are zero-padded to this square "
+                           "side (IRN: 512; larger images to the next multiple of 16)",
+                           check=positive_int)
     beta: Optional[float] = option(None, "affinity power (default: the preset's)",
                                    check=positive_float)
     steps: Optional[int] = option(None, "random-walk steps (default 256)", check=positive_int)
@@ -51,7 +59,7 @@ class RefineOptions(DatasetOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("cams", "out", "edges", "features"):
+        for name in ("cams", "out", "edges", "features", "irn_checkpoint"):
             setattr(self, name, path_or_none(getattr(self, name)))
 
 
@@ -67,6 +75,28 @@ def preset_options(options: RefineOptions) -> dict:
                                    f"{options.preset}")
             settings[name] = value
     return settings
+
+
+def learned_network(options: RefineOptions):
+    """``(name, AffinityNetwork)`` of the learned affinity whose checkpoint option is set, or
+    None; ``OptionsError`` if it does not feed ``--preset`` or competes with --edges /
+    --features."""
+    from wsss_fast.engine.learned_affinity import AFFINITY_NETWORKS
+    given = [(name, entry) for name, entry in AFFINITY_NETWORKS.items()
+             if getattr(options, entry.option, None) is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise OptionsError("give one learned affinity checkpoint, got "
+                           + ", ".join(f"--{e.option.replace('_', '-')}" for _, e in given))
+    name, entry = given[0]
+    flag = f"--{entry.option.replace('_', '-')}"
+    if entry.walk != options.preset:
+        raise OptionsError(f"{flag} feeds --preset {entry.walk}, not --preset {options.preset}")
+    side = "edges" if entry.walk == "irn" else "features"
+    if getattr(options, side) is not None:
+        raise OptionsError(f"{flag} and --{side} exclude each other (both give the affinity)")
+    return name, entry
 
 
 def _load_side_input(folder, item: str, expected_ndim: int):
@@ -90,8 +120,9 @@ def image_color_features(image: np.ndarray, grid: tuple[int, int]) -> np.ndarray
 
 
 def refine_one(settings: dict, item: str, image: np.ndarray, cam_path: Path,
-               device: torch.device) -> np.ndarray:
-    """The label of one image; ``settings``: preset, its options, edges and features folders."""
+               device: torch.device, side_input: Optional[np.ndarray] = None) -> np.ndarray:
+    """The label of one image; ``settings``: preset, its options, edges and features folders;
+    ``side_input``: the boundary map / features a learned network made for this image."""
     from wsss_fast.io.cam_files import load_cam_file
     from wsss_fast.postprocess import random_walk as rw
     record = load_cam_file(cam_path)
@@ -106,14 +137,23 @@ def refine_one(settings: dict, item: str, image: np.ndarray, cam_path: Path,
         if record.low_res is None:
             raise ValueError(f"{cam_path} has no stride-4 'cam' maps (write irn-format CAMs)")
         grid = record.low_res.shape[1:]
-        edge = (_load_side_input(settings["edges"], item, 2) if settings["edges"]
-                else rw.image_edge_map(image, grid))
+        if side_input is not None:
+            edge = side_input
+        elif settings["edges"]:
+            edge = _load_side_input(settings["edges"], item, 2)
+        else:
+            edge = rw.image_edge_map(image, grid)
+        if tuple(edge.shape) != tuple(grid):
+            raise ValueError(f"boundary map of shape {tuple(edge.shape)} does not match the "
+                             f"stride-4 CAM grid {tuple(grid)}")
         cams = torch.from_numpy(record.low_res).to(device)
         return rw.refine_irn(cams, keys, torch.from_numpy(np.ascontiguousarray(edge)).to(device),
                              (height, width), beta=options["beta"], steps=options["steps"],
                              bg_threshold=options["bg_threshold"])
     grid = (-(-height // 8), -(-width // 8))
-    if settings["features"]:
+    if side_input is not None:
+        features = side_input
+    elif settings["features"]:
         features = _load_side_input(settings["features"], item, 3)
     else:
         features = image_color_features(image, grid)
@@ -122,7 +162,8 @@ def refine_one(settings: dict, item: str, image: np.ndarray, cam_path: Path,
                          alpha=options["alpha"], beta=options["beta"], steps=options["steps"])
 
 
-def refine_job(item: str, image_path: str, cam_path: str, label_path: str, settings: dict):
+def refine_job(item: str, image_path: str, cam_path: str, label_path: str, settings: dict,
+               side_input: Optional[np.ndarray] = None):
     """One image (in a worker process on the CPU): read, walk, write atomically. Returns None or
     the reason the item was skipped."""
     from wsss_fast.data.images import ImageDecodeError, read_image, write_label_png
@@ -132,7 +173,7 @@ def refine_job(item: str, image_path: str, cam_path: str, label_path: str, setti
     try:
         image = read_image(image_path)
         label = refine_one(settings, item, image, Path(cam_path),
-                           torch.device(settings["device"]))
+                           torch.device(settings["device"]), side_input)
     except (CamFileError, ImageDecodeError, ValueError) as error:
         return str(error)
     write_outputs(lambda: write_label_png(label_path, np.asarray(label, np.uint8)), label_path)
@@ -143,9 +184,19 @@ def refine(options: RefineOptions) -> JobResult:
     """Random-walk labels of the CAM files in ``options.cams`` into ``options.out/labels``."""
     require(options, "data", "cams", "out")
     walk = preset_options(options)
+    network = learned_network(options)
     cams_dir, out = Path(options.cams), Path(options.out)
     if not cams_dir.is_dir():
         raise InputError(f"--cams {cams_dir}: not a folder")
+    checkpoint = None
+    if network is not None:
+        checkpoint = Path(getattr(options, network[1].option))
+        if not checkpoint.is_file():
+            raise InputError(f"--{network[1].option.replace('_', '-')} {checkpoint}: no such "
+                             f"file")
+        if options.pad_size % 16:
+            raise OptionsError(f"--pad-size {options.pad_size}: must be a multiple of 16 (the "
+                               f"networks' stride)")
 
     def outputs(item):
         return {"label": item_path(out / "labels", item, ".png")}
@@ -154,14 +205,34 @@ def refine(options: RefineOptions) -> JobResult:
         config = {"preset": options.preset, **walk, "cams": str(cams_dir.resolve()),
                   "edges": options.edges, "features": options.features,
                   "dataset": dataset.name}
+        side_input = None
+        if network is not None:
+            from wsss_fast.data.images import read_image
+            from wsss_fast.io.checksums import file_checksum
+            from wsss_fast.models.checkpoint import CheckpointError
+            name, entry = network
+            config.update(network=name, checkpoint=str(checkpoint.resolve()),
+                          checkpoint_blake2b=file_checksum(checkpoint),
+                          pad_size=options.pad_size)
+            try:
+                side_input = entry.load(str(checkpoint), context.device, options.pad_size)
+            except (CheckpointError, OSError) as error:
+                raise InputError(str(error)) from error
         settings = {"preset": options.preset, "options": walk, "edges": options.edges,
                     "features": options.features, "device": str(context.device)}
+
+        def job_args(item):
+            image_path = dataset.sample(item).image_path
+            # The network runs here (batch of the image and its flip, on the run's device);
+            # the walks in the worker processes.
+            side = None if side_input is None else side_input(read_image(image_path))
+            return (item, image_path, str(item_path(cams_dir, item, ".npy")),
+                    str(outputs(item)["label"]), settings, side)
+
         # One walk runs on one thread (see csrc/cpu/random_walk.cpp): on the CPU, images are
         # walked in parallel worker processes; on a GPU, in this process.
         work = worker_work(
-            refine_job, lambda item: (item, dataset.sample(item).image_path,
-                                      str(item_path(cams_dir, item, ".npy")),
-                                      str(outputs(item)["label"]), settings),
+            refine_job, job_args,
             outputs, workers=options.workers if context.device.type == "cpu" else 0,
             progress=not options.quiet, desc=f"refine[{context.rank}]")
         return JobSpec(config=config, outputs=outputs, work=work, validate=validate_label_png)

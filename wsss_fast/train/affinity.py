@@ -21,7 +21,6 @@ differ, and ignored when an end is unsure.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from wsss_fast.data.classes import IGNORE_INDEX
-from wsss_fast.ops import irn_path_set
+from wsss_fast.ops import irn_path_set, path_affinity, path_affinity_reference
 from wsss_fast.postprocess import pseudo_label
 from wsss_fast.postprocess.crf import crf_inference_prob
 
@@ -115,44 +114,19 @@ def irn_targets(ir_label, radius: int = IRN_RADIUS, num_labels: int = 21) -> Pai
     return PairTargets(masks.bg_pos, masks.fg_pos, masks.neg, offsets.contiguous())
 
 
-@functools.lru_cache(maxsize=4)
-def _path_cell_indices(radius: int, h: int, w: int, device: torch.device
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sources ``(S,)`` and the flat index of every path cell of every pair ``(cells, S)``
-    (IRN's ``path_indices``; 223 MB for R = 10 on 128², so kept across steps)."""
-    paths = irn_path_set(radius)
-    src, _ = paths.pair_indices(h, w, device=device)
-    cells, _ = paths.cell_tables(device=device)
-    return src, src[None] + (cells[:, 0].long() * w + cells[:, 1].long())[:, None]
-
-
 def path_max_affinity(edge: torch.Tensor, radius: int = IRN_RADIUS) -> torch.Tensor:
     """IRN's ``to_affinity``: ``a(i, i + δ) = 1 − max_{c ∈ path(δ)} edge(i + c)`` for the pairs of
-    an ``(B, 1, h, w)`` or ``(B, h, w)`` boundary map: ``(B, O, S)`` in IRN's order.
-    Differentiable (gather + max: the gradient goes to the maximal cell; exact ties share it,
-    where upstream's max-pool picks one)."""
-    if edge.dim() == 4 and edge.shape[1] == 1:
-        edge = edge[:, 0]
-    if edge.dim() != 3 or not edge.is_floating_point():
+    an ``(B, 1, h, w)`` or ``(B, h, w)`` boundary map: ``(B, O, S)`` in IRN's order, by the fused
+    ``ops.path_affinity`` (the gradient goes to each pair's maximal cell; only that cell's index
+    is kept for the backward, where upstream's gather keeps every path cell)."""
+    if edge.dim() == 3:
+        edge = edge[:, None]
+    if edge.dim() != 4 or edge.shape[1] != 1 or not edge.is_floating_point():
         raise ValueError(f"path_max_affinity: edge must be a float (B, 1, h, w) map, got shape "
                          f"{tuple(edge.shape)} and dtype {edge.dtype}")
-    b, h, w = edge.shape
-    paths = irn_path_set(radius)
-    src, table = _path_cell_indices(radius, h, w, edge.device)
-    gathered = edge.reshape(b, -1)[:, table.reshape(-1)].view(b, *table.shape)
-    out, start = [], 0
-    lengths = paths.path_lengths
-    while start < len(lengths):   # offsets come sorted by path length: one max per length run
-        stop = start
-        while stop < len(lengths) and lengths[stop] == lengths[start]:
-            stop += 1
-        first = sum(lengths[:start])
-        run = gathered[:, first: first + (stop - start) * lengths[start]]
-        out.append(run.view(b, stop - start, lengths[start], -1).amax(dim=2))
-        start = stop
-    if not out:
-        return edge.new_zeros((b, 0, src.numel()))
-    return 1 - torch.cat(out, dim=1)
+    if edge.dtype == torch.float64:   # the op's faces are fp32/16; fp64 (gradient checks): its
+        return path_affinity_reference(edge, radius)   # specification, differentiable as is
+    return path_affinity(edge, radius)
 
 
 def pair_displacement(displacement: torch.Tensor, radius: int = IRN_RADIUS) -> torch.Tensor:

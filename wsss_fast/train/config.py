@@ -22,6 +22,9 @@ RECIPES = ("synthetic",)
 DEFAULT_JITTER = (0.3, 0.3, 0.3, 0.1)             # TransCAM's ColorJitter
 
 _METHOD, _OPT, _AUG, _RUN = "method", "optimization", "augmentation", "run"
+# The optimization options a method may give other defaults (``Method.defaults``); these are
+# the AdamW methods'.
+GENERIC_OPTIMIZATION = dict(epochs=20, batch_size=16, lr=5e-4, weight_decay=0.05)
 PIXELS = Number(integer=True, minimum=1, maximum=16384)       # a crop or a resized side
 THREADS = Number(integer=True, minimum=1, maximum=1024)
 
@@ -61,17 +64,26 @@ class TrainConfig(DatasetOptions):
                               group=_METHOD, default_factory=dict)
     split: Optional[str] = option("train", "split name or a path to a list file",
                                   group="dataset")
-    epochs: int = option(20, "epochs the schedule spans", group=_OPT, check=positive_int)
+    epochs: Optional[int] = option(None, "epochs the schedule spans (default: the method's; 20, "
+                                   "irn 3)", group=_OPT, check=positive_int)
     max_steps: Optional[int] = option(None, "stop after this many optimizer steps in total (the "
                                       "schedule still spans --epochs)", group=_OPT,
                                       fingerprint=False, check=positive_int)
-    batch_size: int = option(16, group=_OPT, check=positive_int)
-    lr: float = option(5e-4, "peak learning rate (AdamW)", group=_OPT, check=positive_float)
-    min_lr: float = option(1e-6, "final learning rate of the cosine decay", group=_OPT,
-                           check=nonneg_float)
-    weight_decay: float = option(0.05, group=_OPT, check=nonneg_float)
-    warmup_epochs: float = option(1.0, "linear warm-up length in epochs", group=_OPT,
-                                  check=nonneg_float)
+    batch_size: Optional[int] = option(None, "default: the method's (16; irn 32)", group=_OPT,
+                                       check=positive_int)
+    lr: Optional[float] = option(None, "peak learning rate (default: the method's; AdamW 5e-4, "
+                                 "irn SGD 0.1 for the boundary head, x10 displacement)",
+                                 group=_OPT, check=positive_float)
+    min_lr: float = option(1e-6, "final learning rate of the cosine decay (AdamW methods)",
+                           group=_OPT, check=nonneg_float)
+    weight_decay: Optional[float] = option(None, "default: the method's (0.05; irn 1e-4)",
+                                           group=_OPT, check=nonneg_float)
+    momentum: Optional[float] = option(
+        None, "SGD momentum of the SGD methods (irn). Default: the weight decay, reproducing "
+        "IRN's PolyOptimizer, which passes weight_decay in SGD's momentum slot (1e-4: "
+        "effectively no momentum); 0.9 for textbook SGD", group=_OPT, check=nonneg_float)
+    warmup_epochs: float = option(1.0, "linear warm-up length in epochs (AdamW methods)",
+                                  group=_OPT, check=nonneg_float)
     clip_grad: Optional[float] = option(None, "max gradient norm (0 or unset: off)", group=_OPT,
                                         check=nonneg_float)
     crop: int = option(448, "square training crop, pixels", group=_AUG, check=PIXELS)
@@ -81,6 +93,14 @@ class TrainConfig(DatasetOptions):
     color_jitter: Union[bool, tuple[float, ...], None] = option(
         True, "no colour jitter (default: TransCAM's strengths; in Python also (brightness, "
         "contrast, saturation, hue))", group=_AUG, check=check_jitter)
+    ir_labels: Optional[str] = option(
+        None, "irn: folder of confident-region labels <id>.png (pseudo-label --rule confident "
+        "writes them, under its --out/labels; 0 background, k class k, 255 unsure)",
+        group="dataset")
+    backbone: Optional[str] = option(
+        None, "irn: classifier checkpoint (resnet_cam, e.g. irn_cam / LPCAM's) whose ResNet is "
+        "loaded and frozen, as IRN freezes its ImageNet ResNet; without it the backbone is "
+        "trained with the heads", group=_METHOD)
     out: Optional[str] = option(None, "output folder", group=_RUN, fingerprint=False)
     seed: int = option(0, group=_RUN, check=seed_int)
     resume: bool = option(False, "continue the run in --out from its last saved state",
@@ -101,6 +121,7 @@ class TrainConfig(DatasetOptions):
     def __post_init__(self):
         super().__post_init__()
         self.out = path_or_none(self.out)
+        self.ir_labels, self.backbone = path_or_none(self.ir_labels), path_or_none(self.backbone)
         self.model_args = parse_key_values(self.model_args, "--model-arg")
 
     @classmethod
@@ -123,12 +144,18 @@ class TrainConfig(DatasetOptions):
 
     def resolved(self, method) -> "TrainConfig":
         """This config with the values that depend on others filled in: ``method``'s
-        (a ``Method``) canonical name and model, the absolute data root, the resize range of the
-        crop, the jitter strengths (None: off) and ``clip_grad`` None for off."""
+        (a ``Method``) canonical name, model and optimization defaults (for the options left
+        None), the absolute ir-label, backbone and data paths, the resize range of the crop, the
+        jitter strengths (None: off) and ``clip_grad`` None for off."""
         crop = int(self.crop)
         jitter = self.color_jitter
+        defaults = {**GENERIC_OPTIMIZATION, **method.defaults}
+        filled = {name: defaults[name] for name in GENERIC_OPTIMIZATION
+                  if getattr(self, name) is None}
+        paths = {name: str(Path(getattr(self, name)).resolve())
+                 for name in ("ir_labels", "backbone") if getattr(self, name) is not None}
         return dataclasses.replace(
-            self, method=method.name, model=self.model or method.model,
+            self, **filled, **paths, method=method.name, model=self.model or method.model,
             data=str(Path(self.data).resolve()), seed=int(self.seed),
             resize_long=self.resize_long or (round(crop * 0.625), round(crop * 1.25)),
             color_jitter=DEFAULT_JITTER if jitter is True else None if jitter is False else jitter,

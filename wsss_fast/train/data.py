@@ -88,14 +88,22 @@ def augment(image: np.ndarray, aug: Augmentation, rng: np.random.Generator) -> t
     x = (x - np.asarray(aug.mean, np.float32)) / np.asarray(aug.std, np.float32)
     # Random crop with zero padding (imutils.RandomCrop): a crop-sized window and the image are
     # placed at random relative offsets; outside the image stays 0 (the mean colour).
-    h, w = x.shape[:2]
     out = np.zeros((aug.crop, aug.crop, 3), np.float32)
-    dy, dx = (int(rng.integers(0, abs(n - aug.crop) + 1)) for n in (h, w))
-    src_y, dst_y = (dy, 0) if h >= aug.crop else (0, dy)
-    src_x, dst_x = (dx, 0) if w >= aug.crop else (0, dx)
-    rows, cols = min(h, aug.crop), min(w, aug.crop)
-    out[dst_y:dst_y + rows, dst_x:dst_x + cols] = x[src_y:src_y + rows, src_x:src_x + cols]
+    source, target = random_crop_window(x.shape[:2], aug.crop, rng)
+    out[target] = x[source]
     return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
+
+
+def random_crop_window(size: tuple[int, int], crop: int, rng: np.random.Generator):
+    """imutils.RandomCrop's placement of a ``crop × crop`` window and an image of ``size``
+    ``(h, w)`` at random relative offsets: ``(source, target)`` slice pairs, image → crop."""
+    h, w = size
+    dy, dx = (int(rng.integers(0, abs(n - crop) + 1)) for n in (h, w))
+    src_y, dst_y = (dy, 0) if h >= crop else (0, dy)
+    src_x, dst_x = (dx, 0) if w >= crop else (0, dx)
+    rows, cols = min(h, crop), min(w, crop)
+    return ((slice(src_y, src_y + rows), slice(src_x, src_x + cols)),
+            (slice(dst_y, dst_y + rows), slice(dst_x, dst_x + cols)))
 
 
 class TrainingImages(torch.utils.data.Dataset):

@@ -10,7 +10,7 @@ explicitly; they are never the defaults of a run on other data (``TrainConfig``'
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional
 
 from wsss_fast.registry import Registry
 from wsss_fast.train import losses
@@ -31,10 +31,16 @@ class Method:
     # overrides that suit these small from-scratch models.
     synthetic_train: Mapping = field(default_factory=dict)
     synthetic_extract: Mapping = field(default_factory=dict)
+    # TrainConfig optimization defaults of this method over config.GENERIC_OPTIMIZATION (used
+    # for the options left None), e.g. IRN's SGD lr 0.1.
+    defaults: Mapping = field(default_factory=dict)
+    # The training loop: None for trainer.py's (image-level labels, AdamW); a method with other
+    # data or optimizer (IRN: ir-labels, SGD-poly) gives its own, with trainer._run's signature.
+    runner: Optional[Callable] = None
 
 
 METHODS: Registry[Method] = Registry("method", builtin_modules=(
-    "wsss_fast.train.methods", "wsss_fast.train.cnn_methods"))
+    "wsss_fast.train.methods", "wsss_fast.train.cnn_methods", "wsss_fast.train.irn_trainer"))
 
 
 def register_method(method: Method, *, override: bool = False) -> Method:

@@ -25,7 +25,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -182,6 +182,13 @@ def train(config: TrainConfig) -> Path:
     if problems:
         raise ValueError("train: " + "; ".join(problems))
     chosen = get_method(config.method)
+    if chosen.runner is None:
+        given = [flag for flag, value in (("--momentum", config.momentum),
+                                          ("--ir-labels", config.ir_labels),
+                                          ("--backbone", config.backbone)) if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} do(es) not apply to --method {chosen.name} "
+                             f"(AdamW on image-level labels); they are irn's")
     resolved = config.resolved(chosen)
     out = Path(config.out)
     check_out_folder(config)
@@ -193,7 +200,8 @@ def train(config: TrainConfig) -> Path:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     try:
-        return _run(chosen, resolved, out, target, max_steps=config.max_steps,
+        runner = chosen.runner or _run
+        return runner(chosen, resolved, out, target, max_steps=config.max_steps,
                     workers=config.workers, resume=config.resume, save_every=config.save_every,
                     progress=not config.quiet)
     finally:
@@ -216,11 +224,30 @@ def _run(chosen: Method, config: TrainConfig, out: Path, target: torch.device, *
     steps_per_epoch = batches_per_epoch(len(images), config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    stop = total_steps if max_steps is None else min(max_steps, total_steps)
+    skipped = {id: reason for id, reason in data.problems()}
+    skipped.update({id: "no image-level labels" for id in images.unlabelled})
+    return run_loop(chosen, config, out, target, data=data, images=images, net=net,
+                    optimizer=optimizer, total_steps=total_steps, skipped=skipped,
+                    schedule=lambda step: learning_rate(step, total_steps, warmup_steps,
+                                                        config.lr, config.min_lr),
+                    max_steps=max_steps, workers=workers, resume=resume,
+                    save_every=save_every, progress=progress)
 
+
+def run_loop(chosen: Method, config: TrainConfig, out: Path, target: torch.device, *, data,
+             images, net, optimizer, total_steps: int, schedule: Callable[[int], float],
+             skipped: dict, max_steps: Optional[int], workers: int, resume: bool,
+             save_every: Optional[int], progress: bool,
+             before_last_save: Optional[Callable[[], None]] = None) -> Path:
+    """The resumable loop every method shares: seeded epochs of ``images`` (items ``(id,
+    image, target, error)``, see ``TrainingImages``), ``chosen.loss`` per batch, the base
+    learning rate ``schedule(step)`` (times each optimizer group's ``lr_scale``, default 1),
+    atomic saves, the report. ``before_last_save`` runs once the schedule is complete, before
+    the final save (IRN: the displacement mean)."""
+    steps_per_epoch = batches_per_epoch(len(images), config.batch_size)
+    stop = total_steps if max_steps is None else min(max_steps, total_steps)
     run = _Run()
-    run.skipped.update({id: reason for id, reason in data.problems()})
-    run.skipped.update({id: "no image-level labels" for id in images.unlabelled})
+    run.skipped.update(skipped)
     checkpoint_current = True
     if resume:
         checkpoint_current = _resume(out, config.fingerprint(), net, optimizer, run)
@@ -248,8 +275,7 @@ def _run(chosen: Method, config: TrainConfig, out: Path, target: torch.device, *
             for batch, batch_labels, failed in epoch_loader(images, config.batch_size, epoch,
                                                             start_batch, workers):
                 run.skipped.update({id: error for id, error in failed})
-                lr_now = learning_rate(run.step, total_steps, warmup_steps, config.lr,
-                                       config.min_lr)
+                lr_now = schedule(run.step)
                 if batch is not None:
                     terms = _step(chosen, net, optimizer, batch.to(target),
                                   batch_labels.to(target), lr_now, config.clip_grad, run.step)
@@ -263,6 +289,8 @@ def _run(chosen: Method, config: TrainConfig, out: Path, target: torch.device, *
                 end_of_epoch = run.step % steps_per_epoch == 0
                 if end_of_epoch:
                     run.close_epoch(epoch, lr_now)
+                if run.step >= total_steps and before_last_save is not None:
+                    before_last_save()
                 if end_of_epoch or run.step >= stop or (save_every and run.step % save_every == 0):
                     save()
                 if run.step >= stop:
@@ -274,7 +302,7 @@ def _run(chosen: Method, config: TrainConfig, out: Path, target: torch.device, *
 
 def _step(method: Method, net, optimizer, images, labels, lr: float, clip_grad, step: int) -> dict:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     net.train()
     loss, terms = method.loss(net, images, labels)
     if not torch.isfinite(loss):

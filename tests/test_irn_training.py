@@ -1,0 +1,217 @@
+"""IRN's IRNet training (``train --method irn``) and its use by ``refine --irn-checkpoint``:
+the loop's pieces, bad inputs, and the CLI pipeline end to end at tiny size."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from wsss_fast.cli import main
+from wsss_fast.data.images import read_image, write_label_png
+from wsss_fast.models.registry import create_model
+from wsss_fast.train import irn_trainer as T
+
+TINY_TRAIN = ["--method", "irn", "--crop", "80", "--epochs", "1", "--batch-size", "2",
+              "--workers", "0", "--threads", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """6 validation images (64-80 px), random-init CAMs, their confident-region labels."""
+    root = tmp_path_factory.mktemp("irn")
+    data = root / "synth"
+    assert main(["synth", "--out", str(data), "--num-train", "2", "--num-val", "6",
+                 "--size", "64", "80", "--seed", "5"]) == 0
+    assert main(["extract", "--data", str(data), "--split", "val", "--model", "mctformer_v2",
+                 "--random-init", "--model-arg", "embed_dim=32", "--model-arg", "depth=2",
+                 "--model-arg", "num_heads=2", "--device", "cpu", "--out", str(root / "cams"),
+                 "--workers", "0", "--quiet"]) == 0
+    assert main(["pseudo-label", "--data", str(data), "--split", "val", "--cams",
+                 str(root / "cams" / "cams"), "--out", str(root / "conf"), "--rule",
+                 "confident", "--crf", "irn", "--workers", "0", "--quiet"]) == 0
+    return root, data
+
+
+def _ids(data, split="val"):
+    return (data / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+
+
+def _train(data, labels, out, *extra):
+    return main(["train", "--data", str(data), "--split", "val", "--ir-labels", str(labels),
+                 "--out", str(out), *TINY_TRAIN, *extra])
+
+
+# ---- the loop's pieces -----------------------------------------------------------------------
+
+def test_poly_schedule_and_upstream_momentum_quirk():
+    assert T.poly_lr(0, 10, 0.1) == 0.1
+    assert T.poly_lr(5, 10, 0.1) == pytest.approx(0.1 * 0.5 ** 0.9)
+    net = create_model("irn_tiny")
+    optimizer = T.irn_optimizer(net, 0.1, 1e-4)
+    assert [g["lr_scale"] for g in optimizer.param_groups] == [1.0, 10.0]
+    assert all(g["momentum"] == 1e-4 and g["weight_decay"] == 1e-4
+               for g in optimizer.param_groups)   # weight decay in the momentum slot
+    assert T.irn_optimizer(net, 0.1, 1e-4, momentum=0.9).param_groups[0]["momentum"] == 0.9
+    edge = {id(p) for p in net.edge_layers.parameters()}
+    assert {id(p) for p in optimizer.param_groups[0]["params"]} == edge
+    assert not any(p.requires_grad for p in net.resnet50.parameters())   # frozen backbone
+    trained = create_model("irn_tiny", freeze_backbone=False)
+    assert len(T.irn_optimizer(trained, 0.1, 1e-4).param_groups) == 3
+
+
+def test_augmentation_keeps_image_and_label_aligned():
+    image = np.zeros((60, 90, 3), np.uint8)
+    image[:, :45] = 250
+    label = np.zeros((60, 90), np.uint8)
+    label[:, :45] = 1
+    for seed in range(6):
+        view, lab = T.irn_augment(image, label, 96, np.random.default_rng(seed))
+        assert view.shape == (3, 96, 96) and lab.shape == (96, 96) and lab.dtype == torch.int64
+        bright = view[0] > 0.5
+        inside = lab != 255
+        assert (lab == 1)[inside].float().mean() > 0.2
+        assert (bright[lab == 1]).float().mean() > 0.9 and (bright[lab == 0]).float().mean() < 0.1
+        assert torch.all(view[:, ~inside] == 0)   # the crop padding: mean colour, label unsure
+
+
+def test_ir_label_checks():
+    ok = np.zeros((8, 8), np.uint8)
+    assert T.check_ir_label(ok, (8, 8), 3, "p") is None
+    assert "differs from the image size" in T.check_ir_label(ok, (8, 9), 3, "p")
+    assert "values 7 outside 0..3" in T.check_ir_label(ok + 7, (8, 8), 3, "p")
+    assert "empty confident region" in T.check_ir_label(ok + 255, (8, 8), 3, "p")
+
+
+def test_create_model_accepts_irn_checkpoints_with_loss_buffers():
+    state = create_model("irn_tiny").state_dict()
+    state.update({"path_indices0": torch.zeros(2, 3, dtype=torch.int64),
+                  "disp_target": torch.zeros(1, 2, 152, 1)})
+    model = create_model("irn_tiny", checkpoint=state)
+    assert "disp_target" not in model.state_dict()
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+def test_bad_ir_labels_are_skipped_and_listed(tiny, tmp_path, capsys):
+    root, data = tiny
+    ids = _ids(data)
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for item in ids:
+        PIL.Image.open(root / "conf" / "labels" / f"{item}.png").save(labels / f"{item}.png")
+    (labels / f"{ids[0]}.png").unlink()                                     # missing
+    write_label_png(labels / f"{ids[1]}.png", np.zeros((10, 10), np.uint8))  # wrong size
+    shape = read_image(data / "JPEGImages" / f"{ids[2]}.jpg").shape[:2]
+    write_label_png(labels / f"{ids[2]}.png", np.full(shape, 40, np.uint8))  # bad values
+    write_label_png(labels / f"{ids[3]}.png", np.full(shape, 255, np.uint8))  # empty
+    assert _train(data, labels, tmp_path / "run") == 0
+    skipped = {s["id"]: s["reason"]
+               for s in json.loads((tmp_path / "run" / "train.json").read_text())["skipped"]}
+    assert "no confident-region label" in skipped[ids[0]]
+    assert "differs from the image size" in skipped[ids[1]]
+    assert "outside 0..8" in skipped[ids[2]]
+    assert "empty confident region" in skipped[ids[3]]
+    assert set(skipped) == set(ids[:4])
+    # Nothing usable: one line, exit 1, no checkpoint.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()
+    assert _train(data, empty, tmp_path / "none") == 1
+    err = capsys.readouterr().err.strip()
+    assert "nothing to train IRN on" in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "none" / "checkpoint.pth").exists()
+
+
+def test_irn_options_are_checked(tiny, tmp_path, capsys):
+    _, data = tiny
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "a"), *TINY_TRAIN]) == 2
+    assert "--method irn needs --ir-labels" in capsys.readouterr().err
+    assert main(["train", "--method", "token_cam", "--data", str(data), "--out",
+                 str(tmp_path / "b"), "--momentum", "0.9", "--quiet"]) == 2
+    assert "--momentum do(es) not apply to --method token_cam" in capsys.readouterr().err
+    assert _train(data, tmp_path, tmp_path / "c", "--crop", "64") == 2
+    assert "crop must be a multiple of 4 and at least 76" in capsys.readouterr().err
+
+
+def test_refine_refuses_a_checkpoint_of_another_network(tiny, tmp_path, capsys):
+    root, data = tiny
+    other = tmp_path / "aff.pth"
+    torch.save(create_model("affinitynet_tiny").state_dict(), other)
+    argv = ["refine", "--data", str(data), "--split", "val", "--cams", str(root / "cams" / "cams"),
+            "--out", str(tmp_path / "rw"), "--preset", "irn", "--workers", "0", "--quiet"]
+    assert main([*argv, "--irn-checkpoint", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "this is an AffinityNet (PSA ResNet-38 affinity) checkpoint, not an IRN" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "rw" / "labels").exists()
+    assert main([*argv, "--preset", "psa", "--irn-checkpoint", str(other)]) == 2
+    assert "--irn-checkpoint feeds --preset irn" in capsys.readouterr().err
+    assert main([*argv, "--irn-checkpoint", str(other), "--edges", str(tmp_path)]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+
+
+# ---- end to end -----------------------------------------------------------------------------
+
+def test_cli_confident_regions_train_irn_then_refine(tiny, tmp_path):
+    """confident regions → train irn (resumable, MeanShift stored) → refine with the network:
+    the labels equal the Python API's walk over the network's boundary map."""
+    from wsss_fast.engine.learned_affinity import IrnBoundary
+    from wsss_fast.io.cam_files import load_cam_file
+    from wsss_fast.postprocess import random_walk as rw
+    root, data = tiny
+    run = tmp_path / "irn"
+    assert _train(data, root / "conf", run) == 0
+    checkpoint = run / "checkpoint.pth"
+    report = json.loads((run / "train.json").read_text())
+    assert report["finished"] and report["steps"] == 3 and report["config"]["momentum"] is None
+    before = checkpoint.read_bytes()
+    assert _train(data, root / "conf", run, "--resume") == 0      # finished: nothing to redo
+    assert checkpoint.read_bytes() == before
+    # The stored displacement mean is the mean of the raw field over the padded images.
+    net = create_model("irn_tiny", checkpoint=str(checkpoint), freeze_backbone=False)
+    stored = net.mean_shift.running_mean.clone()
+    from wsss_fast.data.factory import open_dataset
+    images = T.IrLabelImages(open_dataset("voc", str(data), split="val"), root / "conf", 80)
+    assert torch.allclose(T.displacement_mean(net, images, 2, "cpu"), stored, atol=1e-6)
+    assert stored.abs().sum() > 0
+
+    out = tmp_path / "rw"
+    assert main(["refine", "--data", str(data), "--split", "val", "--cams",
+                 str(root / "cams" / "cams"), "--out", str(out), "--preset", "irn",
+                 "--irn-checkpoint", str(checkpoint), "--pad-size", "96", "--steps", "16",
+                 "--device", "cpu", "--workers", "0", "--quiet"]) == 0
+    item = _ids(data)[0]
+    image = read_image(data / "JPEGImages" / f"{item}.jpg")
+    record = load_cam_file(root / "cams" / "cams" / f"{item}.npy")
+    edge = IrnBoundary(str(checkpoint), torch.device("cpu"), 96)(image)
+    assert edge.shape == record.low_res.shape[1:] and 0 <= edge.min() and edge.max() <= 1
+    expected = rw.refine_irn(record.low_res, record.keys, edge, image.shape[:2], steps=16)
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(out / "labels" / f"{item}.png")),
+                                  expected)
+
+
+@pytest.mark.slow
+def test_cli_classifier_to_irn_refine_with_backbone(tmp_path):
+    """The whole IRN pipeline: classifier → CAMs → confident regions → IRNet on the classifier's
+    frozen backbone → refine, every stage through the CLI."""
+    data = tmp_path / "synth"
+    assert main(["synth", "--out", str(data), "--num-train", "16", "--num-val", "8",
+                 "--size", "80", "96", "--seed", "2"]) == 0
+    assert main(["train", "--method", "irn_cam", "--data", str(data), "--out",
+                 str(tmp_path / "cls"), "--crop", "80", "--epochs", "1", "--batch-size", "4",
+                 "--workers", "0", "--quiet"]) == 0
+    classifier = tmp_path / "cls" / "checkpoint.pth"
+    assert main(["extract", "--data", str(data), "--split", "val", "--model", "resnet_cam_tiny",
+                 "--checkpoint", str(classifier), "--device", "cpu", "--out",
+                 str(tmp_path / "cams"), "--workers", "0", "--quiet"]) == 0
+    assert main(["pseudo-label", "--data", str(data), "--split", "val", "--cams",
+                 str(tmp_path / "cams" / "cams"), "--out", str(tmp_path / "conf"), "--rule",
+                 "confident", "--crf", "irn", "--workers", "0", "--quiet"]) == 0
+    assert _train(data, tmp_path / "conf", tmp_path / "irn", "--backbone", str(classifier)) == 0
+    assert main(["refine", "--data", str(data), "--split", "val", "--cams",
+                 str(tmp_path / "cams" / "cams"), "--out", str(tmp_path / "rw"), "--preset",
+                 "irn", "--irn-checkpoint", str(tmp_path / "irn" / "checkpoint.pth"),
+                 "--device", "cpu", "--workers", "0", "--quiet"]) == 0
+    assert len(list((tmp_path / "rw" / "labels").glob("*.png"))) == 8
