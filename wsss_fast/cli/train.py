@@ -35,10 +35,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {name: value for name, value in vars(args).items() if name in names}
     recipe = getattr(args, "recipe", None)
-    settings = recipe_settings(recipe, given.get("method")) if recipe else {}
+    settings = recipe_settings(recipe, given.get("method"))   # no recipe: the method's own
     applied = {k: v for k, v in settings.items() if k not in given}
-    if recipe:
-        print(f"wsss-fast train: recipe {recipe} for {given.get('method')}: "
+    if applied:
+        source = f"recipe {recipe}" if recipe else "upstream settings"
+        print(f"wsss-fast train: {source} for {given.get('method')}: "
               + ", ".join(f"{k}={v}" for k, v in applied.items()), file=sys.stderr)
     return TrainConfig(**{**settings, **given})
 

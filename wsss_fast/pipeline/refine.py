@@ -35,6 +35,9 @@ class RefineOptions(DatasetOptions):
     preset: str = option("irn", choices=("irn", "psa"))
     edges: Optional[str] = option(None, "irn: folder of boundary maps <id>.npy (stride 4)")
     features: Optional[str] = option(None, "psa: folder of affinity features <id>.npy")
+    affinity_checkpoint: Optional[str] = option(None, "psa: a trained AffinityNet (train "
+                                                "--method affinitynet); its features replace "
+                                                "--features")
     beta: Optional[float] = option(None, "affinity power (default: the preset's)",
                                    check=positive_float)
     steps: Optional[int] = option(None, "random-walk steps (default 256)", check=positive_int)
@@ -51,7 +54,7 @@ class RefineOptions(DatasetOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("cams", "out", "edges", "features"):
+        for name in ("cams", "out", "edges", "features", "affinity_checkpoint"):
             setattr(self, name, path_or_none(getattr(self, name)))
 
 
@@ -90,8 +93,9 @@ def image_color_features(image: np.ndarray, grid: tuple[int, int]) -> np.ndarray
 
 
 def refine_one(settings: dict, item: str, image: np.ndarray, cam_path: Path,
-               device: torch.device) -> np.ndarray:
-    """The label of one image; ``settings``: preset, its options, edges and features folders."""
+               device: torch.device, features: Optional[np.ndarray] = None) -> np.ndarray:
+    """The label of one image; ``settings``: preset, its options, edges and features folders;
+    ``features``: psa, this image's (e.g. AffinityNet's), instead of the folder's."""
     from wsss_fast.io.cam_files import load_cam_file
     from wsss_fast.postprocess import random_walk as rw
     record = load_cam_file(cam_path)
@@ -113,7 +117,9 @@ def refine_one(settings: dict, item: str, image: np.ndarray, cam_path: Path,
                              (height, width), beta=options["beta"], steps=options["steps"],
                              bg_threshold=options["bg_threshold"])
     grid = (-(-height // 8), -(-width // 8))
-    if settings["features"]:
+    if features is not None:
+        pass
+    elif settings["features"]:
         features = _load_side_input(settings["features"], item, 3)
     else:
         features = image_color_features(image, grid)
@@ -146,6 +152,13 @@ def refine(options: RefineOptions) -> JobResult:
     cams_dir, out = Path(options.cams), Path(options.out)
     if not cams_dir.is_dir():
         raise InputError(f"--cams {cams_dir}: not a folder")
+    if options.affinity_checkpoint is not None:   # learned PSA affinities (pipeline/refine_psa)
+        if options.preset != "psa" or options.features:
+            raise OptionsError("--affinity-checkpoint goes with --preset psa, without --features")
+        if not Path(options.affinity_checkpoint).is_file():
+            raise InputError(f"--affinity-checkpoint {options.affinity_checkpoint}: no such file")
+        from wsss_fast.postprocess.psa_affinity import check_affinity_checkpoint
+        check_affinity_checkpoint(options.affinity_checkpoint)   # before anything is written
 
     def outputs(item):
         return {"label": item_path(out / "labels", item, ".png")}
@@ -156,6 +169,14 @@ def refine(options: RefineOptions) -> JobResult:
                   "dataset": dataset.name}
         settings = {"preset": options.preset, "options": walk, "edges": options.edges,
                     "features": options.features, "device": str(context.device)}
+        if options.affinity_checkpoint is not None:
+            from wsss_fast.io.checksums import file_checksum
+            from wsss_fast.pipeline.refine_psa import learned_psa_work
+            config["affinity_checkpoint"] = file_checksum(options.affinity_checkpoint)
+            work = learned_psa_work(settings, dataset, cams_dir, outputs,
+                                    options.affinity_checkpoint, context.device,
+                                    progress=not options.quiet, desc=f"refine[{context.rank}]")
+            return JobSpec(config=config, outputs=outputs, work=work, validate=validate_label_png)
         # One walk runs on one thread (see csrc/cpu/random_walk.cpp): on the CPU, images are
         # walked in parallel worker processes; on a GPU, in this process.
         work = worker_work(

@@ -81,6 +81,15 @@ class TrainConfig(DatasetOptions):
     color_jitter: Union[bool, tuple[float, ...], None] = option(
         True, "no colour jitter (default: TransCAM's strengths; in Python also (brightness, "
         "contrast, saturation, hue))", group=_AUG, check=check_jitter)
+    # affinitynet (PSA): its training labels and backbone
+    cams: Optional[str] = option(None, "affinitynet: CAM files (<id>.npy, max-normalized) of the "
+                                 "split, for PSA's la / ha CRF labels (α 4 / 32)", group=_METHOD)
+    backbone: Optional[str] = option(None, "affinitynet: start the ResNet-38 trunk from this "
+                                     "classifier checkpoint (EDAM / PSA resnet38_cls)",
+                                     group=_METHOD)
+    momentum: Optional[float] = option(None, "affinitynet: SGD momentum (default: the weight "
+                                       "decay, as upstream's PolyOptimizer passes it in "
+                                       "momentum's slot)", group=_OPT, check=nonneg_float)
     out: Optional[str] = option(None, "output folder", group=_RUN, fingerprint=False)
     seed: int = option(0, group=_RUN, check=seed_int)
     resume: bool = option(False, "continue the run in --out from its last saved state",
@@ -101,12 +110,13 @@ class TrainConfig(DatasetOptions):
     def __post_init__(self):
         super().__post_init__()
         self.out = path_or_none(self.out)
+        self.cams, self.backbone = path_or_none(self.cams), path_or_none(self.backbone)
         self.model_args = parse_key_values(self.model_args, "--model-arg")
 
     @classmethod
     def from_recipe(cls, recipe: Optional[str], **given) -> "TrainConfig":
         """A config of ``recipe``'s settings for ``given["method"]`` with ``given`` on top
-        (``recipe=None``: the generic defaults)."""
+        (``recipe=None``: the method's ``train_defaults`` over the generic defaults)."""
         return cls(**{**recipe_settings(recipe, given.get("method")), **given})
 
     def problems(self) -> list[str]:
@@ -119,6 +129,11 @@ class TrainConfig(DatasetOptions):
                             f"expected MIN <= MAX")
         if self.resume and self.overwrite:
             problems.append("resume and overwrite exclude each other")
+        from wsss_fast.train.methods import METHODS
+        if isinstance(self.method, str) and self.method in METHODS:
+            check = METHODS.get(self.method).check
+            if check is not None and not problems:
+                problems.extend(check(self))
         return problems
 
     def resolved(self, method) -> "TrainConfig":
@@ -143,12 +158,15 @@ class TrainConfig(DatasetOptions):
 
 
 def recipe_settings(recipe: Optional[str], method: Optional[str]) -> dict:
-    """The TrainConfig fields that ``recipe`` sets for ``method``."""
+    """The TrainConfig fields that ``recipe`` sets for ``method`` (``recipe=None``: the
+    method's ``train_defaults``, its upstream settings where they differ from the generic
+    ones — AffinityNet's SGD; empty for the classifiers)."""
+    from wsss_fast.train.methods import METHODS, SYNTHETIC_TRAIN, get_method
     if recipe is None:
-        return {}
+        return dict(get_method(method).train_defaults) if method in METHODS else {}
     if recipe not in RECIPES:
         raise ValueError(f"unknown training recipe {recipe!r}; known: {', '.join(RECIPES)}")
-    from wsss_fast.train.methods import SYNTHETIC_TRAIN, get_method
     if method is None:
         raise ValueError(f"the {recipe} recipe needs a method")
-    return {**SYNTHETIC_TRAIN, **get_method(method).synthetic_train}
+    chosen = get_method(method)
+    return {**SYNTHETIC_TRAIN, **chosen.train_defaults, **chosen.synthetic_train}

@@ -86,16 +86,21 @@ def augment(image: np.ndarray, aug: Augmentation, rng: np.random.Generator) -> t
     if aug.color_jitter is not None:
         x = color_jitter(x, aug.color_jitter, rng)
     x = (x - np.asarray(aug.mean, np.float32)) / np.asarray(aug.std, np.float32)
-    # Random crop with zero padding (imutils.RandomCrop): a crop-sized window and the image are
-    # placed at random relative offsets; outside the image stays 0 (the mean colour).
-    h, w = x.shape[:2]
-    out = np.zeros((aug.crop, aug.crop, 3), np.float32)
-    dy, dx = (int(rng.integers(0, abs(n - aug.crop) + 1)) for n in (h, w))
-    src_y, dst_y = (dy, 0) if h >= aug.crop else (0, dy)
-    src_x, dst_x = (dx, 0) if w >= aug.crop else (0, dx)
-    rows, cols = min(h, aug.crop), min(w, aug.crop)
-    out[dst_y:dst_y + rows, dst_x:dst_x + cols] = x[src_y:src_y + rows, src_x:src_x + cols]
+    out = random_crop(x, aug.crop, rng)   # padding 0: the mean colour after normalization
     return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
+
+
+def random_crop(x: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
+    """``imutils.RandomCrop`` of an ``(H, W, C)`` array: a ``crop × crop`` window and the image
+    placed at random relative offsets (rows drawn first); outside the image stays 0."""
+    h, w = x.shape[:2]
+    out = np.zeros((crop, crop) + x.shape[2:], np.float32)
+    dy, dx = (int(rng.integers(0, abs(n - crop) + 1)) for n in (h, w))
+    src_y, dst_y = (dy, 0) if h >= crop else (0, dy)
+    src_x, dst_x = (dx, 0) if w >= crop else (0, dx)
+    rows, cols = min(h, crop), min(w, crop)
+    out[dst_y:dst_y + rows, dst_x:dst_x + cols] = x[src_y:src_y + rows, src_x:src_x + cols]
+    return out
 
 
 class TrainingImages(torch.utils.data.Dataset):

@@ -10,7 +10,7 @@ explicitly; they are never the defaults of a run on other data (``TrainConfig``'
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional
 
 from wsss_fast.registry import Registry
 from wsss_fast.train import losses
@@ -31,10 +31,19 @@ class Method:
     # overrides that suit these small from-scratch models.
     synthetic_train: Mapping = field(default_factory=dict)
     synthetic_extract: Mapping = field(default_factory=dict)
+    # A method with a training loop of its own (not a classifier: AffinityNet): called as
+    # ``trainer(method, resolved_config, out, device, max_steps=, workers=, resume=,
+    # save_every=, progress=) -> checkpoint path`` instead of the classifier loop, and the
+    # TrainConfig fields that replace the generic defaults for it (its upstream settings).
+    trainer: Optional[Callable] = None
+    train_defaults: Mapping = field(default_factory=dict)
+    # ``check(config) -> [problem, ...]``: the method's own option checks (TrainConfig.problems)
+    check: Optional[Callable] = None
 
 
 METHODS: Registry[Method] = Registry("method", builtin_modules=(
-    "wsss_fast.train.methods", "wsss_fast.train.cnn_methods"))
+    "wsss_fast.train.methods", "wsss_fast.train.cnn_methods",
+    "wsss_fast.train.affinitynet_trainer"))
 
 
 def register_method(method: Method, *, override: bool = False) -> Method:

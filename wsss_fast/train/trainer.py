@@ -192,8 +192,9 @@ def train(config: TrainConfig) -> Path:
     previous_threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    loop = chosen.trainer or _run   # a method with a loop of its own (AffinityNet)
     try:
-        return _run(chosen, resolved, out, target, max_steps=config.max_steps,
+        return loop(chosen, resolved, out, target, max_steps=config.max_steps,
                     workers=config.workers, resume=config.resume, save_every=config.save_every,
                     progress=not config.quiet)
     finally:
