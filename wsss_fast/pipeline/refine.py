@@ -173,7 +173,7 @@ def refine(options: RefineOptions) -> JobResult:
             from wsss_fast.io.checksums import file_checksum
             from wsss_fast.pipeline.refine_psa import learned_psa_work
             config["affinity_checkpoint"] = file_checksum(options.affinity_checkpoint)
-            work = learned_psa_work(settings, dataset, cams_dir, outputs,
+            work = learned_psa_work(refine_one, settings, dataset, cams_dir, outputs,
                                     options.affinity_checkpoint, context.device,
                                     progress=not options.quiet, desc=f"refine[{context.rank}]")
             return JobSpec(config=config, outputs=outputs, work=work, validate=validate_label_png)

@@ -18,15 +18,15 @@ from wsss_fast.pipeline.job import item_failure, item_path, write_outputs
 BATCH_SIZE = 8
 
 
-def learned_psa_work(settings: dict, dataset, cams_dir: Path, outputs, checkpoint,
+def learned_psa_work(walk, settings: dict, dataset, cams_dir: Path, outputs, checkpoint,
                      device: torch.device, *, batch_size: int = BATCH_SIZE,
                      progress: bool = True, desc: str = "refine"):
-    """``work(todo, state)`` for the refine job; ``settings`` as ``refine.refine_one``'s. A bad
-    checkpoint (missing, IRN's, a classifier's) raises ``CheckpointError`` before any item."""
+    """``work(todo, state)`` for the refine job: ``walk(settings, item, image, cam_path,
+    device, features=)`` labels one image (``refine.refine_one``). A bad checkpoint (IRN's, a
+    classifier's) raises ``CheckpointError`` before any item."""
     from tqdm import tqdm
 
     from wsss_fast.data.images import ImageDecodeError, read_image, write_label_png
-    from wsss_fast.pipeline.refine import refine_one
     from wsss_fast.postprocess.psa_affinity import affinity_features, load_affinitynet
     net = load_affinitynet(checkpoint, device)
 
@@ -51,8 +51,8 @@ def learned_psa_work(settings: dict, dataset, cams_dir: Path, outputs, checkpoin
                 features = affinity_features(net, images, device) if images else []
                 for (item, cam_path), image, feature in zip(chunk, images, features):
                     try:
-                        label = refine_one(settings, item, image, cam_path, device,
-                                           features=feature)
+                        label = walk(settings, item, image, cam_path, device,
+                                     features=feature)
                     except Exception as error:   # noqa: BLE001 (item_failure re-raises run errors)
                         state.record_skipped(item, item_failure(error))
                     else:
