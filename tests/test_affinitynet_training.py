@@ -302,6 +302,8 @@ def test_cli_bad_inputs(tiny_set, tmp_path, capsys):
     assert "multiple of 8" in capsys.readouterr().err
     assert main(_train_args(root, data, tmp_path / "a", "--crop", "64")) == 2
     assert "at least 72" in capsys.readouterr().err
+    assert main(_train_args(root, data, tmp_path / "a", "--model", "irn_tiny")) == 2
+    assert "not an AffinityNet" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
     args = _train_args(root, data, tmp_path / "b")
     args[args.index("--cams") + 1] = str(tmp_path / "none")

@@ -52,7 +52,7 @@ from wsss_fast.io.cam_files import CamFileError, load_cam_file
 from wsss_fast.io.checksums import bytes_checksum
 from wsss_fast.models.affinitynet import OUTPUT_STRIDE, pair_affinity
 from wsss_fast.models.checkpoint import torch_file_bytes
-from wsss_fast.models.registry import create_model
+from wsss_fast.models.registry import MODELS, create_model
 from wsss_fast.train import trainer as classifier_trainer
 from wsss_fast.train.affinity import (PSA_ALPHAS, PSA_RADIUS, psa_label, psa_label_scores, psa_loss,
                                       psa_pairs, psa_targets)
@@ -246,6 +246,9 @@ def config_problems(config) -> list[str]:
     elif int(config.crop) < MIN_CROP:
         problems.append(f"--crop {config.crop}: the radius-{PSA_RADIUS} pairs need a grid of at "
                         f"least {MIN_CROP // OUTPUT_STRIDE} cells: crop at least {MIN_CROP}")
+    if config.model and config.model in MODELS and MODELS.get(config.model).family != "psa":
+        problems.append(f"--model {config.model} is not an AffinityNet (affinitynet, "
+                        f"affinitynet_tiny)")
     if config.backbone and not Path(config.backbone).is_file():
         problems.append(f"--backbone {config.backbone}: no such file")
     return problems
