@@ -297,7 +297,7 @@ def transcam_section(repo: str, images: int, rounds: int, quick: bool) -> list[s
     diff = max_diff(names, best["ours"]["out"], os.path.join(best["official"]["out"], "cam"))
     off, ours = best["official"], best["ours"]
     model = "Conformer tiny (golden layout)" if quick else "Conformer-S"
-    lines = [f"## TransCAM: official `infer_TransCAM.py` vs `CamEngine(model, \"transcam\")`", "",
+    lines = ["## TransCAM: official `infer_TransCAM.py` vs `CamEngine(model, \"transcam\")`", "",
              f"{model}, {images} synthetic VOC-size images, squares {SQUARES} x flip, fp32, "
              f"{torch.get_num_threads()} threads, best of {rounds} interleaved rounds "
              f"(mean over images). Max |ours - official| over the saved CAM dicts: {diff:.2e}.",

@@ -26,6 +26,7 @@ from wsss_fast.options import add_options_arguments
 from wsss_fast.pipeline.options import require
 from wsss_fast.pipeline.train import train
 from wsss_fast.train import RECIPES, TrainConfig, recipe_settings
+from wsss_fast.train.methods import METHODS, get_method
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,10 +42,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {name: value for name, value in vars(args).items() if name in names}
     recipe = getattr(args, "recipe", None)
-    settings = recipe_settings(recipe, given.get("method")) if recipe else {}
+    settings = recipe_settings(recipe, given.get("method"))
     applied = {k: v for k, v in settings.items() if k not in given}
-    if recipe:
-        print(f"wsss-fast train: recipe {recipe} for {given.get('method')}: "
+    if recipe is None and given.get("method") in METHODS:   # the method's own (IRN's, PSA's SGD)
+        applied = {k: v for k, v in get_method(given["method"]).defaults.items()
+                   if given.get(k) is None}
+    if applied:
+        source = f"recipe {recipe}" if recipe else "upstream settings"
+        print(f"wsss-fast train: {source} for {given.get('method')}: "
               + ", ".join(f"{k}={v}" for k, v in applied.items()), file=sys.stderr)
     return TrainConfig(**{**settings, **given})
 

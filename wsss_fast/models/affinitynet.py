@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsss_fast.models.checkpoint import CheckpointError, CheckpointMismatch, read_state_dict
 from wsss_fast.models.edam import add_resnet38_trunk
 from wsss_fast.models.registry import ModelEntry, register_model
 
 OUTPUT_STRIDE = 8
+HEAD_KEYS = ("f8_3.weight", "f8_4.weight", "f8_5.weight", "f9.weight")
 
 
 class AffinityNet(nn.Module):
@@ -83,6 +85,28 @@ class AffinityNet(nn.Module):
         dict is PSA's)."""
         return self.f8_3, self.f8_4, self.f8_5, self.f9
 
+    def load_backbone(self, source) -> int:
+        """Copy the ResNet-38 trunk (every key but the head's) from a ResNet-38 classifier
+        checkpoint (EDAM, PSA's ``resnet38_cls``) or an AffinityNet; returns how many tensors were
+        copied. A trunk key missing or of another shape is a ``CheckpointMismatch``; the source's
+        other keys (its classifier head) are ignored."""
+        state = read_state_dict(source)
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith(("f8_", "f9."))}
+        if "conv1a.weight" not in state:
+            raise CheckpointMismatch(f"backbone checkpoint is not a ResNet-38: it looks like "
+                                     f"{describe_state(state)}")
+        missing = sorted(k for k in own if k not in state)
+        conflicts = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                     if k in state and state[k].shape != v.shape]
+        if missing or conflicts:
+            details = [f"{title} ({len(keys)}): {', '.join(keys[:6])}"
+                       for title, keys in (("missing", missing), ("shape conflicts", conflicts))
+                       if keys]
+            raise CheckpointMismatch(f"backbone checkpoint does not fit this AffinityNet's "
+                                     f"ResNet-38 (--model-arg width/blocks?): {'; '.join(details)}")
+        self.load_state_dict({k: state[k] for k in own}, strict=False)
+        return len(own)
+
     def taps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """conv4, conv5, conv6 of ``resnet38d.forward_as_dict`` (all stride 8)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
@@ -115,6 +139,29 @@ def pair_affinity(features: torch.Tensor, sources: torch.Tensor,
     source = flat[:, :, sources].unsqueeze(2)                                 # (B, C, 1, S)
     destination = flat[:, :, destinations.reshape(-1)].view(*flat.shape[:2], *destinations.shape)
     return torch.exp(-(destination - source).abs().mean(dim=1))
+
+
+def describe_state(state: dict) -> str:
+    """What a state dict looks like, from its keys (for one-line errors)."""
+    keys = list(state)
+    if any(k.startswith(("fc_edge", "fc_dp")) for k in keys):
+        return "an IRN checkpoint (IRNet boundary / displacement heads fc_edge*, fc_dp*)"
+    if all(k in state for k in HEAD_KEYS):
+        return "an AffinityNet checkpoint"
+    if any(k.startswith("resnet50.") for k in keys):
+        return "a ResNet-50 CAM classifier (resnet50.* keys, IRN / LPCAM)"
+    if "conv1a.weight" in state:
+        return "a ResNet-38 classifier without AffinityNet's head (EDAM / PSA resnet38_cls)"
+    if any(k.startswith("blocks.") for k in keys):
+        return "a ViT classifier (blocks.* keys)"
+    return f"an unknown model (keys {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
+
+
+def check_affinitynet_state(state: dict, where: str) -> None:
+    """``CheckpointError`` naming what ``state`` looks like unless it is an AffinityNet's."""
+    if not (all(k in state for k in HEAD_KEYS) and "conv1a.weight" in state):
+        raise CheckpointError(f"{where} is not an AffinityNet checkpoint: it looks like "
+                              f"{describe_state(state)}")
 
 
 def config_from_state(state: dict) -> dict:

@@ -43,6 +43,9 @@ class RefineOptions(DatasetOptions):
     pad_size: int = option(512, "learned networks: images are zero-padded to this square "
                            "side (IRN: 512; larger images to the next multiple of 16)",
                            check=positive_int)
+    affinity_checkpoint: Optional[str] = option(None, "psa: a trained AffinityNet (train "
+                                                "--method affinitynet); its features replace "
+                                                "--features")
     beta: Optional[float] = option(None, "affinity power (default: the preset's)",
                                    check=positive_float)
     steps: Optional[int] = option(None, "random-walk steps (default 256)", check=positive_int)
@@ -59,7 +62,8 @@ class RefineOptions(DatasetOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("cams", "out", "edges", "features", "irn_checkpoint"):
+        for name in ("cams", "out", "edges", "features", "irn_checkpoint",
+                     "affinity_checkpoint"):
             setattr(self, name, path_or_none(getattr(self, name)))
 
 
@@ -122,7 +126,8 @@ def image_color_features(image: np.ndarray, grid: tuple[int, int]) -> np.ndarray
 def refine_one(settings: dict, item: str, image: np.ndarray, cam_path: Path,
                device: torch.device, side_input: Optional[np.ndarray] = None) -> np.ndarray:
     """The label of one image; ``settings``: preset, its options, edges and features folders;
-    ``side_input``: the boundary map / features a learned network made for this image."""
+    ``side_input``: the boundary map (irn) / features (psa) a learned network made
+    for this image, instead of the folders'."""
     from wsss_fast.io.cam_files import load_cam_file
     from wsss_fast.postprocess import random_walk as rw
     record = load_cam_file(cam_path)
@@ -197,6 +202,13 @@ def refine(options: RefineOptions) -> JobResult:
         if options.pad_size % 16:
             raise OptionsError(f"--pad-size {options.pad_size}: must be a multiple of 16 (the "
                                f"networks' stride)")
+    if options.affinity_checkpoint is not None:   # learned PSA affinities (pipeline/refine_psa)
+        if options.preset != "psa" or options.features:
+            raise OptionsError("--affinity-checkpoint goes with --preset psa, without --features")
+        if not Path(options.affinity_checkpoint).is_file():
+            raise InputError(f"--affinity-checkpoint {options.affinity_checkpoint}: no such file")
+        from wsss_fast.postprocess.psa_affinity import check_affinity_checkpoint
+        check_affinity_checkpoint(options.affinity_checkpoint)   # before anything is written
 
     def outputs(item):
         return {"label": item_path(out / "labels", item, ".png")}
@@ -220,6 +232,14 @@ def refine(options: RefineOptions) -> JobResult:
                 raise InputError(str(error)) from error
         settings = {"preset": options.preset, "options": walk, "edges": options.edges,
                     "features": options.features, "device": str(context.device)}
+        if options.affinity_checkpoint is not None:
+            from wsss_fast.io.checksums import file_checksum
+            from wsss_fast.pipeline.refine_psa import learned_psa_work
+            config["affinity_checkpoint"] = file_checksum(options.affinity_checkpoint)
+            work = learned_psa_work(refine_one, settings, dataset, cams_dir, outputs,
+                                    options.affinity_checkpoint, context.device,
+                                    progress=not options.quiet, desc=f"refine[{context.rank}]")
+            return JobSpec(config=config, outputs=outputs, work=work, validate=validate_label_png)
 
         def job_args(item):
             image_path = dataset.sample(item).image_path

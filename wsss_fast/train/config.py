@@ -79,7 +79,7 @@ class TrainConfig(DatasetOptions):
     weight_decay: Optional[float] = option(None, "default: the method's (0.05; irn 1e-4)",
                                            group=_OPT, check=nonneg_float)
     momentum: Optional[float] = option(
-        None, "SGD momentum of the SGD methods (irn). Default: the weight decay, reproducing "
+        None, "SGD momentum of the SGD methods (irn, affinitynet). Default: the weight decay, reproducing "
         "IRN's PolyOptimizer, which passes weight_decay in SGD's momentum slot (1e-4: "
         "effectively no momentum); 0.9 for textbook SGD", group=_OPT, check=nonneg_float)
     warmup_epochs: float = option(1.0, "linear warm-up length in epochs (AdamW methods)",
@@ -93,14 +93,18 @@ class TrainConfig(DatasetOptions):
     color_jitter: Union[bool, tuple[float, ...], None] = option(
         True, "no colour jitter (default: TransCAM's strengths; in Python also (brightness, "
         "contrast, saturation, hue))", group=_AUG, check=check_jitter)
+    # The affinity networks' training inputs: IRN's confident regions, PSA's CAMs.
     ir_labels: Optional[str] = option(
         None, "irn: folder of confident-region labels <id>.png (pseudo-label --rule confident "
         "writes them, under its --out/labels; 0 background, k class k, 255 unsure)",
         group="dataset")
+    cams: Optional[str] = option(None, "affinitynet: CAM files (<id>.npy, max-normalized) of the "
+                                 "split, for PSA's la / ha CRF labels (α 4 / 32)", group=_METHOD)
     backbone: Optional[str] = option(
         None, "irn: classifier checkpoint (resnet_cam, e.g. irn_cam / LPCAM's) whose ResNet is "
-        "loaded and frozen, as IRN freezes its ImageNet ResNet; without it the backbone is "
-        "trained with the heads", group=_METHOD)
+        "loaded and frozen, as IRN freezes its ImageNet ResNet (without it the backbone is "
+        "trained with the heads); affinitynet: the ResNet-38 trunk's start (EDAM / PSA "
+        "resnet38_cls)", group=_METHOD)
     out: Optional[str] = option(None, "output folder", group=_RUN, fingerprint=False)
     seed: int = option(0, group=_RUN, check=seed_int)
     resume: bool = option(False, "continue the run in --out from its last saved state",
@@ -121,13 +125,14 @@ class TrainConfig(DatasetOptions):
     def __post_init__(self):
         super().__post_init__()
         self.out = path_or_none(self.out)
-        self.ir_labels, self.backbone = path_or_none(self.ir_labels), path_or_none(self.backbone)
+        for name in ("ir_labels", "cams", "backbone"):
+            setattr(self, name, path_or_none(getattr(self, name)))
         self.model_args = parse_key_values(self.model_args, "--model-arg")
 
     @classmethod
     def from_recipe(cls, recipe: Optional[str], **given) -> "TrainConfig":
         """A config of ``recipe``'s settings for ``given["method"]`` with ``given`` on top
-        (``recipe=None``: the generic defaults)."""
+        (the method's ``defaults`` fill the optimization options left None: ``resolved``)."""
         return cls(**{**recipe_settings(recipe, given.get("method")), **given})
 
     def problems(self) -> list[str]:
@@ -140,6 +145,11 @@ class TrainConfig(DatasetOptions):
                             f"expected MIN <= MAX")
         if self.resume and self.overwrite:
             problems.append("resume and overwrite exclude each other")
+        from wsss_fast.train.methods import METHODS
+        if isinstance(self.method, str) and self.method in METHODS:
+            check = METHODS.get(self.method).check
+            if check is not None and not problems:
+                problems.extend(check(self))
         return problems
 
     def resolved(self, method) -> "TrainConfig":
@@ -153,7 +163,7 @@ class TrainConfig(DatasetOptions):
         filled = {name: defaults[name] for name in GENERIC_OPTIMIZATION
                   if getattr(self, name) is None}
         paths = {name: str(Path(getattr(self, name)).resolve())
-                 for name in ("ir_labels", "backbone") if getattr(self, name) is not None}
+                 for name in ("ir_labels", "cams", "backbone") if getattr(self, name) is not None}
         return dataclasses.replace(
             self, **filled, **paths, method=method.name, model=self.model or method.model,
             data=str(Path(self.data).resolve()), seed=int(self.seed),
@@ -170,12 +180,14 @@ class TrainConfig(DatasetOptions):
 
 
 def recipe_settings(recipe: Optional[str], method: Optional[str]) -> dict:
-    """The TrainConfig fields that ``recipe`` sets for ``method``."""
+    """The TrainConfig fields that ``recipe`` sets for ``method`` (``recipe=None``: none; the
+    method's ``defaults`` — e.g. IRN's and AffinityNet's SGD — apply in ``resolved``)."""
+    from wsss_fast.train.methods import SYNTHETIC_TRAIN, get_method
     if recipe is None:
         return {}
     if recipe not in RECIPES:
         raise ValueError(f"unknown training recipe {recipe!r}; known: {', '.join(RECIPES)}")
-    from wsss_fast.train.methods import SYNTHETIC_TRAIN, get_method
     if method is None:
         raise ValueError(f"the {recipe} recipe needs a method")
-    return {**SYNTHETIC_TRAIN, **get_method(method).synthetic_train}
+    chosen = get_method(method)
+    return {**SYNTHETIC_TRAIN, **chosen.defaults, **chosen.synthetic_train}

@@ -86,17 +86,14 @@ def augment(image: np.ndarray, aug: Augmentation, rng: np.random.Generator) -> t
     if aug.color_jitter is not None:
         x = color_jitter(x, aug.color_jitter, rng)
     x = (x - np.asarray(aug.mean, np.float32)) / np.asarray(aug.std, np.float32)
-    # Random crop with zero padding (imutils.RandomCrop): a crop-sized window and the image are
-    # placed at random relative offsets; outside the image stays 0 (the mean colour).
-    out = np.zeros((aug.crop, aug.crop, 3), np.float32)
-    source, target = random_crop_window(x.shape[:2], aug.crop, rng)
-    out[target] = x[source]
+    out = random_crop(x, aug.crop, rng)   # padding 0: the mean colour after normalization
     return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
 
 
 def random_crop_window(size: tuple[int, int], crop: int, rng: np.random.Generator):
     """imutils.RandomCrop's placement of a ``crop × crop`` window and an image of ``size``
-    ``(h, w)`` at random relative offsets: ``(source, target)`` slice pairs, image → crop."""
+    ``(h, w)`` at random relative offsets (rows drawn first): ``(source, target)`` slice pairs,
+    image → crop."""
     h, w = size
     dy, dx = (int(rng.integers(0, abs(n - crop) + 1)) for n in (h, w))
     src_y, dst_y = (dy, 0) if h >= crop else (0, dy)
@@ -104,6 +101,15 @@ def random_crop_window(size: tuple[int, int], crop: int, rng: np.random.Generato
     rows, cols = min(h, crop), min(w, crop)
     return ((slice(src_y, src_y + rows), slice(src_x, src_x + cols)),
             (slice(dst_y, dst_y + rows), slice(dst_x, dst_x + cols)))
+
+
+def random_crop(x: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
+    """``imutils.RandomCrop`` of an ``(H, W, C)`` array: ``random_crop_window``'s placement;
+    outside the image stays 0."""
+    out = np.zeros((crop, crop) + x.shape[2:], np.float32)
+    source, target = random_crop_window(x.shape[:2], crop, rng)
+    out[target] = x[source]
+    return out
 
 
 class TrainingImages(torch.utils.data.Dataset):

@@ -35,12 +35,16 @@ class Method:
     # for the options left None), e.g. IRN's SGD lr 0.1.
     defaults: Mapping = field(default_factory=dict)
     # The training loop: None for trainer.py's (image-level labels, AdamW); a method with other
-    # data or optimizer (IRN: ir-labels, SGD-poly) gives its own, with trainer._run's signature.
+    # data or optimizer (IRN: ir-labels, SGD-poly; AffinityNet: CAMs, PSA's pairs) gives its
+    # own, with trainer._run's signature.
     runner: Optional[Callable] = None
+    # ``check(config) -> [problem, ...]``: the method's own option checks (TrainConfig.problems)
+    check: Optional[Callable] = None
 
 
 METHODS: Registry[Method] = Registry("method", builtin_modules=(
-    "wsss_fast.train.methods", "wsss_fast.train.cnn_methods", "wsss_fast.train.irn_trainer"))
+    "wsss_fast.train.methods", "wsss_fast.train.cnn_methods", "wsss_fast.train.irn_trainer",
+    "wsss_fast.train.affinitynet_trainer"))
 
 
 def register_method(method: Method, *, override: bool = False) -> Method:
