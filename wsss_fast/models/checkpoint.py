@@ -216,9 +216,10 @@ def load_matching(model: nn.Module, source) -> dict:
 
     ViT class tokens and positional embeddings whose class-token count differs (a one-token
     backbone into MCTformer's C tokens) are adapted (``_adapted_prefix_tokens``). Returns lists
-    of keys: ``loaded``, ``adapted``, ``missing`` (in the model, not loaded: they keep their
-    initialization), ``unexpected`` (in the checkpoint only) and ``shape_mismatched``
-    (``"key: checkpoint (...) vs model (...)"``), plus the counts of loaded values.
+    of keys: ``loaded``, ``adapted``, ``missing`` (in the model, not in the checkpoint),
+    ``unexpected`` (in the checkpoint only) and ``shape_mismatched`` (in both, shapes differ:
+    ``"key: checkpoint (...) vs model (...)"``), plus the counts of loaded values. Missing and
+    shape-mismatched keys keep the model's initialization.
     """
     state = read_state_dict(source)
     expected = model.state_dict()
@@ -241,7 +242,7 @@ def load_matching(model: nn.Module, source) -> dict:
     model.load_state_dict(load, strict=False)
     order = sorted(load, key=_natural_key)
     return {"loaded": [k for k in order if k not in adapted], "adapted": sorted(adapted),
-            "missing": sorted((k for k in expected if k not in load), key=_natural_key),
+            "missing": sorted((k for k in expected if k not in state), key=_natural_key),
             "unexpected": sorted((k for k in state if k not in expected), key=_natural_key),
             "shape_mismatched": sorted(mismatched, key=_natural_key),
             "loaded_values": int(sum(load[k].numel() for k in load)),
