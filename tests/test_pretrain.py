@@ -117,8 +117,7 @@ def test_load_matching_reports_shape_mismatches_and_keeps_them_initialized():
     report = load_matching(model, source)
     mismatched = {entry.split(":")[0] for entry in report["shape_mismatched"]}
     assert mismatched == {"conv_cls_head.weight", "conv_cls_head.bias", "trans_cls_head.weight",
-                          "trans_cls_head.bias"} or mismatched == {
-        "conv_cls_head.weight", "trans_cls_head.weight", "trans_cls_head.bias"}
+                          "trans_cls_head.bias"}
     assert not mismatched & set(report["missing"]) and not mismatched & set(report["loaded"])
     assert torch.equal(model.conv_cls_head.weight.detach(), head)
     assert report["loaded_values"] < report["model_values"]

@@ -6,7 +6,8 @@ A *family* is the small model that several methods share (``PRETRAIN_FAMILIES``)
 trains that model, with its own classification loss, on freshly rendered source images (step
 ``s`` sees images ``s·B … s·B + B - 1`` of the "train" stream, so no two steps share an image and
 a resumed run sees exactly what an uninterrupted one would). The result is one file:
-``{"model": fp16 state dict, "pretrain": {family, model, steps, seed, val_map, minutes, ...}}``,
+``{"model": fp16 state dict of the trained tensors, "pretrain": {family, model, steps, seed,
+val_map, minutes, ...}}``,
 which ``wsss-fast train --init FILE`` loads into any method of the family
 (``wsss_fast.models.checkpoint.load_matching``). While it runs, ``FILE.state.pth`` holds the
 resumable state (weights, optimizer, step, RNG), written atomically every ``save_every`` steps;
@@ -279,8 +280,11 @@ def _run(config, family, out: Path, state_file: Path, device, command) -> dict:
               "seed": config.seed, "val_map": round(val_map, 4),
               "minutes": round(seconds / 60, 2), "source_classes": NUM_SOURCE_CLASSES,
               "settings": config.fingerprint(), "command": command, "history": history}
+    # Only what pretraining trained: parameters the loss never reached (EDAM's per-class CMA,
+    # off the classification path) would pass for pretrained weights in train --init's report.
+    untrained = {name for name, p in net.named_parameters() if p.grad is None}
     weights = {k: (v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu())
-               for k, v in net.state_dict().items()}
+               for k, v in net.state_dict().items() if k not in untrained}
     atomic_write_bytes(out, torch_file_bytes({"model": weights, "pretrain": record}))
     state_file.unlink(missing_ok=True)
     return record
