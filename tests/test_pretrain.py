@@ -164,3 +164,20 @@ def test_shipped_backbones_fit_every_method_and_the_manifest(tmp_path):
         # only classification heads (and method-specific layers) stay initialized
         assert report["loaded_values"] > 0.5 * report["model_values"], method
     assert json.loads(write_manifest(tmp_path).read_text())["checkpoints"] == {}
+
+
+@pytest.mark.skipif(not SHIPPED, reason="no shipped backbones (make pretrain)")
+def test_demo_starts_every_method_from_its_family_backbone_unless_from_scratch():
+    from wsss_fast.cli import build_parser
+    from wsss_fast.demo import DEMO_METHODS, FULL, QUICK, extraction_plan, train_overrides
+    for row in DEMO_METHODS:
+        trained = "irn_cam" if row == "lpcam" else extraction_plan(row)[0]
+        overrides = train_overrides(trained, FULL, pretrained=True)
+        family = family_of_model(get_method(trained).model)
+        assert overrides["init"] == str(PRETRAINED_DIR / f"{family}.pt")
+        assert train_overrides(trained, FULL, pretrained=False) == {}
+    assert train_overrides("transcam", FULL, pretrained=True)["epochs"] == 6
+    assert train_overrides("transcam", QUICK, pretrained=True)["epochs"] == 2   # the scale wins
+    parser, _ = build_parser(only="demo")
+    assert parser.parse_args(["demo", "--from-scratch"]).from_scratch
+    assert not parser.parse_args(["demo"]).from_scratch
