@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 
-.PHONY: install test test-all bench bench-report gpu-check demo demo-quick ops-demo clean
+.PHONY: install test test-all bench bench-report gpu-check demo demo-quick ops-demo pretrain clean
 
 install:  ## pinned dependencies (CPU torch first: never let pip pick a CUDA build), then the build
 	$(PIP) install --disable-pip-version-check -q torch==2.13.0
@@ -27,13 +27,20 @@ gpu-check: install  ## on a CUDA machine (<= 8 min): nvcc build, gpu tests, GPU 
 demo: install  ## the pipeline on the synthetic benchmark, every method trained (~20 min, 2 cores)
 	$(PYTHON) -m wsss_fast demo --out demo_out
 
+# The shipped backbones (pretrained/*.pt, manifest pretrained/MANIFEST.json): one pretraining run
+# per family on the procedural source domain; PRETRAIN_FLAGS adds options (e.g. --overwrite).
+PRETRAIN = $(PYTHON) -m wsss_fast pretrain --seed 0 --threads 1 --quiet $(PRETRAIN_FLAGS)
+pretrain: install  ## the four tiny backbones on the source domain (~25 min, 2 cores)
+	$(PRETRAIN) --family vit --steps 200 --out pretrained/vit.pt
+	$(PRETRAIN) --family resnet --steps 200 --out pretrained/resnet.pt
+	$(PRETRAIN) --family conformer --steps 150 --lr 5e-4 --out pretrained/conformer.pt
+	$(PRETRAIN) --family resnet38 --steps 150 --out pretrained/resnet38.pt
+	$(PYTHON) -c "from wsss_fast.train.pretrain import write_manifest; write_manifest('pretrained')"
+
 demo-quick: install  ## the same at a smoke-test size (48 images, 2 epochs: CI)
 	$(PYTHON) -m wsss_fast demo --quick --out demo_quick
 
-ops-gpu-check: install  ## on a CUDA machine (<= 8 min): nvcc build, gpu tests, GPU benchmarks -> benchmarks/results/gpu/report.md
-	$(PYTHON) -m benchmarks.gpu_check
-
-demo: install  ## the ops on a ViT-S-sized case: every face checked against the reference, timed
+ops-demo: install  ## the ops on a ViT-S-sized case: every face checked against the reference, timed
 	$(PYTHON) examples/ops_demo.py
 
 clean:

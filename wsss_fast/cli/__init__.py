@@ -22,7 +22,7 @@ from wsss_fast.options import argparse_type, key_value, text
 COMMANDS = {
     "synth": "synth", "extract": "extract", "pseudo-label": "pseudo_label", "refine": "refine",
     "evaluate": "evaluate", "bench": "bench", "train": "train", "demo": "demo",
-    "prototypes": "prototypes",
+    "prototypes": "prototypes", "pretrain": "pretrain",
 }
 
 

@@ -8,6 +8,7 @@ sweep curves (sweep_curves.png) and an overlay gallery (gallery.png). Resumable.
 
   wsss-fast demo                  # the full demo (≤ 20 minutes on 2 CPU cores)
   wsss-fast demo --quick          # a small smoke version (CI)
+  wsss-fast demo --from-scratch   # every model from random weights (no pretrained backbone)
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=argparse_type(seed_int), default=0)
     parser.add_argument("--workers", type=argparse_type(worker_count), default=2)
     parser.add_argument("--device", type=argparse_type(device_name), default="cpu")
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="train every model from random weights (default: from the shipped "
+                        "backbones pretrained on the source domain, pretrained/*.pt)")
     parser.add_argument("--methods", nargs="+", default=list(DEMO_METHODS),
                         choices=DEMO_METHODS, help="subset of methods (default: all)")
 
@@ -32,5 +36,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from wsss_fast.demo import run_demo
     run_demo(args.out, quick=args.quick, seed=args.seed, workers=args.workers,
-             device=args.device, methods=args.methods)
+             device=args.device, methods=args.methods, pretrained=not args.from_scratch)
     return 0

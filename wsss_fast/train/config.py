@@ -62,6 +62,9 @@ class TrainConfig(DatasetOptions):
     model_args: dict = option(help="architecture argument, e.g. depth=6 (repeatable)",
                               flag="--model-arg", repeat=True, metavar="KEY=VALUE",
                               group=_METHOD, default_factory=dict)
+    init: Optional[str] = option(None, "start from this pretrained backbone (wsss-fast "
+                                 "pretrain): every tensor that fits by name and shape is "
+                                 "loaded, the rest reported", group=_METHOD)
     split: Optional[str] = option("train", "split name or a path to a list file",
                                   group="dataset")
     epochs: Optional[int] = option(None, "epochs the schedule spans (default: the method's; 20, "
@@ -125,7 +128,7 @@ class TrainConfig(DatasetOptions):
     def __post_init__(self):
         super().__post_init__()
         self.out = path_or_none(self.out)
-        for name in ("ir_labels", "cams", "backbone"):
+        for name in ("init", "ir_labels", "cams", "backbone"):
             setattr(self, name, path_or_none(getattr(self, name)))
         self.model_args = parse_key_values(self.model_args, "--model-arg")
 

@@ -35,7 +35,8 @@ from wsss_fast.data.dataset import require_images
 from wsss_fast.data.factory import open_dataset
 from wsss_fast.io.atomic import atomic_write_group, atomic_write_json
 from wsss_fast.io.checksums import bytes_checksum, file_checksum
-from wsss_fast.models.checkpoint import CheckpointError, read_torch_file, torch_file_bytes
+from wsss_fast.models.checkpoint import (CheckpointError, describe_load, load_matching,
+                                        read_torch_file, torch_file_bytes)
 from wsss_fast.models.registry import create_model
 from wsss_fast.train.config import TrainConfig
 from wsss_fast.train.data import Augmentation, TrainingImages, batches_per_epoch, epoch_loader
@@ -219,6 +220,11 @@ def _run(chosen: Method, config: TrainConfig, out: Path, target: torch.device, *
     images = TrainingImages(data, aug, seed=config.seed)
     _seed_everything(config.seed)
     net = create_model(config.model, num_classes=data.num_classes, **config.model_args)
+    init_report = None
+    if config.init is not None:   # on resume the state's weights replace these
+        init_report = load_matching(net, config.init)
+        if not resume:
+            print(f"wsss-fast train: {describe_load(init_report, config.init)}", file=sys.stderr)
     net = net.to(target)
     optimizer = torch.optim.AdamW(parameter_groups(net, config.weight_decay), lr=config.lr)
     steps_per_epoch = batches_per_epoch(len(images), config.batch_size)
@@ -231,19 +237,21 @@ def _run(chosen: Method, config: TrainConfig, out: Path, target: torch.device, *
                     schedule=lambda step: learning_rate(step, total_steps, warmup_steps,
                                                         config.lr, config.min_lr),
                     max_steps=max_steps, workers=workers, resume=resume,
-                    save_every=save_every, progress=progress)
+                    save_every=save_every, progress=progress, init_report=init_report)
 
 
 def run_loop(chosen: Method, config: TrainConfig, out: Path, target: torch.device, *, data,
              images, net, optimizer, total_steps: int, schedule: Callable[[int], float],
              skipped: dict, max_steps: Optional[int], workers: int, resume: bool,
              save_every: Optional[int], progress: bool,
-             before_last_save: Optional[Callable[[], None]] = None) -> Path:
+             before_last_save: Optional[Callable[[], None]] = None,
+             init_report: Optional[dict] = None) -> Path:
     """The resumable loop every method shares: seeded epochs of ``images`` (items ``(id,
     image, target, error)``, see ``TrainingImages``), ``chosen.loss`` per batch, the base
     learning rate ``schedule(step)`` (times each optimizer group's ``lr_scale``, default 1),
     atomic saves, the report. ``before_last_save`` runs once the schedule is complete, before
-    the final save (IRN: the displacement mean)."""
+    the final save (IRN: the displacement mean); ``init_report``: what ``--init`` loaded, for
+    the report."""
     steps_per_epoch = batches_per_epoch(len(images), config.batch_size)
     stop = total_steps if max_steps is None else min(max_steps, total_steps)
     run = _Run()
@@ -262,7 +270,7 @@ def run_loop(chosen: Method, config: TrainConfig, out: Path, target: torch.devic
                                   "checkpoint_blake2b": bytes_checksum(checkpoint)})
         atomic_write_group({out / CHECKPOINT: checkpoint, out / STATE: state})
         _write_report(out / REPORT, config, run, data, len(images), total_steps,
-                      finished=run.step >= total_steps)
+                      finished=run.step >= total_steps, init=init_report)
 
     if not checkpoint_current:   # resumed with a missing or torn checkpoint: the state's weights
         save()
@@ -359,7 +367,7 @@ def _check_resumable(saved: dict, current: dict, out: Path) -> None:
 
 
 def _write_report(path: Path, config: TrainConfig, run: _Run, data, num_images: int,
-                  total_steps: int, finished: bool) -> None:
+                  total_steps: int, finished: bool, init: Optional[dict] = None) -> None:
     atomic_write_json(path, {
         "config": config.fingerprint(),
         "dataset": {"kind": data.name, "root": data.root, "images": num_images,
@@ -371,4 +379,5 @@ def _write_report(path: Path, config: TrainConfig, run: _Run, data, num_images: 
         "partial_epoch": ({name: total / run.updates for name, total in run.sums.items()}
                           if run.updates else None),
         "skipped": [{"id": id, "reason": reason} for id, reason in sorted(run.skipped.items())],
+        "init": init,    # load_matching's report of config.init (None: from scratch)
     })
