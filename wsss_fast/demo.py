@@ -93,6 +93,15 @@ def extraction_plan(row: str) -> tuple[str, str, str, str]:
     return row, chosen.model, chosen.preset, row
 
 
+def train_finished(out: Path) -> bool:
+    """Whether the training run in ``out`` completed (an interrupted run leaves its last epoch's
+    checkpoint behind, which must be resumed, not used)."""
+    from wsss_fast.train.trainer import CHECKPOINT, REPORT
+    if not (out / CHECKPOINT).exists() or not (out / REPORT).exists():
+        return False
+    return bool(json.loads((out / REPORT).read_text()).get("finished"))
+
+
 def _train(method: str, data: Path, out: Path, scale: DemoScale, seed: int, workers: int,
            device: str) -> Path:
     """The checkpoint of ``method`` trained into ``out`` (trained there first if missing) with
@@ -100,7 +109,7 @@ def _train(method: str, data: Path, out: Path, scale: DemoScale, seed: int, work
     from wsss_fast.pipeline import TrainConfig, train
     from wsss_fast.train.trainer import CHECKPOINT, STATE
     checkpoint = out / CHECKPOINT
-    if not checkpoint.exists():
+    if not train_finished(out):
         train(TrainConfig.from_recipe(
             "synthetic", method=method, data=str(data), out=str(out), split="train", seed=seed,
             workers=workers, device=device, resume=(out / STATE).exists(),
@@ -158,7 +167,7 @@ def demo_lpcam_cams(data: Path, work: Path, train_overrides: dict, *, seed: int,
     data, work = Path(data), Path(work)
     model = get_method("irn_cam").model
     checkpoint = work / "train" / CHECKPOINT
-    if not checkpoint.exists():
+    if not train_finished(work / "train"):
         train(TrainConfig.from_recipe(
             "synthetic", method="irn_cam", data=str(data), out=str(work / "train"),
             split="train", seed=seed, workers=workers, device=device,
