@@ -93,15 +93,6 @@ def extraction_plan(row: str) -> tuple[str, str, str, str]:
     return row, chosen.model, chosen.preset, row
 
 
-def train_finished(out: Path) -> bool:
-    """Whether the training run in ``out`` completed (an interrupted run leaves its last epoch's
-    checkpoint behind, which must be resumed, not used)."""
-    from wsss_fast.train.trainer import CHECKPOINT, REPORT
-    if not (out / CHECKPOINT).exists() or not (out / REPORT).exists():
-        return False
-    return bool(json.loads((out / REPORT).read_text()).get("finished"))
-
-
 def _train(method: str, data: Path, out: Path, scale: DemoScale, seed: int, workers: int,
            device: str) -> Path:
     """The checkpoint of ``method`` trained into ``out`` (trained there first if missing) with
@@ -141,6 +132,15 @@ def checked(result):
         reason = result.skipped[0]["reason"] if result.skipped else "no items"
         raise PipelineError(f"{result.command} did nothing in {result.out_dir}: {reason}")
     return result
+
+
+def train_finished(out: Path) -> bool:
+    """Whether the training run in ``out`` completed (an interrupted run leaves its last epoch's
+    checkpoint behind, which must be resumed, not used)."""
+    from wsss_fast.train.trainer import CHECKPOINT, REPORT
+    if not (out / CHECKPOINT).exists() or not (out / REPORT).exists():
+        return False
+    return bool(json.loads((out / REPORT).read_text()).get("finished"))
 
 
 def evaluate_folder(data: Path, split: str, source: str, folder: Path, out: Path) -> dict:
