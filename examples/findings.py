@@ -207,15 +207,20 @@ def init_file(init_dir: Optional[Path], row: str) -> Optional[Path]:
     return found[0]
 
 
-def _scale_with_init(scale: DemoScale, init: Optional[Path]) -> DemoScale:
+def _scale_with_init(scale: DemoScale, init: Optional[Path], trained: str) -> DemoScale:
+    """``scale`` with ``init`` (a backbone) and the demo's settings for a pretrained
+    ``trained`` method (``demo.PRETRAINED_TRAIN``, where the demo has them) in its overrides."""
     if init is None:
         return scale
+    from wsss_fast import demo
     from wsss_fast.train.config import TrainConfig
     if "init" not in TrainConfig.__dataclass_fields__:
         raise SystemExit("--init-dir needs `wsss-fast train --init` (TrainConfig.init), which "
                          "this wsss_fast does not have")
-    return DemoScale(scale.num_train, scale.num_val, scale.image_size,
-                     {**scale.train_overrides, "init": str(init)}, scale.lpcam_bank_images)
+    overrides = {**getattr(demo, "PRETRAINED_TRAIN", {}).get(trained, {}),
+                 **scale.train_overrides, "init": str(init)}
+    return DemoScale(scale.num_train, scale.num_val, scale.image_size, overrides,
+                     scale.lpcam_bank_images)
 
 
 def _evaluated(data: Path, cams: Path, work: Path, cooccurrence: Sequence[int]) -> dict:
@@ -233,7 +238,8 @@ def run_row(row: str, data: Path, seed_dir: Path, scale: DemoScale, seed: int, *
     done = work / "result.json"
     if done.exists():
         return json.loads(done.read_text())
-    scale = _scale_with_init(scale, init_file(init_dir, row))
+    scale = _scale_with_init(scale, init_file(init_dir, row),
+                             "irn_cam" if row == "lpcam" else extraction_plan(row)[0])
     start = time.perf_counter()
     if row == "lpcam":
         # LPCAM starts from the irn_cam row's checkpoint: its train folder is that row's.

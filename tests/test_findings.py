@@ -135,3 +135,15 @@ def test_tiny_run_writes_the_report_and_a_rerun_reuses_every_seed(tmp_path):
         text.split("Wall time")[0]
     assert {p: p.stat().st_mtime_ns for p in results} == stamps
     assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints
+
+
+def test_init_dir_passes_the_backbone_to_training(tmp_path):
+    from wsss_fast.train.config import TrainConfig
+    backbone = tmp_path / "vit.pt"
+    if "init" not in TrainConfig.__dataclass_fields__:       # before `train --init` exists
+        with pytest.raises(SystemExit, match="train --init"):
+            findings._scale_with_init(findings.FULL, backbone, "mctformer_v2")
+        return
+    scale = findings._scale_with_init(findings.FULL, backbone, "mctformer_v2")
+    assert scale.train_overrides["init"] == str(backbone)
+    assert findings._scale_with_init(findings.FULL, None, "bnr") is findings.FULL
