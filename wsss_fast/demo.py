@@ -276,8 +276,9 @@ def gallery_rows(data: Path, rows: int) -> list[tuple[str, int]]:
 def _gallery(data: Path, out: Path, results: Sequence[MethodResult], path: Path,
              rows: int = 6) -> None:
     """Rows: a validation image and one of its classes (named in the first column); columns: the
-    image, its ground truth, and per method the CAM of that class (JET) with the outline of the
-    pixels the method's seed gives that class at its best threshold (the header's τ)."""
+    image, its ground truth (that class outlined in yellow), and per method the CAM of that class
+    (JET) with the white outline of the pixels the method's seed gives that class at its best
+    threshold (the header's τ)."""
     from wsss_fast.data.images import read_image, read_label_png
     from wsss_fast.io.cam_files import load_cam_file
     from wsss_fast.io.overlays import (jet_overlay, label_overlay, labelled_grid, outline,
@@ -289,7 +290,9 @@ def _gallery(data: Path, out: Path, results: Sequence[MethodResult], path: Path,
     for item, k in picks:
         image = read_image(data / "JPEGImages" / f"{item}.jpg")
         truth = read_label_png(data / "SegmentationClass" / f"{item}.png")
-        row = [image, outline(label_overlay(image, truth, alpha=0.7), truth == k + 1)]
+        # Yellow: white would vanish in the ground truth's light ignore band.
+        row = [image, outline(label_overlay(image, truth, alpha=0.7), truth == k + 1,
+                              colour=(255, 255, 0))]
         for r in results:
             cam_path = out / r.method / "extract" / "cams" / f"{item}.npy"
             record = load_cam_file(cam_path) if cam_path.exists() else None
