@@ -269,11 +269,18 @@ def load_results(out: Path, rows: Sequence[str], seeds: Sequence[int]) -> dict:
             for row in rows}
 
 
+def variant_dir(seed_dir: Path, name: str) -> Path:
+    """Where a DOEI variant's result lives; the default variant is the plug-in row itself."""
+    if not DOEI_VARIANTS[name]:
+        return seed_dir / "mctformer_v2+doei"
+    return seed_dir / "doei_variants" / _slug(name)
+
+
 def load_variants(out: Path, seeds: Sequence[int]) -> dict:
-    return {name: {s: json.loads((out / f"seed{s}" / "doei_variants" / _slug(name) /
-                                  "result.json").read_text())
-                   for s in seeds if (out / f"seed{s}" / "doei_variants" / _slug(name) /
-                                      "result.json").exists()}
+    return {name: {s: json.loads((variant_dir(out / f"seed{s}", name) / "result.json")
+                                 .read_text())
+                   for s in seeds if (variant_dir(out / f"seed{s}", name) / "result.json")
+                   .exists()}
             for name in DOEI_VARIANTS}
 
 
@@ -367,7 +374,7 @@ def run(out: Path, *, seeds: Sequence[int], pairs: Sequence[Pair] = PAIRS,
                 seed_dir = out / f"seed{seed}"
                 run_row("mctformer_v2+doei", data, seed_dir, scale, seed, workers=workers,
                         device=device, init_dir=init_dir, cooccurrence=cooccurrence,
-                        model_args=model_args, work=seed_dir / "doei_variants" / _slug(name))
+                        model_args=model_args, work=variant_dir(seed_dir, name))
                 refresh()
     return refresh()
 

@@ -103,8 +103,8 @@ def test_write_report_reads_finished_seeds_and_variants(tmp_path):
             folder.mkdir(parents=True)
             (folder / "result.json").write_text(json.dumps(
                 {"seed_miou": miou, "cooccurrence_iou": miou - 0.1, "threshold": 0.2}))
-    name = next(iter(findings.DOEI_VARIANTS))
-    folder = out / "seed0" / "doei_variants" / findings._slug(name)
+    default, name = list(findings.DOEI_VARIANTS)[:2]
+    folder = findings.variant_dir(out / "seed0", name)
     folder.mkdir(parents=True)
     (folder / "result.json").write_text(json.dumps(
         {"seed_miou": 0.6, "cooccurrence_iou": 0.5, "threshold": 0.2}))
@@ -114,6 +114,7 @@ def test_write_report_reads_finished_seeds_and_variants(tmp_path):
     assert report.read_text() == text == (out / "findings.md").read_text()
     assert "| 0 1 | seed mIoU | 51.0 ± 1.4 | 49.5 ± 0.7 | -1.5 |" in text
     assert f"| {name} | 0 | 60.0 | +10.0 | n/a (< 2 seeds) |" in text
+    assert f"| {default} | 0 1 | 49.5 ± 0.7 | -1.5 | **yes** (-1.5) |" in text  # the row
 
 
 @pytest.mark.slow
@@ -127,7 +128,7 @@ def test_tiny_run_writes_the_report_and_a_rerun_reuses_every_seed(tmp_path):
     text = findings.run(tmp_path / "run", **kwargs)
     assert "| 0 1 | seed mIoU |" in text
     results = sorted((tmp_path / "run").glob("seed*/**/result.json"))
-    assert len(results) == 2 * (2 + len(findings.DOEI_VARIANTS))
+    assert len(results) == 2 * (2 + len(findings.DOEI_VARIANTS) - 1)   # default: the row
     stamps = {p: p.stat().st_mtime_ns for p in results}
     checkpoints = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("seed*/*/train/*.pth")}
     assert len(checkpoints) == 2 * 2        # checkpoint + state per seed
