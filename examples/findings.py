@@ -323,6 +323,11 @@ def write_report(out: Path, report: Optional[Path], pairs: Sequence[Pair], seeds
                  "Extracted over each seed's MCTformer-V2 checkpoint (no retraining); Δ and the "
                  "rule are paired with the `mctformer_v2` row of the same seed.", "",
                  ablation_table(load_variants(out, seeds), results.get("mctformer_v2", {})), ""]
+    missing = [f"`{row}` (seeds {' '.join(str(s) for s in seeds if s not in by_seed)})"
+               for row, by_seed in results.items() if len(by_seed) < len(seeds)]
+    if missing:
+        text.append("**Not finished** (rerun the same command: finished steps are reused): " +
+                    ", ".join(missing) + ".\n")
     spent = sum(r.get("seconds", 0.0) for by_seed in results.values() for r in by_seed.values())
     text.append(f"Time: {spent / 60:.1f} min summed over the finished (seed, method) steps "
                 f"(training, extraction, evaluation; a variant's extraction is not counted); "

@@ -114,6 +114,7 @@ def test_write_report_reads_finished_seeds_and_variants(tmp_path):
     assert report.read_text() == text == (out / "findings.md").read_text()
     assert "| 0 1 | seed mIoU | 51.0 ± 1.4 | 49.5 ± 0.7 | -1.5 |" in text
     assert f"| {name} | 0 | 60.0 | +10.0 | n/a (< 2 seeds) |" in text
+    assert "**Not finished**" in text and "`mctformer_v2` (seeds 2)" in text
     assert f"| {default} | 0 1 | 49.5 ± 0.7 | -1.5 | **yes** (-1.5) |" in text  # the row
 
 
