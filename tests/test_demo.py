@@ -37,6 +37,21 @@ def test_report_holds_the_measured_numbers(demo):
         assert (out / name).stat().st_size > 0
 
 
+def test_gallery_rows_show_present_classes_and_the_png_has_a_cell_per_method(demo):
+    import cv2
+    from wsss_fast.data.images import read_label_png
+    from wsss_fast.demo import gallery_rows
+    out, _ = demo
+    rows = gallery_rows(out / "data", 6)
+    assert rows and len(set(rows)) == len(rows)
+    for item, k in rows:
+        assert (read_label_png(out / "data" / "SegmentationClass" / f"{item}.png") == k + 1).any()
+    classes = [k for _, k in rows]
+    assert len(set(classes[:2])) == len(classes[:2])      # a new class while there is one
+    gallery = cv2.imread(str(out / "gallery.png"))      # a PNG any reader opens
+    assert gallery.shape[0] > len(rows) * 64 and gallery.shape[1] > 4 * 64   # image, GT, 2 rows
+
+
 def test_plugin_row_reuses_the_trained_checkpoint(demo):
     out, report = demo
     trained, model, settings = INFERENCE_PLUGINS["mctformer_v2+doei"]

@@ -11,7 +11,7 @@ import torch
 import wsss_fast  # noqa: F401
 from tests.helpers import assert_rel_close
 from wsss_fast.models.doei import (DOEI, cosine_affinity, decouple, hybrid_attention,
-                                 progressive_gammas, rgb_similarity)
+                                 progressive_gammas, rgb_similarity, scale_cross_logits)
 from wsss_fast.engine import CamEngine
 from wsss_fast.models.mctformer import MCTformer
 from wsss_fast.models.registry import create_model, save_model
@@ -93,12 +93,36 @@ def test_cosine_affinity_diagonal_is_one_for_zero_vectors():
 def test_progressive_gammas():
     assert progressive_gammas(4, 2.0) == pytest.approx((1.0, 4 / 3, 5 / 3, 2.0))
     assert progressive_gammas(1, 3.0) == (3.0,)
+    assert progressive_gammas(3, 2.5, "constant") == (2.5, 2.5, 2.5)
+
+
+def test_constant_schedule_sets_gamma_max_in_every_doei_block(gen):
+    doei = DOEI(tiny_mctformer(gen), blocks=3, gamma_max=2.5, gamma_schedule="constant")
+    assert doei.gammas == {1: 2.5, 2: 2.5, 3: 2.5}
+    assert DOEI(tiny_mctformer(gen), blocks=3, gamma_max=2.5).gammas == \
+        pytest.approx({1: 1.0, 2: 1.75, 3: 2.5})
+
+
+def test_logit_reweighting_hand_computed():
+    # One class token, two patches, γ = 2: only the class→patch and patch→class logits double.
+    logits = torch.tensor([[0.0, math.log(2), 0.0], [math.log(3), 0.0, 0.0], [0.0, 0.5, 0.0]])
+    scaled = scale_cross_logits(logits[None, None], 1, 2.0)[0, 0]
+    expected = torch.tensor([[0.0, 2 * math.log(2), 0.0], [2 * math.log(3), 0.0, 0.0],
+                             [0.0, 0.5, 0.0]])
+    assert_rel_close(scaled, expected, 1e-6, what="scaled logits")
+    # Softmax rows: exp(0, 2 ln 2, 0) = (1, 4, 1) / 6 and exp(2 ln 3, 0, 0) = (9, 1, 1) / 11;
+    # the class key's share of a patch row rises from 3/5 to 9/11 (mass moves, unlike φ_γ).
+    attn = torch.softmax(scaled, -1)
+    assert_rel_close(attn[0], torch.tensor([1 / 6, 4 / 6, 1 / 6]), 1e-6, what="class row")
+    assert_rel_close(attn[1], torch.tensor([9 / 11, 1 / 11, 1 / 11]), 1e-6, what="patch row")
 
 
 # ------------------------------------------------------------------------ whole-block restatement
 
-def restated_doei_block(block, x, image, num_cls, patch, lambda_e, lambda_c, gamma, beta):
-    """The DESIGN §5.3 block written out densely, head by head, in float64."""
+def restated_doei_block(block, x, image, num_cls, patch, lambda_e, lambda_c, gamma, beta,
+                        reweight="probabilities"):
+    """The DESIGN §5.3 block written out densely, head by head, in float64 (``reweight``:
+    γ on the cross logits of each head, φ_γ on the fused probabilities, or both)."""
     x = x.double()
     b, t, dim = x.shape
     heads = block.attn.num_heads
@@ -107,8 +131,15 @@ def restated_doei_block(block, x, image, num_cls, patch, lambda_e, lambda_c, gam
                                            block.norm1.bias.double(), block.norm1.eps)
     qkv = norm1 @ block.attn.qkv.weight.double().T + block.attn.qkv.bias.double()
     q, k, v = qkv[..., :dim], qkv[..., dim:2 * dim], qkv[..., 2 * dim:]
-    attn = [torch.softmax(q[..., h * d:(h + 1) * d] @ k[..., h * d:(h + 1) * d].transpose(1, 2)
-                          * d ** -0.5, dim=-1) for h in range(heads)]
+    c = num_cls
+    attn = []
+    for h in range(heads):
+        logits = q[..., h * d:(h + 1) * d] @ k[..., h * d:(h + 1) * d].transpose(1, 2) * d ** -0.5
+        if reweight in ("logits", "both"):
+            logits = logits.clone()
+            logits[:, :c, c:] *= gamma
+            logits[:, c:, :c] *= gamma
+        attn.append(torch.softmax(logits, dim=-1))
     mean = sum(attn) / heads
     unit = norm1 / norm1.norm(dim=-1, keepdim=True)
     emb = (unit @ unit.transpose(1, 2)).clamp_min(0)
@@ -116,8 +147,9 @@ def restated_doei_block(block, x, image, num_cls, patch, lambda_e, lambda_c, gam
     rgb = rgb_similarity(image, patch, num_cls).double()
     rgb = rgb / rgb.sum(-1, keepdim=True)
     r = (mean + lambda_e * emb + lambda_c * rgb) / (1 + lambda_e + lambda_c)
-    c = num_cls
-    for rows, cols in ((slice(0, c), slice(c, None)), (slice(c, None), slice(0, c))):
+    phi_blocks = () if reweight == "logits" else (
+        (slice(0, c), slice(c, None)), (slice(c, None), slice(0, c)))
+    for rows, cols in phi_blocks:
         a = r[:, rows, cols]
         r[:, rows, cols] = a.sum(-1, keepdim=True) * a**gamma / (a**gamma).sum(-1, keepdim=True)
     w_o = block.attn.proj.weight.double()
@@ -133,11 +165,12 @@ def restated_doei_block(block, x, image, num_cls, patch, lambda_e, lambda_c, gam
     return x + hidden @ mlp.fc2.weight.double().T + mlp.fc2.bias.double(), r
 
 
-def test_doei_forward_matches_dense_restatement(gen):
+@pytest.mark.parametrize("reweight", ["probabilities", "logits", "both"])
+def test_doei_forward_matches_dense_restatement(gen, reweight):
     model = tiny_mctformer(gen, classes=3, depth=3)
     image = torch.randn(2, 3, 48, 80, generator=gen)
     params = dict(lambda_e=0.7, lambda_c=0.3, gamma_max=2.5, beta=0.6)
-    doei = DOEI(model, blocks=[-2, -1], **params)
+    doei = DOEI(model, blocks=[-2, -1], reweight=reweight, **params)
     cls_tokens, patches = doei.forward_features(image)
     with torch.no_grad():
         tokens = torch.cat([model.cls_token.expand(2, -1, -1), model.patch_embed(image)], 1)
@@ -145,7 +178,7 @@ def test_doei_forward_matches_dense_restatement(gen):
         tokens = model.blocks[0](tokens.float(), 3).double()
         for block, gamma in zip(model.blocks[1:], (1.0, 2.5)):
             tokens, _ = restated_doei_block(block, tokens, image, 3, 16, params["lambda_e"],
-                                            params["lambda_c"], gamma, params["beta"])
+                                            params["lambda_c"], gamma, params["beta"], reweight)
     assert_rel_close(torch.cat([cls_tokens, patches], 1), tokens.float(), 1e-4, what="tokens")
 
 
@@ -256,7 +289,8 @@ def test_cam_engine_runs_doei_preset(gen):
 @pytest.mark.parametrize("kwargs,message", [
     (dict(blocks=[7]), "out of range"), (dict(blocks=0), ">= 1"),
     (dict(lambda_e=-0.1), "lambda_e"), (dict(gamma_max=0.0), "gamma_max"),
-    (dict(beta=float("nan")), "beta")])
+    (dict(beta=float("nan")), "beta"), (dict(reweight="logit"), "reweight must be one of"),
+    (dict(gamma_schedule="cosine"), "gamma_schedule must be one of")])
 def test_bad_arguments(gen, kwargs, message):
     with pytest.raises(ValueError, match=message):
         DOEI(tiny_mctformer(gen), **kwargs)

@@ -173,3 +173,38 @@ def test_registry_reads_architecture_from_checkpoint(tmp_path):
     torch.save(conformer.state_dict(), path)
     again = create_model("transcam", num_classes=4, checkpoint=path, num_heads=2)
     assert again.num_classes == 5 and again.depth == 3
+
+
+# ------------------------------------------------------------------------ gallery drawing
+
+def test_outline_draws_only_the_mask_boundary():
+    from wsss_fast.io.overlays import outline
+    image = np.zeros((8, 8, 3), np.uint8)
+    mask = np.zeros((8, 8), bool)
+    mask[2:6, 2:6] = True
+    drawn = outline(image, mask, colour=(255, 0, 0))
+    red = drawn[..., 0] == 255
+    ring = mask.copy()
+    ring[3:5, 3:5] = False                        # the 4x4 square's 12 border pixels
+    assert np.array_equal(red, ring)
+    assert not image.any()                        # the input is left as it was
+    with pytest.raises(ValueError, match="differ in size"):
+        outline(image, mask[:4])
+
+
+def test_labelled_grid_layout_centres_tiles_and_writes_titles():
+    from wsss_fast.io.overlays import labelled_grid
+    big = np.full((20, 30, 3), 200, np.uint8)
+    small = np.full((10, 10, 3), 100, np.uint8)
+    grid = labelled_grid([[big, small], [small, big]], [["a"], ["b", "tau 0.30"]],
+                         [["row 1"], ["row 2", "cls"]], gap=2)
+    header = 14 * 2 + 4
+    assert grid.shape[0] == header + 2 + 2 * (20 + 2)
+    title_width = grid.shape[1] - 2 * (30 + 2) - 2
+    assert title_width > 20
+    top, left = header + 2, title_width + 2 + 30 + 2       # row 1, second cell
+    cell = grid[top:top + 20, left:left + 30]
+    assert (cell[5:15, 10:20] == 100).all() and (cell[:5] == 40).all()   # centred, padded
+    assert (grid[:header, title_width + 2:title_width + 32] > 150).any()  # title text drawn
+    with pytest.raises(ValueError, match="labelled_grid"):
+        labelled_grid([[big]], [["a"], ["b"]], [["r"]])

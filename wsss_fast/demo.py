@@ -130,7 +130,7 @@ def _train(method: str, data: Path, out: Path, scale: DemoScale, seed: int, work
     from wsss_fast.pipeline import TrainConfig, train
     from wsss_fast.train.trainer import CHECKPOINT, STATE
     checkpoint = out / CHECKPOINT
-    if not checkpoint.exists():
+    if not train_finished(out):
         train(TrainConfig.from_recipe(
             "synthetic", method=method, data=str(data), out=str(out), split="train", seed=seed,
             workers=workers, device=device, resume=(out / STATE).exists(),
@@ -164,6 +164,15 @@ def checked(result):
     return result
 
 
+def train_finished(out: Path) -> bool:
+    """Whether the training run in ``out`` completed (an interrupted run leaves its last epoch's
+    checkpoint behind, which must be resumed, not used)."""
+    from wsss_fast.train.trainer import CHECKPOINT, REPORT
+    if not (out / CHECKPOINT).exists() or not (out / REPORT).exists():
+        return False
+    return bool(json.loads((out / REPORT).read_text()).get("finished"))
+
+
 def evaluate_folder(data: Path, split: str, source: str, folder: Path, out: Path) -> dict:
     """The evaluation report of CAM files (``source`` "cams") or label PNGs (``"pred"``),
     written to ``out``."""
@@ -188,7 +197,7 @@ def demo_lpcam_cams(data: Path, work: Path, train_overrides: dict, *, seed: int,
     data, work = Path(data), Path(work)
     model = get_method("irn_cam").model
     checkpoint = work / "train" / CHECKPOINT
-    if not checkpoint.exists():
+    if not train_finished(work / "train"):
         train(TrainConfig.from_recipe(
             "synthetic", method="irn_cam", data=str(data), out=str(work / "train"),
             split="train", seed=seed, workers=workers, device=device,
@@ -331,30 +340,59 @@ def report_table(results: Sequence[MethodResult]) -> str:
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
-def _gallery(data: Path, out: Path, methods: Sequence[str], path: Path, rows: int = 4) -> None:
-    """Rows: validation images; columns: image, ground truth, each method's CAMs (max over the
-    present classes)."""
+def gallery_rows(data: Path, rows: int) -> list[tuple[str, int]]:
+    """``(validation id, 0-based class)`` pairs for the gallery: the first images in order, one
+    of their ground-truth classes per row, a class not shown yet while there is one."""
+    from wsss_fast.data.images import read_label_png
+    candidates = []
+    for item in (data / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[:8 * rows]:
+        present = np.unique(read_label_png(data / "SegmentationClass" / f"{item}.png"))
+        candidates += [(item, int(v) - 1) for v in present if 0 < v < 255]
+    picked, shown = [], set()
+    for pair in candidates:                  # new classes first, then the rest in order
+        if len(picked) < rows and pair[1] not in shown and pair[0] not in dict(picked):
+            picked.append(pair)
+            shown.add(pair[1])
+    picked += [p for p in candidates if p not in picked][:rows - len(picked)]
+    return picked
+
+
+def _gallery(data: Path, out: Path, results: Sequence[MethodResult], path: Path,
+             rows: int = 6) -> None:
+    """Rows: a validation image and one of its classes (named in the first column); columns: the
+    image, its ground truth (that class outlined in yellow), and per method the CAM of that class
+    (JET) with the white outline of the pixels the method's seed gives that class at its best
+    threshold (the header's τ)."""
     from wsss_fast.data.images import read_image, read_label_png
     from wsss_fast.io.cam_files import load_cam_file
-    from wsss_fast.io.overlays import jet_overlay, label_overlay, save_rgb_png
-    ids = (data / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[:rows]
-    tiles = []
-    for item in ids:
+    from wsss_fast.io.overlays import (jet_overlay, label_overlay, labelled_grid, outline,
+                                       save_rgb_png)
+    from wsss_fast.postprocess.pseudo_label import constant_background
+    names = (data / "classes.txt").read_text().split()
+    picks = gallery_rows(data, rows)
+    cells = []
+    for item, k in picks:
         image = read_image(data / "JPEGImages" / f"{item}.jpg")
-        row = [image, label_overlay(image, read_label_png(data / "SegmentationClass" /
-                                                          f"{item}.png"), alpha=0.7)]
-        for method in methods:
-            cam_path = out / method / "extract" / "cams" / f"{item}.npy"
-            if cam_path.exists() and load_cam_file(cam_path).keys.size:
-                row.append(jet_overlay(image, load_cam_file(cam_path).high_res.max(axis=0)))
-            else:
+        truth = read_label_png(data / "SegmentationClass" / f"{item}.png")
+        # Yellow: white would vanish in the ground truth's light ignore band.
+        row = [image, outline(label_overlay(image, truth, alpha=0.7), truth == k + 1,
+                              colour=(255, 255, 0))]
+        for r in results:
+            cam_path = out / r.method / "extract" / "cams" / f"{item}.npy"
+            record = load_cam_file(cam_path) if cam_path.exists() else None
+            if record is None or k not in record.keys:
                 row.append(np.zeros_like(image))
-        height = max(t.shape[0] for t in row)
-        tiles.append(np.concatenate([np.pad(t, ((0, height - t.shape[0]), (0, 2), (0, 0)))
-                                     for t in row], axis=1))
-    width = max(t.shape[1] for t in tiles)
-    grid = np.concatenate([np.pad(t, ((0, 2), (0, width - t.shape[1]), (0, 0))) for t in tiles])
-    save_rgb_png(path, grid)
+                continue
+            cams, keys = record.high_res, record.keys
+            tile = jet_overlay(image, cams[list(keys).index(k)])
+            if r.threshold == r.threshold:
+                seed = constant_background(cams, keys, round(r.threshold, 4))
+                tile = outline(tile, seed == k + 1)
+            row.append(tile)
+        cells.append(row)
+    titles = [["image"], ["ground truth"]] + [[r.method, f"tau {r.threshold:.2f}"]
+                                              for r in results]
+    save_rgb_png(path, labelled_grid(cells, titles, [[item, names[k]] for item, k in picks]))
 
 
 def run_demo(out, *, quick: bool = False, seed: int = 0, workers: int = 2, device: str = "cpu",
@@ -388,7 +426,7 @@ def run_demo(out, *, quick: bool = False, seed: int = 0, workers: int = 2, devic
         report = json.loads((out / r.method / "eval_seeds" / "evaluation.json").read_text())
         curves[r.method] = (report["thresholds"], per_class(report["miou_curve"]))
     plot_sweep(curves, out / "sweep_curves.png", title="seed mIoU vs background threshold")
-    _gallery(data, out, [r.method for r in results], out / "gallery.png")
+    _gallery(data, out, results, out / "gallery.png")
     minutes = (time.perf_counter() - started) / 60
     table = report_table(results)
     names = (data / "classes.txt").read_text().split()

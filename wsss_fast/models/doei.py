@@ -13,11 +13,19 @@ In each DOEI block (default: the last 4), with ``A_h`` the block's attention of 
     block   x ← x + MHSA(x) + β·Σ_h (R − A_h) V_h W_o,  then the unchanged MLP sub-block
 
 ``φ_γ(a) = (Σa)·a^γ / Σa^γ`` is ``ops.class_patch_reweight`` (DESIGN §3.2) and γ grows linearly
-from 1 in the first DOEI block to ``γ_max`` in the last (``γ_max`` when there is one block). A
+from 1 in the first DOEI block to ``γ_max`` in the last (``γ_max`` when there is one block;
+``gamma_schedule="constant"``: ``γ_max`` in every DOEI block). A
 vector's cosine with itself is taken as 1 (so a patch whose centred colour is zero keeps its
 own row mass). The residual term uses the block's own ``W_o`` without its bias: no new weights.
 Since ``R`` and ``A_h`` have rows summing to 1, the block mixes values by
-``A_h + β(R − A_h)``. CAMs take the class→patch block of ``R`` in DOEI blocks (``Ā``'s elsewhere);
+``A_h + β(R − A_h)``.
+
+Where the re-weighting acts (``reweight``; the paper's text allows either): ``"probabilities"``
+(the default, above) applies φ_γ to the fused probabilities ``R_hyb``; ``"logits"`` instead
+multiplies every head's class→patch and patch→class attention *logits* by γ before its softmax
+(a temperature 1/γ on those blocks, so ``A_h`` itself, hence the MHSA path, ``Ā`` and HFA, is
+sharpened; unlike φ_γ it also moves mass between the class and the patch keys of a row), and
+``R = R_hyb``; ``"both"`` does both. CAMs take the class→patch block of ``R`` in DOEI blocks (``Ā``'s elsewhere);
 the patch affinity used for refinement stays ``Ā``'s (as the streaming path recomputes it).
 
 ``S_rgb`` is computed from the network input (ImageNet-normalized; the per-channel scales differ
@@ -91,10 +99,26 @@ def decouple(hybrid: torch.Tensor, num_cls: int, gamma: float) -> torch.Tensor:
                       torch.cat([patch2cls, hybrid[:, c:, c:]], dim=-1)], dim=1)
 
 
-def progressive_gammas(count: int, gamma_max: float) -> tuple[float, ...]:
-    """γ per DOEI block: linear from 1 to ``gamma_max`` (``gamma_max`` alone for one block)."""
-    if count == 1:
-        return (float(gamma_max),)
+REWEIGHT_PLACES = ("probabilities", "logits", "both")
+GAMMA_SCHEDULES = ("linear", "constant")
+
+
+def scale_cross_logits(logits: torch.Tensor, num_cls: int, gamma: float) -> torch.Tensor:
+    """``logits (..., T, T)`` with the class→patch and patch→class blocks multiplied by γ (the
+    class↔class and patch↔patch blocks unchanged)."""
+    c = num_cls
+    scale = torch.ones(logits.shape[-2:], dtype=logits.dtype, device=logits.device)
+    scale[:c, c:] = gamma
+    scale[c:, :c] = gamma
+    return logits * scale
+
+
+def progressive_gammas(count: int, gamma_max: float,
+                       schedule: str = "linear") -> tuple[float, ...]:
+    """γ per DOEI block: linear from 1 to ``gamma_max`` (``gamma_max`` alone for one block), or
+    ``gamma_max`` in every block (``schedule="constant"``)."""
+    if count == 1 or schedule == "constant":
+        return (float(gamma_max),) * count
     return tuple(1 + (gamma_max - 1) * j / (count - 1) for j in range(count))
 
 
@@ -119,11 +143,15 @@ class DOEI(nn.Module):
         lambda_e, lambda_c: HFA weights of the embedding and colour similarities (≥ 0).
         gamma_max: φ_γ exponent of the last DOEI block (> 0; γ starts at 1).
         beta: weight of the residual ``Σ_h (R − A_h) V_h W_o`` (≥ 0).
+        reweight: where φ_γ acts: ``"probabilities"`` (on ``R_hyb``), ``"logits"`` (γ times the
+            class↔patch logits of every head before the softmax) or ``"both"``.
+        gamma_schedule: ``"linear"`` (1 → γ_max over the DOEI blocks) or ``"constant"``.
     """
 
     def __init__(self, model: MCTformer, *, blocks: Union[int, str, Sequence[int]] = DEFAULT_BLOCKS,
                  lambda_e: float = 0.5, lambda_c: float = 0.5, gamma_max: float = 2.0,
-                 beta: float = 0.5):
+                 beta: float = 0.5, reweight: str = "probabilities",
+                 gamma_schedule: str = "linear"):
         super().__init__()
         if not isinstance(model, MCTformer):
             raise ValueError(f"DOEI needs an MCTformer (multi-class-token ViT), "
@@ -137,7 +165,14 @@ class DOEI(nn.Module):
         self.lambda_c = _check_number("lambda_c", lambda_c, 0.0)
         self.gamma_max = _check_number("gamma_max", gamma_max, 0.0, strict=True)
         self.beta = _check_number("beta", beta, 0.0)
-        self.gammas = dict(zip(indices, progressive_gammas(len(indices), self.gamma_max)))
+        for name, value, choices in (("reweight", reweight, REWEIGHT_PLACES),
+                                     ("gamma_schedule", gamma_schedule, GAMMA_SCHEDULES)):
+            if value not in choices:
+                raise ValueError(f"DOEI: {name} must be one of {', '.join(choices)}, "
+                                 f"got {value!r}")
+        self.reweight, self.gamma_schedule = reweight, gamma_schedule
+        self.gammas = dict(zip(indices, progressive_gammas(len(indices), self.gamma_max,
+                                                           gamma_schedule)))
 
     # -- the wrapped model's identity ------------------------------------------------------------
     @property
@@ -183,9 +218,14 @@ class DOEI(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if qk_out is not None:
             qk_out.append((q, k))
-        attn = torch.softmax(q.float() @ k.float().transpose(-1, -2) * attention.scale, dim=-1)
+        logits = q.float() @ k.float().transpose(-1, -2) * attention.scale
+        if self.reweight != "probabilities":
+            logits = scale_cross_logits(logits, c, gamma)
+        attn = torch.softmax(logits, dim=-1)
         attn_mean = attn.mean(dim=1)
-        r = decouple(hybrid_attention(attn_mean, u, rgb, self.lambda_e, self.lambda_c), c, gamma)
+        r = hybrid_attention(attn_mean, u, rgb, self.lambda_e, self.lambda_c)
+        if self.reweight != "logits":
+            r = decouple(r, c, gamma)
         mixing = attn + self.beta * (r[:, None] - attn)        # A_h + β(R − A_h)
         out = (mixing @ v.float()).to(v.dtype).transpose(1, 2).reshape(b, t, dim)
         x = x + attention.proj(out)
@@ -219,10 +259,12 @@ class DOEI(nn.Module):
 
 def doei_mctformer_v2(num_classes: int = 20, *, blocks=DEFAULT_BLOCKS, lambda_e: float = 0.5,
                       lambda_c: float = 0.5, gamma_max: float = 2.0, beta: float = 0.5,
+                      reweight: str = "probabilities", gamma_schedule: str = "linear",
                       **kwargs) -> DOEI:
     """MCTformer-V2 (``mctformer_v2`` arguments) with DOEI (the registry's builder)."""
     return DOEI(mctformer_v2(num_classes=num_classes, **kwargs), blocks=blocks,
-                lambda_e=lambda_e, lambda_c=lambda_c, gamma_max=gamma_max, beta=beta)
+                lambda_e=lambda_e, lambda_c=lambda_c, gamma_max=gamma_max, beta=beta,
+                reweight=reweight, gamma_schedule=gamma_schedule)
 
 
 register_model("mctformer_v2_doei", ModelEntry(doei_mctformer_v2, "mctformer_v2_doei",
