@@ -10,12 +10,15 @@ from wsss_fast.demo import INFERENCE_PLUGINS, DemoScale, MethodResult, report_ta
 
 TINY = DemoScale(num_train=16, num_val=4, image_size=(64, 64),
                  train_overrides={"epochs": 1, "batch_size": 8, "crop": 64})
+# The opt-in stages run here too: the shipped backbones and the learned (IRNet) walk.
+OPTIONAL_STAGES = dict(pretrained=True, learned_rw=True)
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    report = run_demo(out, workers=0, methods=("mctformer_v2", "mctformer_v2+doei"), scale=TINY)
+    report = run_demo(out, workers=0, methods=("mctformer_v2", "mctformer_v2+doei"), scale=TINY,
+                      **OPTIONAL_STAGES)
     return out, report
 
 
@@ -32,6 +35,8 @@ def test_report_holds_the_measured_numbers(demo):
             assert result[f"{stage}_miou"] == measured["at_best"]["miou"]["nanmean"]
             assert 0.0 <= result[f"{stage}_miou"] <= 1.0
         assert result["seconds_per_image"] > 0
+        assert "image-gradient" not in result["note"]      # the learned walk made +RW
+        assert (out / method / "rw" / "labels").is_dir()
         assert f"| {method} | {100 * result['seed_miou']:.1f} |" in report.read_text()
     for name in ("sweep_curves.png", "gallery.png"):
         assert (out / name).stat().st_size > 0
@@ -74,7 +79,8 @@ def test_rerun_resumes_without_retraining(demo):
     checkpoint = out / "mctformer_v2" / "train" / "checkpoint.pth"
     before = checkpoint.stat().st_mtime_ns
     first = json.loads((out / "report.json").read_text())["results"]
-    run_demo(out, workers=0, methods=("mctformer_v2", "mctformer_v2+doei"), scale=TINY)
+    run_demo(out, workers=0, methods=("mctformer_v2", "mctformer_v2+doei"), scale=TINY,
+             **OPTIONAL_STAGES)
     assert checkpoint.stat().st_mtime_ns == before
     again = json.loads((out / "report.json").read_text())["results"]
     for a, b in zip(first, again):

@@ -171,7 +171,7 @@ def test_shipped_backbones_fit_every_method_and_the_manifest(tmp_path):
 
 
 @pytest.mark.skipif(not SHIPPED, reason="no shipped backbones (make pretrain)")
-def test_demo_starts_every_method_from_its_family_backbone_unless_from_scratch():
+def test_demo_with_pretrained_starts_every_method_from_its_family_backbone():
     from wsss_fast.cli import build_parser
     from wsss_fast.demo import DEMO_METHODS, FULL, QUICK, extraction_plan, train_overrides
     for row in DEMO_METHODS:
@@ -183,5 +183,8 @@ def test_demo_starts_every_method_from_its_family_backbone_unless_from_scratch()
     assert train_overrides("transcam", FULL, pretrained=True)["epochs"] == 6
     assert train_overrides("transcam", QUICK, pretrained=True)["epochs"] == 2   # the scale wins
     parser, _ = build_parser(only="demo")
+    assert parser.parse_args(["demo", "--pretrained"]).pretrained
+    assert not parser.parse_args(["demo"]).pretrained          # from scratch by default
     assert parser.parse_args(["demo", "--from-scratch"]).from_scratch
-    assert not parser.parse_args(["demo"]).from_scratch
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--pretrained", "--from-scratch"])

@@ -3,8 +3,11 @@
 Generates the data, trains a small model per method, extracts CAMs on the validation split with
 every method, evaluates the seeds (background-threshold sweep), makes pseudo-labels with the dense
 CRF and with IRN's random walk, evaluates those, and writes a report: a markdown table, the
-sweep curves and an overlay gallery. The random walk of the strong methods (``LEARNED_RW``)
-is IRN's: an IRNet trained on the row's confident regions. Every step calls the pipeline API
+sweep curves and an overlay gallery. With ``learned_rw`` the random walk of the strong methods
+(``LEARNED_RW``) is IRN's: an IRNet trained on the row's confident regions; with ``pretrained``
+every model starts from the shipped source-domain backbone of its family. Both are off by
+default: on the measurements so far neither improves the table (README, "Demo results"). Every
+step calls the pipeline API
 (``wsss_fast.pipeline``, the functions under the CLI) and is resumable: rerunning the demo in
 the same folder reuses finished steps.
 """
@@ -262,7 +265,7 @@ def learned_walk(method: str, data: Path, out: Path, cams: Path, scale: DemoScal
 
 def run_method(method: str, data: Path, out: Path, scale: DemoScale, seed: int, workers: int,
                device: str, cooccurrence: Sequence[int],
-               pretrained: bool = False) -> MethodResult:
+               pretrained: bool = False, learned_rw: bool = False) -> MethodResult:
     from wsss_fast.pipeline import (PseudoLabelOptions, RefineOptions, extract, pseudo_label,
                                     refine)
     result = MethodResult(method)
@@ -303,17 +306,18 @@ def run_method(method: str, data: Path, out: Path, scale: DemoScale, seed: int, 
     result.crf_miou = evaluate_folder(data, "val", "pred", work / "crf" / "labels",
                                       work / "eval_crf")["at_best"]["miou"]["nanmean"]
     rw_labels = None
-    if method in LEARNED_RW:
+    if learned_rw and method in LEARNED_RW:
         rw_labels = learned_walk(method, data, out, cams, scale, threshold, seed=seed,
                                  workers=workers, device=device)
     if rw_labels is None:
         checked(refine(RefineOptions(**common, out=str(work / "rw_gradient"), preset="irn",
                                      bg_threshold=threshold, device=device)))
         rw_labels = work / "rw_gradient" / "labels"
-        why = "no IRNet for this row" if method not in LEARNED_RW else \
-            "no confident region to train IRNet on"
-        result.note = "; ".join(filter(None, [result.note, f"+RW over image-gradient edges "
-                                              f"({why})"]))
+        if learned_rw:
+            why = "no IRNet for this row" if method not in LEARNED_RW else \
+                "no confident region to train IRNet on"
+            result.note = "; ".join(filter(None, [result.note, f"+RW over image-gradient "
+                                                  f"edges ({why})"]))
     result.rw_miou = evaluate_folder(data, "val", "pred", rw_labels,
                                      work / "eval_rw")["at_best"]["miou"]["nanmean"]
     return result
@@ -397,10 +401,12 @@ def _gallery(data: Path, out: Path, results: Sequence[MethodResult], path: Path,
 
 def run_demo(out, *, quick: bool = False, seed: int = 0, workers: int = 2, device: str = "cpu",
              methods: Sequence[str] = DEMO_METHODS, scale: Optional[DemoScale] = None,
-             pretrained: bool = True) -> Path:
+             pretrained: bool = False, learned_rw: bool = False) -> Path:
     """Run the demo into ``out``; returns the report path. ``scale`` replaces the size that
     ``quick`` picks (QUICK or FULL). ``pretrained``: every model starts from the shipped
-    backbone of its family (pretrained/*.pt); False trains from scratch."""
+    backbone of its family (pretrained/*.pt), instead of from scratch. ``learned_rw``: the
+    +RW column of the LEARNED_RW rows walks over a trained IRNet's boundaries, instead of
+    image-gradient edges."""
     from wsss_fast.data.synthetic import generate_synthetic
     from wsss_fast.evaluate import plot_sweep
     from wsss_fast.io.atomic import atomic_write_bytes, atomic_write_json
@@ -419,7 +425,7 @@ def run_demo(out, *, quick: bool = False, seed: int = 0, workers: int = 2, devic
     for method in methods:
         _log(f"{method}: train, extract, evaluate, CRF, random walk")
         results.append(run_method(method, data, out, scale, seed, workers, device,
-                                  cooccurrence, pretrained))
+                                  cooccurrence, pretrained, learned_rw))
         _log(f"{method}: seed mIoU {_pct(results[-1].seed_miou)}")
     curves = {}
     for r in results:
@@ -432,6 +438,9 @@ def run_demo(out, *, quick: bool = False, seed: int = 0, workers: int = 2, devic
     names = (data / "classes.txt").read_text().split()
     start = ("backbones pretrained on the source domain (pretrained/*.pt)" if pretrained
              else "from scratch")
+    walk = ("over the boundary map of an IRNet trained on the row's confident regions "
+            "(backbone: the LPCAM row's IRN classifier, frozen), or over image-gradient edges "
+            "where a note says so" if learned_rw else "over image-gradient edges")
     text = (f"# wsss-fast demo ({'quick' if quick else 'full'}, seed {seed}, {start})\n\n"
             f"Synthetic benchmark: {scale.num_train} training / {scale.num_val} validation "
             f"images, {len(names)} classes; co-occurrence classes: "
@@ -439,13 +448,11 @@ def run_demo(out, *, quick: bool = False, seed: int = 0, workers: int = 2, devic
             f"\nSeeds: CAMs at the best background threshold (mIoU, nanmean over background + "
             f"classes); FP/FN: mean over classes at that threshold (IRN's rates); co-occ. IoU: "
             f"mean IoU of the co-occurrence classes; +CRF: IRN label CRF of the seed; +RW: IRN "
-            f"random walk over the boundary map of an IRNet trained on the row's confident "
-            f"regions (backbone: the LPCAM row's IRN classifier, frozen), or over "
-            f"image-gradient edges where a note says so.\n\n{table}\n\n"
+            f"random walk {walk}.\n\n{table}\n\n"
             f"Total time: {minutes:.1f} min. Curves: sweep_curves.png; overlays: gallery.png.\n")
     atomic_write_bytes(out / "report.md", text.encode())
     atomic_write_json(out / "report.json", {"quick": quick, "seed": seed, "minutes": minutes,
-                                            "pretrained": pretrained,
+                                            "pretrained": pretrained, "learned_rw": learned_rw,
                                             "results": [vars(r) for r in results]})
     print(text)
     return out / "report.md"

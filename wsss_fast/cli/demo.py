@@ -8,7 +8,8 @@ sweep curves (sweep_curves.png) and an overlay gallery (gallery.png). Resumable.
 
   wsss-fast demo                  # the full demo (≤ 20 minutes on 2 CPU cores)
   wsss-fast demo --quick          # a small smoke version (CI)
-  wsss-fast demo --from-scratch   # every model from random weights (no pretrained backbone)
+  wsss-fast demo --pretrained     # every model from the shipped source-domain backbones
+  wsss-fast demo --learned-rw     # +RW of the strong rows over a trained IRNet's boundaries
 """
 
 from __future__ import annotations
@@ -26,9 +27,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=argparse_type(seed_int), default=0)
     parser.add_argument("--workers", type=argparse_type(worker_count), default=2)
     parser.add_argument("--device", type=argparse_type(device_name), default="cpu")
-    parser.add_argument("--from-scratch", action="store_true",
-                        help="train every model from random weights (default: from the shipped "
-                        "backbones pretrained on the source domain, pretrained/*.pt)")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--pretrained", action="store_true",
+                       help="start every model from the shipped backbone of its family, "
+                       "pretrained on the procedural source domain (pretrained/*.pt)")
+    start.add_argument("--from-scratch", action="store_true",
+                       help="train every model from random weights (the default)")
+    parser.add_argument("--learned-rw", action="store_true",
+                        help="+RW of the strong rows (token_cam, MCTformer, LPCAM) walks over "
+                        "the boundaries of an IRNet trained on the row's confident regions "
+                        "(default: image-gradient edges)")
     parser.add_argument("--methods", nargs="+", default=list(DEMO_METHODS),
                         choices=DEMO_METHODS, help="subset of methods (default: all)")
 
@@ -36,5 +44,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from wsss_fast.demo import run_demo
     run_demo(args.out, quick=args.quick, seed=args.seed, workers=args.workers,
-             device=args.device, methods=args.methods, pretrained=not args.from_scratch)
+             device=args.device, methods=args.methods, pretrained=args.pretrained, learned_rw=args.learned_rw)
     return 0
