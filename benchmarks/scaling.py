@@ -228,7 +228,15 @@ def measure_extract(images: int, height: int, width: int, batches, workers, log,
 
 
 def _fmt(r, key, scale=1.0, digits=2):
-    return "skipped" if r is None else f"{r[key] * scale:.{digits}f}"
+    if r is None:
+        return "skipped"
+    if key == "seconds":   # significant digits: a tiny pass must not print as 0.00
+        return _seconds(r[key] * scale)
+    return f"{r[key] * scale:.{digits}f}"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.3g}"
 
 
 def markdown(results, extract_rows, settings: str, extract_settings: str) -> str:
@@ -244,7 +252,7 @@ def markdown(results, extract_rows, settings: str, extract_settings: str) -> str
         floor = v["floor"]["seconds"]
         m = e["model_gib"]
         lines.append(
-            f"| {label} | {e['patches']} | {floor:.2f} | {_fmt(v['dense'], 'seconds')} | "
+            f"| {label} | {e['patches']} | {_seconds(floor)} | {_fmt(v['dense'], 'seconds')} | "
             f"{_fmt(v['streaming'], 'seconds')} | {_fmt(v['materializing'], 'seconds')} | "
             f"{v['dense']['seconds'] / floor:.2f} | {v['streaming']['seconds'] / floor:.2f} | "
             f"{_fmt(v['floor'], 'peak_mib', digits=0)} | {_fmt(v['dense'], 'peak_mib', digits=0)} | "
