@@ -33,30 +33,25 @@ checkpoint (EDAM's ``edam`` / ``edam_tiny`` share the trunk of ``affinitynet`` /
 from __future__ import annotations
 
 import shutil
-import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.utils.data
-from tqdm import tqdm
 
 from wsss_fast.constants import IMAGENET_MEAN, IMAGENET_STD
 from wsss_fast.data.dataset import EmptyDataset, require_images
 from wsss_fast.data.factory import open_dataset
 from wsss_fast.data.images import ImageDecodeError, read_image
-from wsss_fast.io.atomic import atomic_write, atomic_write_group, atomic_write_json
+from wsss_fast.io.atomic import atomic_write, atomic_write_json
 from wsss_fast.io.cam_files import CamFileError, load_cam_file
-from wsss_fast.io.checksums import bytes_checksum
 from wsss_fast.models.affinitynet import OUTPUT_STRIDE, pair_affinity
-from wsss_fast.models.checkpoint import torch_file_bytes
 from wsss_fast.models.registry import MODELS, create_model
 from wsss_fast.train import trainer as classifier_trainer
 from wsss_fast.train.affinity import (PSA_ALPHAS, PSA_RADIUS, psa_label, psa_label_scores, psa_loss,
                                       psa_pairs, psa_targets)
-from wsss_fast.train.data import batches_per_epoch, color_jitter, epoch_loader, random_crop
+from wsss_fast.train.data import batches_per_epoch, color_jitter, random_crop
 from wsss_fast.train.methods import Method, register_method
 
 SCORES_DIR = "psa_scores"
@@ -284,79 +279,12 @@ def train_affinitynet(chosen: Method, config, out: Path, target: torch.device, *
                                 momentum=momentum)
     steps_per_epoch = batches_per_epoch(len(images), config.batch_size)
     total_steps = config.epochs * steps_per_epoch
-    stop = total_steps if max_steps is None else min(max_steps, total_steps)
-
-    run = classifier_trainer._Run()
-    run.skipped.update({id: reason for id, reason in data.problems()})
-    run.skipped.update(skipped)
-    checkpoint_current = True
-    if resume:
-        checkpoint_current = classifier_trainer._resume(out, config.fingerprint(), net,
-                                                        optimizer, run)
-
-    def save() -> None:
-        weights = classifier_trainer._cpu_state(net)
-        checkpoint = torch_file_bytes(weights)
-        state = torch_file_bytes({"config": config.fingerprint(), "model": weights,
-                                  "optimizer": optimizer.state_dict(), "run": run.state(),
-                                  "rng": classifier_trainer._rng_state(),
-                                  "checkpoint_blake2b": bytes_checksum(checkpoint)})
-        atomic_write_group({out / classifier_trainer.CHECKPOINT: checkpoint,
-                            out / classifier_trainer.STATE: state})
-        classifier_trainer._write_report(out / classifier_trainer.REPORT, config, run, data,
-                                         len(images), total_steps,
-                                         finished=run.step >= total_steps)
-
-    if not checkpoint_current:
-        save()
-    bar = tqdm(total=stop, initial=min(run.step, stop), desc=f"train {chosen.name}",
-               unit="step", dynamic_ncols=True, disable=not progress, file=sys.stderr)
-    try:
-        while run.step < stop:
-            epoch, start_batch = divmod(run.step, steps_per_epoch)
-            started = time.perf_counter()
-            for batch, labels, failed in epoch_loader(images, config.batch_size, epoch,
-                                                      start_batch, workers):
-                run.skipped.update({id: error for id, error in failed})
-                lr_now = poly_lr(run.step, total_steps, config.lr)
-                if batch is not None:
-                    terms = _step(chosen, net, optimizer, batch.to(target),
-                                  labels.to(target), lr_now, config.clip_grad, run.step)
-                    run.add(terms)
-                    bar.set_postfix(loss=f"{terms['loss']:.4f}", lr=f"{lr_now:.2e}")
-                run.step += 1
-                bar.update(1)
-                now = time.perf_counter()
-                run.seconds += now - started
-                started = now
-                end_of_epoch = run.step % steps_per_epoch == 0
-                if end_of_epoch:
-                    run.close_epoch(epoch, lr_now)
-                if end_of_epoch or run.step >= stop or (save_every and run.step % save_every == 0):
-                    save()
-                if run.step >= stop:
-                    break
-    finally:
-        bar.close()
-    return out / classifier_trainer.CHECKPOINT
-
-
-def _step(method: Method, net, optimizer, images, labels, lr: float, clip_grad,
-          step: int) -> dict:
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"]
-    net.train()
-    loss, terms = method.loss(net, images, labels)
-    if not torch.isfinite(loss):
-        raise classifier_trainer.TrainingDiverged(
-            f"{method.name}: the loss is {float(loss)} at step {step} (terms {terms}); lower "
-            f"the learning rate")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip_grad is not None:
-        torch.nn.utils.clip_grad_norm_(net.parameters(), clip_grad)
-    optimizer.step()
-    return {"loss": float(loss.detach()), **terms}
+    # The classifiers' resumable loop, with PSA's poly schedule and its label-less skips.
+    return classifier_trainer.run_loop(
+        chosen, config, out, target, data=data, images=images, net=net, optimizer=optimizer,
+        total_steps=total_steps, skipped={**dict(data.problems()), **skipped},
+        schedule=lambda step: poly_lr(step, total_steps, config.lr), max_steps=max_steps,
+        workers=workers, resume=resume, save_every=save_every, progress=progress)
 
 
 # The tiny model from scratch on the synthetic benchmark: crop 128 (a 16×16 grid).
