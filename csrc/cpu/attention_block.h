@@ -12,18 +12,34 @@
 #include <string>
 #include <vector>
 
+#include "cpu/softmax_rows.h"
+
 namespace wsss_fast {
 
 // Query rows per tile, at most. Measured at ViT-S 768² (T = 2324, d = 64) on one core: 32 rows
 // leave sgemm short of its peak (1.54 s/img), 64-128 reach it (1.46/1.44 s).
 constexpr int64_t kQueryRowBlock = 128;
 
+// Tuning override (WSSS_FAST_CPU_QUERY_ROWS, 8..kQueryRowBlock), read once.
+inline int64_t query_row_block() {
+  static const int64_t rows = [] {
+    const char* env = std::getenv("WSSS_FAST_CPU_QUERY_ROWS");
+    if (!env || !*env) return kQueryRowBlock;
+    const int64_t value = std::atoll(env);
+    TORCH_CHECK(value >= 8 && value <= kQueryRowBlock, "WSSS_FAST_CPU_QUERY_ROWS must be in [8, ",
+                kQueryRowBlock, "], got '", env, "'");
+    return value;
+  }();
+  return rows;
+}
+
 // Rows per tile for `rows_total` query rows in each of `batch` items: at most kQueryRowBlock, and
 // as many tiles as make the work divide evenly over the threads (19 tiles on 2 threads idle one
 // thread for a whole tile; 20 do not).
 inline int64_t tile_rows(int64_t rows_total, int64_t batch) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t tiles = (rows_total + kQueryRowBlock - 1) / kQueryRowBlock;
+  const int64_t block = query_row_block();
+  int64_t tiles = (rows_total + block - 1) / block;
   while ((batch * tiles) % threads != 0 && tiles < rows_total) ++tiles;
   return (rows_total + tiles - 1) / tiles;
 }
@@ -88,9 +104,10 @@ inline void axpy(float* __restrict dst, const float* __restrict src, float alpha
 // Per-thread scratch for one tile: reused across heads and tiles, so the hot loop allocates
 // nothing (fresh rows×T buffers would each be an mmap + page faults).
 //
-// The tile keeps its softmax and a per-row factor (inv_sums_) applied by P·V and the head sum;
-// it is 1 with ATen's softmax. A fused unnormalized exp pass (Cephes exp, target_clones) was
-// measured slower here than ATen's vectorized softmax (issue 13 report), so it is not used.
+// The tile keeps its unnormalized softmax (exp_sum_row: two passes over the tile) and a per-row
+// factor 1/Σ (inv_sums_) that P·V and the head sum apply to their few outputs, instead of
+// normalizing the rows×T tile. (With plain loops under target_clones the compiler did not
+// vectorize the exp and this was slower than ATen's softmax; the intrinsics version is not.)
 class AttentionTile {
  public:
   // `gemm_dtype`: kFloat, or kBFloat16 for bf16 GEMMs (inputs given in bf16 then).
@@ -104,7 +121,8 @@ class AttentionTile {
     }
   }
 
-  // softmax(scale · q_rows·kᵀ) over all keys: (rows, d) × (d, T) -> (rows, T) fp32; valid until
+  // exp(scale · q_rows·kᵀ − row max) over all keys, (rows, d) × (d, T) -> (rows, T) fp32, and the
+  // rows' 1/Σ: the softmax up to its per-row factor, applied by times / add_probs; valid until
   // the next call. `k_transposed` is (d, T): contiguous is the
   // fastest GEMM layout, a transposed view of a (T, d) k avoids a copy.
   void compute(const at::Tensor& q_rows, const at::Tensor& k_transposed, double scale) {
@@ -117,10 +135,12 @@ class AttentionTile {
     } else {
       at::mm_out(exps, q_rows, k_transposed);
     }
-    // ATen's vectorized softmax, in place (see the class comment).
-    if (scale != 1.0) exps.mul_(scale);
-    at::_softmax_out(exps, exps, /*dim=*/1, /*half_to_float=*/false);
-    std::fill(inv_sums_.begin(), inv_sums_.begin() + rows_, 1.0f);
+    // exp(scale·(s − max)) per row in place; 1/Σ is applied to the products (see the class).
+    const int64_t tokens = exps.size(1);
+    float* data = exps.data_ptr<float>();
+    for (int64_t i = 0; i < rows_; ++i) {
+      inv_sums_[i] = 1.0f / exp_sum_row(data + i * tokens, tokens, static_cast<float>(scale));
+    }
     if (bf16_) exps_bf16_.narrow(0, 0, rows_).copy_(exps);
   }
 

@@ -91,6 +91,24 @@ def test_attention_stats_cpu_matches_reference(gen, b, h, c, p, d):
 
 
 @pytest.mark.usefixtures("cpu_face")
+@pytest.mark.parametrize("spread", [1e-3, 30.0, 300.0])
+def test_attention_stats_cpu_exp_over_the_whole_range(gen, spread):
+    """The cpu face's own exp (softmax_rows.h): near-uniform rows, peaked rows, and rows where
+    most keys sit hundreds below the max (exp underflows to 0); 37 keys exercise the vector
+    tail."""
+    b, h, c, p, d = 1, 2, 3, 34, 8
+    q, k, v = (randn(gen, b, h, c + p, d) for _ in range(3))
+    q = q * spread
+    acc = torch.zeros(b, p, p)
+    expected = acc.clone()
+    ref_out = ops.attention_stats_reference(q, k, v, 0.5, c, None, 1.0, expected, 1.0, None, 1.0)
+    out = ops.attention_stats(q, k, v, 0.5, c, patch2patch=acc)
+    assert torch.isfinite(out).all() and torch.isfinite(acc).all()
+    assert_rel_close(out, ref_out, what="o")
+    assert_rel_close(acc, expected, 1e-5, what="patch2patch")
+
+
+@pytest.mark.usefixtures("cpu_face")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_attention_stats_cpu_low_precision_inputs(gen, dtype):
     b, h, c, p, d = 2, 2, 3, 40, 16
