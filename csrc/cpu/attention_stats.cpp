@@ -11,6 +11,7 @@
 #include <optional>
 
 #include "cpu/attention_block.h"
+#include "cpu/parallel.h"
 
 namespace wsss_fast {
 namespace {
@@ -53,7 +54,7 @@ at::Tensor attention_stats_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                 outs = matrices(out);
   const int64_t tile_size = tile_rows(tokens, batch);
   const int64_t tiles = ceil_div(tokens, tile_size);
-  at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
     AttentionTile tile(tokens, compute);
     std::vector<float> head_sum(kQueryRowBlock * n_patch);
     for (int64_t index = begin; index < end; ++index) {

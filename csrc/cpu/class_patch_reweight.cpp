@@ -11,6 +11,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/parallel.h"
 #include "common/class_patch_reweight.h"
 
 namespace wsss_fast {
@@ -21,7 +22,7 @@ void reweight_rows(const scalar_t* attn, const scalar_t* patchcam, scalar_t* out
                    int64_t cols, float gamma, bool take_sqrt) {
   // A few thousand elements per task: 20 class rows of 2304 split evenly over the threads.
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(cols, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> powers(cols);
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* a = attn + r * cols;

@@ -13,6 +13,8 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/parallel.h"
+
 namespace wsss_fast {
 namespace {
 
@@ -74,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_cpu(const at::Tensor& feat
   const float* x_ptr = x.data_ptr<float>();
   at::Tensor x_norm = at::empty({n}, x.options());
   float* x_norm_ptr = x_norm.data_ptr<float>();
-  at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
+  parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       double squares = 0.0;
       for (int64_t c = 0; c < d; ++c) squares += double(x_ptr[i * d + c]) * x_ptr[i * d + c];
@@ -100,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_cpu(const at::Tensor& feat
     ++iteration;
     const at::Tensor unit = centres / centres.norm(2, {1}, true).clamp_min(kNormEps);
     const at::Tensor unit_t = unit.t().contiguous();
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         const int64_t r0 = chunk * chunk_rows, rows = std::min(chunk_rows, n - r0);
         const at::Tensor scores = at::mm(x.narrow(0, r0, rows), unit_t).contiguous();
@@ -129,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_cpu(const at::Tensor& feat
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       for (int64_t j = 0; j < k; ++j) counts[j] += chunk_counts[chunk * k + j];
     }
-    at::parallel_for(0, k * d, 4096, [&](int64_t begin, int64_t end) {
+    parallel_for(0, k * d, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t e = begin; e < end; ++e) {
         double total = 0.0;
         for (int64_t chunk = 0; chunk < chunks; ++chunk) total += chunk_sums[chunk * k * d + e];

@@ -11,6 +11,7 @@
 #include <string_view>
 #include <vector>
 
+#include "cpu/parallel.h"
 #include "common/multiscale_merge.h"
 
 namespace wsss_fast {
@@ -74,7 +75,7 @@ at::Tensor multiscale_merge_cpu(at::TensorList maps_in, at::IntArrayRef flips, i
   const int64_t planes = batch * classes;
   std::vector<float> row_lo(planes * out_h), row_hi(planes * out_h);
 
-  at::parallel_for(0, planes * out_h, 8, [&](int64_t begin, int64_t end) {
+  parallel_for(0, planes * out_h, 8, [&](int64_t begin, int64_t end) {
     for (int64_t index = begin; index < end; ++index) {
       const int64_t plane = index / out_h, y = index % out_h;
       const float label = label_ptr ? label_ptr[plane] : 1.f;
@@ -98,7 +99,7 @@ at::Tensor multiscale_merge_cpu(at::TensorList maps_in, at::IntArrayRef flips, i
     }
   });
   if (norm == kNormNone) return out;
-  at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       float lo = row_lo[plane * out_h], hi = row_hi[plane * out_h];
       for (int64_t y = 1; y < out_h; ++y) {

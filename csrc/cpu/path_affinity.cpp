@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/parallel.h"
 #include "common/path_affinity.h"
 
 namespace wsss_fast {
@@ -92,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> path_affinity_cpu(const at::Tensor& boundary_
                                   "path_affinity_cpu", [&] {
     scalar_t* out = affinity.data_ptr<scalar_t>();
     // A task is one window row of one offset: ~cols × path length loads.
-    at::parallel_for(0, batch * offsets * rows, 16, [&](int64_t begin, int64_t end) {
+    parallel_for(0, batch * offsets * rows, 16, [&](int64_t begin, int64_t end) {
       std::vector<float> row(std::is_same<scalar_t, float>::value ? 0 : cols);
       for (int64_t index = begin; index < end; ++index) {
         const int64_t y = index % rows, o = (index / rows) % offsets, b = index / (rows * offsets);
@@ -137,7 +138,7 @@ at::Tensor path_affinity_backward_cpu(const at::Tensor& grad_in, const at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
                                   "path_affinity_backward_cpu", [&] {
     const scalar_t* grad_ptr = grad.data_ptr<scalar_t>();
-    at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+    parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t index = begin; index < end; ++index) {
         const int64_t b = index / chunks, chunk = index % chunks;
         float* acc = partial_ptr + index * plane;

@@ -10,6 +10,7 @@
 #include <algorithm>
 
 #include "cpu/attention_block.h"
+#include "cpu/parallel.h"
 
 namespace wsss_fast {
 namespace {
@@ -43,7 +44,7 @@ at::Tensor propagate_streaming_cpu(const at::Tensor& q_in, const at::Tensor& k_i
   const std::vector<at::Tensor> qs = matrices(q), ks = matrices(k);  // index (l·B + b)·H + h
   const int64_t tile_size = tile_rows(n_patch, batch);
   const int64_t tiles = ceil_div(n_patch, tile_size);
-  at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
     AttentionTile tile(tokens, compute);
     for (int64_t index = begin; index < end; ++index) {
       const int64_t b = index / tiles;

@@ -9,6 +9,7 @@
 
 #include <utility>
 
+#include "cpu/parallel.h"
 #include "common/random_walk.h"
 
 namespace wsss_fast {
@@ -45,7 +46,7 @@ at::Tensor random_walk_cpu(const at::Tensor& x0_in, const at::Tensor& weights_in
   at::Tensor coeff = at::empty({batch, taps, n}, weights.options());
   const float* weight_ptr = weights.data_ptr<float>();
   float* coeff_ptr = coeff.data_ptr<float>();
-  at::parallel_for(0, batch * n, 256, [&](int64_t begin, int64_t end) {
+  parallel_for(0, batch * n, 256, [&](int64_t begin, int64_t end) {
     for (int64_t index = begin; index < end; ++index) {
       const int64_t b = index / n, pixel = index % n;
       walk_pixel_taps(weight_ptr + b * offsets * n, h, w, radius, offsets, pixel / w, pixel % w,
@@ -71,7 +72,7 @@ at::Tensor random_walk_cpu(const at::Tensor& x0_in, const at::Tensor& weights_in
     const float* from = src.data_ptr<float>();
     float* to = dst.data_ptr<float>();
     // Classes innermost: a row's taps (taps × w floats) stay in cache across the classes.
-    at::parallel_for(0, batch * h * classes, row_grain, [&](int64_t begin, int64_t end) {
+    parallel_for(0, batch * h * classes, row_grain, [&](int64_t begin, int64_t end) {
       for (int64_t index = begin; index < end; ++index) {
         const int64_t k = index % classes, y = (index / classes) % h, b = index / (classes * h);
         const int64_t at_row = (b * classes + k) * plane_size + (y + pad) * pitch + pad;
