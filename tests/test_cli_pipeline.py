@@ -103,6 +103,29 @@ def test_pseudo_label_rejects_mismatched_rule_and_crf(pipeline, tmp_path, capsys
     assert "--rule confident runs label CRFs" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("override, message", [
+    ("scales=[1.0,-2]", "scales must be a non-empty list of positive numbers"),
+    ("scales=abc", "scales must be a non-empty list of positive numbers"),
+    ("scales=[]", "scales must be a non-empty list of positive numbers"),
+    ("square_sizes=[256,0.5]", "square_sizes must be a non-empty list of positive integers"),
+    ("flip=3", "flip must be true or false"),
+    ("norm=softmax", "norm must be one of none, minmax, max, transcam"),
+    ("merge=mean", "merge must be one of sum, max_flip"),
+    ("eps=-1", "eps must be a finite number >= 0"),
+    ("drop_channels=-1", "drop_channels must be an integer >= 0"),
+    ("no_such_field=1", "unknown preset fields: no_such_field"),
+])
+def test_extract_rejects_a_bad_preset_override_before_any_image(pipeline, tmp_path, capsys,
+                                                                 override, message):
+    """A bad --preset-arg is one error naming the field (exit 2), not every image skipped."""
+    root, data = pipeline
+    out = tmp_path / "cams"
+    assert main(["extract", "--data", str(data), "--split", "val", *MODEL, "--out", str(out),
+                 "--workers", "0", "--quiet", "--preset-arg", override]) == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "cams").exists() or not any((out / "cams").iterdir())
+
+
 @pytest.mark.parametrize("preset", ["irn", "psa"])
 def test_refine_writes_labels_equal_to_the_python_api(pipeline, tmp_path, preset):
     from wsss_fast.pipeline.refine import image_color_features

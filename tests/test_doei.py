@@ -205,10 +205,12 @@ def test_doei_cams_use_reweighted_class_to_patch_block(gen):
 # ------------------------------------------------------------------------ reduction to baseline
 
 # The streaming refinement's online softmax amplifies fp32 rounding of its inputs (with these
-# peaky attentions it differs from the dense path by ~5e-6 itself), hence its looser tolerance.
+# peaky attentions it differs from the dense path by ~5e-6 itself), hence its looser tolerance;
+# so does MCTformer+'s sqrt fusion, whose slope near 0 amplifies the ~5e-7 relative rounding
+# difference between the C++ face's exp and the eager softmax of the DOEI blocks (~7e-5 here).
 @pytest.mark.parametrize("version,attention_type,affinity,rtol", [
     ("v2", "fused", "dense", 1e-5), ("v2", "mct", "streaming", 1e-4), ("v1", "mct", "dense", 1e-5),
-    ("plus", "fused", "dense", 1e-5)])
+    ("plus", "fused", "dense", 2e-4)])
 def test_doei_reduces_to_baseline(gen, version, attention_type, affinity, rtol):
     model = tiny_mctformer(gen, version=version, classes=3)
     image = torch.randn(2, 3, 64, 64, generator=gen)

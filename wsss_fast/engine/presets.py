@@ -10,8 +10,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
+import math
+from numbers import Real
+
 from wsss_fast.constants import IMAGENET_MEAN, IMAGENET_STD
+from wsss_fast.ops.multiscale_merge import MERGES, NORMS
 from wsss_fast.registry import Registry
+
+RESIZES = ("pil_bicubic", "tensor_bilinear")
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,50 @@ class Preset:
     cam_kwargs: dict = field(default_factory=dict)  # passed to model.cam_maps
     # IRN make_cam: merge the full-resolution maps at g⌈H/g⌉ × g⌈W/g⌉, then crop to H × W.
     high_res_grid: Optional[int] = None
+
+    def __post_init__(self):
+        # Checked here, so a bad override (`--preset-arg scales=abc`) is one error naming the
+        # field before any image is read, not a failure of every image.
+        def fail(what, value):
+            raise ValueError(f"preset {self.name!r}: {what}, got {value!r}")
+
+        def positive_numbers(name, value, integral=False):
+            kind = int if integral else Real
+            if (not isinstance(value, (tuple, list)) or not value
+                    or not all(isinstance(x, kind) and not isinstance(x, bool)
+                               and math.isfinite(x) and x > 0 for x in value)):
+                fail(f"{name} must be a non-empty list of positive "
+                     f"{'integers' if integral else 'numbers'}", value)
+
+        positive_numbers("scales", self.scales)
+        if self.square_sizes is not None:
+            positive_numbers("square_sizes", self.square_sizes, integral=True)
+        for name in ("flip", "relu"):
+            if not isinstance(getattr(self, name), bool):
+                fail(f"{name} must be true or false", getattr(self, name))
+        if self.resize not in RESIZES:
+            fail(f"resize must be one of {', '.join(RESIZES)}", self.resize)
+        if self.merge not in MERGES:
+            fail(f"merge must be one of {', '.join(MERGES)}", self.merge)
+        if self.norm not in NORMS:
+            fail(f"norm must be one of {', '.join(NORMS)}", self.norm)
+        if self.eps is not None and (not isinstance(self.eps, Real) or isinstance(self.eps, bool)
+                                     or not math.isfinite(self.eps) or self.eps < 0):
+            fail("eps must be a finite number >= 0 (or null: the norm's default)", self.eps)
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if (not isinstance(value, (tuple, list)) or len(value) != 3
+                    or not all(isinstance(x, Real) and math.isfinite(x) for x in value)):
+                fail(f"{name} must be 3 numbers (R, G, B)", value)
+        if not all(x > 0 for x in self.std):
+            fail("std must be positive", self.std)
+        if not isinstance(self.drop_channels, int) or self.drop_channels < 0:
+            fail("drop_channels must be an integer >= 0", self.drop_channels)
+        if self.high_res_grid is not None and (not isinstance(self.high_res_grid, int)
+                                               or self.high_res_grid < 1):
+            fail("high_res_grid must be a positive integer (or null)", self.high_res_grid)
+        if not isinstance(self.cam_kwargs, dict):
+            fail("cam_kwargs must be a mapping", self.cam_kwargs)
 
     @property
     def sizes(self) -> tuple:
@@ -81,9 +131,6 @@ for _preset in (
 ):
     register_preset(_preset)
 
-RESIZES = ("pil_bicubic", "tensor_bilinear")
-
-
 def get_preset(preset, **overrides) -> Preset:
     """A preset by name (or a Preset), with fields overridden."""
     if isinstance(preset, str):
@@ -93,7 +140,4 @@ def get_preset(preset, **overrides) -> Preset:
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Preset)}
     if unknown:
         raise ValueError(f"unknown preset fields: {', '.join(sorted(unknown))}")
-    preset = dataclasses.replace(preset, **overrides)
-    if preset.resize not in RESIZES:
-        raise ValueError(f"resize must be one of {RESIZES}, got {preset.resize!r}")
-    return preset
+    return dataclasses.replace(preset, **overrides)
