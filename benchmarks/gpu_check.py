@@ -233,7 +233,7 @@ def step_attention(repeats: int, log) -> list[dict]:
                 row["flash_attn"] = _cuda_time(flash, repeats)
             log(f"attention {row}")
             rows.append(row)
-            del inputs
+            inputs.clear()  # free this case's tensors before the next case allocates
             torch.cuda.empty_cache()
     return rows
 
