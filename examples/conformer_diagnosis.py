@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from wsss_fast import ops
 from wsss_fast.constants import IMAGENET_MEAN, IMAGENET_STD
 from wsss_fast.engine.cam_engine import load_image, to_normalized_tensor
-from wsss_fast.models.registry import create_model
+from wsss_fast.models.checkpoint import read_state_dict
+from wsss_fast.models.registry import MODELS, create_model
 from wsss_fast.train.pretrain import average_precision
 
 
@@ -98,7 +99,9 @@ def main(argv=None) -> None:
                (m / m.sum(-1, keepdim=True) for m in maps)]
     print(f"attention row entropy per block (uniform {np.log(maps[0].shape[-1]):.2f}): "
           + " ".join(f"{e:.2f}" for e in entropy))
-    fresh = create_model(args.model, num_classes=targets.shape[1]).eval()
+    # the same architecture (read from the checkpoint), freshly initialized
+    fresh = create_model(args.model, **MODELS.get(args.model).config_from_state(
+        read_state_dict(args.checkpoint))).eval()
     print(f"M locality (gradient mass within ±24 px): trained {locality(model, x[:8]):.2f}, "
           f"random init {locality(fresh, x[:8]):.2f}", end="")
     if args.compare:
