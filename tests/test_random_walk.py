@@ -202,3 +202,26 @@ def test_image_edge_map_stops_the_walk_at_the_boundary():
         walked = random_walk(seed, irn_affinity(boundary), 256)
         leak[name] = (walked[0, :, 9:].sum() / walked.sum()).item()
     assert leak["flat"] > 0.2 and leak["edge"] < 0.1 * leak["flat"], leak
+
+
+def test_refine_irn_fills_each_region_with_its_class_and_does_not_leak():
+    # Two regions split by a boundary column; each class's CAM is a small peak in its own region
+    # (the weaker one at 0.6). The walk must spread each peak over its whole region (where a
+    # thresholded seed labels the peaks only) and stop at the boundary, on the fast path and in
+    # the upstream-faithful dense one alike.
+    h, w = 12, 16
+    edge = torch.zeros(h, w)
+    edge[:, 8] = 1.0
+    cams = torch.zeros(2, h, w)
+    cams[0, 4:8, 2:5] = 1.0
+    cams[1, 4:8, 11:14] = 0.6
+    keys = [3, 6]
+    labels = refine_irn(cams, keys, edge, (4 * h, 4 * w))
+    np.testing.assert_array_equal(
+        labels, upstream.irn_sem_seg_labels(cams, keys, edge, (4 * h, 4 * w),
+                                            dtype=torch.float64))
+    seed = np.where(np.kron(cams.amax(0).numpy(), np.ones((4, 4))) > 0.25, 1, 0)
+    assert seed[:, :28].mean() < 0.2                   # the seed labels the peaks only
+    assert (labels[:, :33] == 4).all()                 # left region: class 3, to its border
+    assert (labels[:, 35:] == 7).all()                 # right region: class 6, to its border
+    assert (labels[:, 33:35] == 0).all()   # the boundary cell's centre stays background

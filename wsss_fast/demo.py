@@ -41,6 +41,10 @@ LEARNED_RW = ("token_cam", "mctformer_v1", "mctformer_v2", "mctformer_v2+doei", 
 # IRNet's input is zero-padded to one square side covering every synthetic image (96-160 px), as
 # IRN pads VOC images to 512.
 IRN_PAD_SIZE = 160
+# Walk steps of the learned walk. IRN's 256 (2^8) fit its ~125×94 stride-4 VOC grid; on the
+# ~30×35 grids here they mix each image to one level through any gap in the boundary (measured:
+# token_cam 48.1 at 256 steps, 59.4 at 8, 59.6 at 1-2; README, learned affinity).
+LEARNED_RW_STEPS = 8
 
 
 @dataclass(frozen=True)
@@ -222,20 +226,15 @@ def demo_lpcam_cams(data: Path, work: Path, train_overrides: dict, *, seed: int,
     return work / "extract" / "cams"
 
 
-def irn_backbone(data: Path, out: Path, scale: DemoScale, *, seed: int, workers: int,
-                 device: str) -> Path:
-    """The IRN CAM classifier of the LPCAM row (``out/lpcam/train``, trained first if missing,
-    with the settings ``demo_lpcam_cams`` uses): its ResNet is IRNet's frozen backbone."""
-    return _train("irn_cam", data, out / "lpcam" / "train", scale, seed, workers, device)
-
-
 def learned_walk(method: str, data: Path, out: Path, cams: Path, scale: DemoScale,
                  threshold: float, *, seed: int, workers: int, device: str) -> Path:
     """IRN's refinement of a row's validation CAMs: confident regions (``pseudo-label --rule
-    confident``), IRNet trained on them over the IRN classifier's frozen backbone (IRN's
-    protocol: the network learns from the CAMs of the images it then labels, here the
-    validation split, never from ground truth), its boundary map walked by ``refine``.
-    Returns the labels folder, or None when no image has a usable confident region."""
+    confident``), IRNet trained on them (IRN's protocol: the network learns from the CAMs of the
+    images it then labels, here the validation split, never from ground truth), its boundary
+    map walked by ``refine`` (``LEARNED_RW_STEPS``). The backbone trains with the heads: over
+    the LPCAM row's frozen IRN classifier the boundaries were weaker (README, learned
+    affinity). Returns the labels folder, or None when no image has a usable confident
+    region."""
     from wsss_fast.pipeline import (NothingToDo, PseudoLabelOptions, RefineOptions,
                                     TrainConfig, pseudo_label, refine, train)
     from wsss_fast.train.trainer import CHECKPOINT, STATE
@@ -243,22 +242,21 @@ def learned_walk(method: str, data: Path, out: Path, cams: Path, scale: DemoScal
     common = dict(data=str(data), split="val", cams=str(cams), workers=workers, quiet=True)
     checked(pseudo_label(PseudoLabelOptions(**common, out=str(work / "confident"),
                                             rule="confident", crf="irn")))
-    backbone = irn_backbone(data, out, scale, seed=seed, workers=workers, device=device)
     run = work / "irn"
-    if not (run / CHECKPOINT).exists():
+    if not train_finished(run):   # a checkpoint is also saved mid-run
         # IRN keeps its crop (its pairs reach 40 px); a smaller scale shortens its schedule.
         overrides = {k: v for k, v in scale.train_overrides.items() if k != "crop"}
         try:
             train(TrainConfig.from_recipe(
                 "synthetic", method="irn", data=str(data), split="val", out=str(run),
-                seed=seed, ir_labels=str(work / "confident" / "labels"), backbone=str(backbone),
-                workers=workers, device=device, resume=(run / STATE).exists(), quiet=True,
+                seed=seed, ir_labels=str(work / "confident" / "labels"), workers=workers, device=device, resume=(run / STATE).exists(), quiet=True,
                 **overrides))
         except NothingToDo as error:
             _log(f"{method}: no IRNet ({error})")
             return None
     checked(refine(RefineOptions(**common, out=str(work / "rw"), preset="irn",
-                                 bg_threshold=threshold, irn_checkpoint=str(run / CHECKPOINT),
+                                 bg_threshold=threshold, steps=LEARNED_RW_STEPS,
+                                 irn_checkpoint=str(run / CHECKPOINT),
                                  pad_size=IRN_PAD_SIZE, device=device)))
     return work / "rw" / "labels"
 
@@ -438,9 +436,10 @@ def run_demo(out, *, quick: bool = False, seed: int = 0, workers: int = 2, devic
     names = (data / "classes.txt").read_text().split()
     start = ("backbones pretrained on the source domain (pretrained/*.pt)" if pretrained
              else "from scratch")
-    walk = ("over the boundary map of an IRNet trained on the row's confident regions "
-            "(backbone: the LPCAM row's IRN classifier, frozen), or over image-gradient edges "
-            "where a note says so" if learned_rw else "over image-gradient edges")
+    walk = (f"over the boundary map of an IRNet trained on the row's confident regions "
+            f"(backbone trained with the heads; {LEARNED_RW_STEPS} walk steps), or over "
+            f"image-gradient edges where a note says so" if learned_rw
+            else "over image-gradient edges")
     text = (f"# wsss-fast demo ({'quick' if quick else 'full'}, seed {seed}, {start})\n\n"
             f"Synthetic benchmark: {scale.num_train} training / {scale.num_val} validation "
             f"images, {len(names)} classes; co-occurrence classes: "
