@@ -265,6 +265,23 @@ def test_published_edam_keeps_resnet38_dilations():
     assert model.b5.conv_branch2a.dilation == (1, 1)     # resnet38d: first_dilation=1
 
 
+def receptive_field(model, size: int = 256) -> int:
+    """Side of the input region one central conv6 pixel depends on (nonzero input gradient)."""
+    x = torch.randn(1, 3, size, size, requires_grad=True)
+    centre = model.grid(size, size)[0] // 2
+    model.eval().features(x)[0, :, centre, centre].sum().backward()
+    rows = x.grad[0].abs().sum(0).sum(1).nonzero()
+    return int(rows.max() - rows.min() + 1)
+
+
+def test_edam_tiny_receptive_field_fits_the_synthetic_images():
+    """The tiny model's undilated b5-b7 (TINY_DILATIONS) see 109 px of a 96-160 px image; with
+    ResNet-38's dilations 2, 4, 4 a conv6 pixel sees 221 px, the whole image."""
+    torch.manual_seed(0)
+    assert receptive_field(edam_tiny(num_classes=2)) == 109
+    assert receptive_field(edam_tiny(num_classes=2, dilations=(2, 4, 4))) == 221
+
+
 @pytest.mark.parametrize("dilations", [(0, 1, 1), (1, 2)])
 def test_edam_rejects_bad_dilations(dilations):
     with pytest.raises(ValueError, match="dilations"):

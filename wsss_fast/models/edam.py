@@ -359,10 +359,19 @@ def edam(num_classes: int = 20, **kwargs) -> Edam:
     return Edam(num_classes=num_classes, **kwargs)
 
 
+# The tiny model's b5, b6, b7 are not dilated. ResNet-38's dilations 2, 4, 4 give a conv6 pixel a
+# receptive field of 221 px (the DA mask's 237 px), sized for VOC's ~500 px images; on the
+# synthetic benchmark's 96-160 px images every pixel then sees the whole image, its features say
+# which classes the image holds rather than what is there, and the DA masks covered the background
+# (seed mIoU 19.6). Undilated: 109 px (DA mask 125 px), nearer the 75 px of IRN's tiny ResNet.
+TINY_DILATIONS = (1, 1, 1)
+
+
 def edam_tiny(num_classes: int = 20, **kwargs) -> Edam:
-    """ResNet-38 layout with one block per stage and width 8 (conv6: 512 channels), CMA hidden
-    32, trained from scratch on CPU."""
-    config = dict(width=8, blocks=(1, 1, 1, 1), hidden=32, heads=2, ffn=128, finetune=False)
+    """ResNet-38 layout with one block per stage, width 8 (conv6: 512 channels) and undilated
+    b5-b7 (``TINY_DILATIONS``), CMA hidden 32, trained from scratch on CPU."""
+    config = dict(width=8, blocks=(1, 1, 1, 1), hidden=32, heads=2, ffn=128, finetune=False,
+                  dilations=TINY_DILATIONS)
     return Edam(num_classes=num_classes, **{**config, **kwargs})
 
 
