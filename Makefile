@@ -34,7 +34,7 @@ pretrain: install  ## the four tiny backbones on the source domain (~25 min, 2 c
 	$(PRETRAIN) --family vit --steps 200 --out pretrained/vit.pt
 	$(PRETRAIN) --family resnet --steps 200 --out pretrained/resnet.pt
 	$(PRETRAIN) --family conformer --steps 150 --lr 5e-4 --out pretrained/conformer.pt
-	$(PRETRAIN) --family resnet38 --steps 150 --out pretrained/resnet38.pt
+	$(PRETRAIN) --family resnet38 --steps 300 --out pretrained/resnet38.pt
 	$(PYTHON) -c "from wsss_fast.train.pretrain import write_manifest; write_manifest('pretrained')"
 
 demo-quick: install  ## the same at a smoke-test size (48 images, 2 epochs: CI)

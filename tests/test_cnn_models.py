@@ -212,8 +212,9 @@ def test_edam_keys_are_resnet38_plus_edam_heads():
     assert model.features(torch.empty(1, 3, 368, 368, device="meta")).shape == (1, 4096, 46, 46)
 
 
-def resnet38_conv6(state, x):
-    """PSA resnet38d.forward (EDAM: no final ReLU), eval mode, from the state dict alone."""
+def resnet38_conv6(state, x, dilations=(2, 4, 4)):
+    """PSA resnet38d.forward (EDAM: no final ReLU), eval mode, from the state dict alone; the
+    dilations of b5, b6, b7 (PSA: 2, 4, 4)."""
     def bn(name, t):
         return F.batch_norm(t, state[f"{name}.running_mean"], state[f"{name}.running_var"],
                             state[f"{name}.weight"], state[f"{name}.bias"], False, 0.0, 1e-5)
@@ -229,30 +230,62 @@ def resnet38_conv6(state, x):
     for name in names:
         stage, first = int(name[1]), "_" not in name
         stride = 2 if first and stage < 5 else 1
-        dilation = 2 if stage == 5 else 1
+        dilation = dilations[0] if stage == 5 else 1
         branch2 = F.relu(bn(f"{name}.bn_branch2a", x))
         branch1 = conv(f"{name}.conv_branch1", branch2, stride) if first else x
         branch2 = conv(f"{name}.conv_branch2a", branch2, stride, 1 if first else dilation)
         branch2 = conv(f"{name}.conv_branch2b1", F.relu(bn(f"{name}.bn_branch2b1", branch2)),
                        dilation=dilation)
         x = branch1 + branch2
-    for name in ("b6", "b7"):
+    for name, dilation in zip(("b6", "b7"), dilations[1:]):
         branch2 = F.relu(bn(f"{name}.bn_branch2a", x))
         branch1 = conv(f"{name}.conv_branch1", branch2)
         branch2 = conv(f"{name}.conv_branch2a", branch2)
         branch2 = conv(f"{name}.conv_branch2b1", F.relu(bn(f"{name}.bn_branch2b1", branch2)),
-                       dilation=4)
+                       dilation=dilation)
         branch2 = conv(f"{name}.conv_branch2b2", F.relu(bn(f"{name}.bn_branch2b2", branch2)))
         x = branch1 + branch2
     return bn("bn7", x)
 
 
-def test_resnet38_backbone_matches_psa_forward(gen):
-    model = randomize_batchnorm(edam_tiny(num_classes=2, blocks=(2, 1, 2, 2)), gen).eval()
+@pytest.mark.parametrize("dilations", [(2, 4, 4), (1, 1, 1), (1, 2, 3)])
+def test_resnet38_backbone_matches_psa_forward(gen, dilations):
+    model = randomize_batchnorm(edam_tiny(num_classes=2, blocks=(2, 1, 2, 2),
+                                          dilations=dilations), gen).eval()
     x = torch.randn(2, 3, 45, 38, generator=gen)
     with torch.no_grad():
-        assert_rel_close(model.features(x), resnet38_conv6(model.state_dict(), x), rtol=1e-5,
-                         what="conv6")
+        assert_rel_close(model.features(x), resnet38_conv6(model.state_dict(), x, dilations),
+                         rtol=1e-5, what="conv6")
+
+
+def test_published_edam_keeps_resnet38_dilations():
+    model = edam(num_classes=2)
+    assert (model.b5.conv_branch2b1.dilation, model.b6.conv_branch2b1.dilation,
+            model.b7.conv_branch2b1.dilation) == ((2, 2), (4, 4), (4, 4))
+    assert model.b5.conv_branch2a.dilation == (1, 1)     # resnet38d: first_dilation=1
+
+
+def receptive_field(model, size: int = 256) -> int:
+    """Side of the input region one central conv6 pixel depends on (nonzero input gradient)."""
+    x = torch.randn(1, 3, size, size, requires_grad=True)
+    centre = model.grid(size, size)[0] // 2
+    model.eval().features(x)[0, :, centre, centre].sum().backward()
+    rows = x.grad[0].abs().sum(0).sum(1).nonzero()
+    return int(rows.max() - rows.min() + 1)
+
+
+def test_edam_tiny_receptive_field_fits_the_synthetic_images():
+    """The tiny model's undilated b5-b7 (TINY_DILATIONS) see 109 px of a 96-160 px image; with
+    ResNet-38's dilations 2, 4, 4 a conv6 pixel sees 221 px, the whole image."""
+    torch.manual_seed(0)
+    assert receptive_field(edam_tiny(num_classes=2)) == 109
+    assert receptive_field(edam_tiny(num_classes=2, dilations=(2, 4, 4))) == 221
+
+
+@pytest.mark.parametrize("dilations", [(0, 1, 1), (1, 2)])
+def test_edam_rejects_bad_dilations(dilations):
+    with pytest.raises(ValueError, match="dilations"):
+        edam_tiny(num_classes=2, dilations=dilations)
 
 
 def test_edam_finetune_regime_freezes_stem_b2_and_batchnorm():
