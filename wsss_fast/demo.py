@@ -249,8 +249,8 @@ def learned_walk(method: str, data: Path, out: Path, cams: Path, scale: DemoScal
         try:
             train(TrainConfig.from_recipe(
                 "synthetic", method="irn", data=str(data), split="val", out=str(run),
-                seed=seed, ir_labels=str(work / "confident" / "labels"), workers=workers, device=device, resume=(run / STATE).exists(), quiet=True,
-                **overrides))
+                seed=seed, ir_labels=str(work / "confident" / "labels"), workers=workers,
+                device=device, resume=(run / STATE).exists(), quiet=True, **overrides))
         except NothingToDo as error:
             _log(f"{method}: no IRNet ({error})")
             return None

@@ -8,7 +8,6 @@
 #include <ATen/ThreadLocalState.h>
 
 #include <cstdint>
-#include <utility>
 
 namespace wsss_fast {
 

@@ -44,5 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from wsss_fast.demo import run_demo
     run_demo(args.out, quick=args.quick, seed=args.seed, workers=args.workers,
-             device=args.device, methods=args.methods, pretrained=args.pretrained, learned_rw=args.learned_rw)
+             device=args.device, methods=args.methods, pretrained=args.pretrained,
+             learned_rw=args.learned_rw)
     return 0

@@ -7,11 +7,10 @@ field can be overridden (``get_preset("mctformer_v2", scales=(1.0, 0.75, 1.25))`
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Optional
-
 import math
+from dataclasses import dataclass, field
 from numbers import Real
+from typing import Optional
 
 from wsss_fast.constants import IMAGENET_MEAN, IMAGENET_STD
 from wsss_fast.ops.multiscale_merge import MERGES, NORMS
