@@ -1,7 +1,8 @@
 """Our CAM generators against the official ones, side by side in one run (issue 13, item 4).
 
     python -m benchmarks.compare_official --mctformer-repo ~/src/MCTformer [--transcam-repo ~/src/TransCAM]
-    python -m benchmarks.compare_official --mctformer-repo PATH --quick     # 2 small images, smoke test
+    python -m benchmarks.compare_official --mctformer-repo PATH --quick   # smoke test: 2 small
+                                                                        # images, tiny models
 
 The official code is imported from the checkout given (xulianuwa/MCTformer, liruiwen/TransCAM;
 the golden outputs in tests/data/golden name the commits); nothing of it is copied here. Without
@@ -17,10 +18,10 @@ Same weights, images and scales for both sides:
 * MCTformer-V2: the official ``engine.generate_attention_maps_ms`` with ``VOC12DatasetMS``, scales
   1.0/0.5/1.5/2.0 × flip, layer_index 3, fused attention, patch-attention refinement, batch 1,
   ``.npy`` dicts saved; ours ``CamEngine(model, "mctformer_v2")`` with the same scales;
-* TransCAM: the official ``infer_TransCAM.py`` run as a script (squares 256/512/768 × flip, its
-  two CRF seeds at 0.60 / 0.25, timed separately through ``tool.imutils.crf_inference_label``);
-  ours ``CamEngine(model, "transcam")``, CAMs only. The ratio that compares like with like is
-  theirs minus CRF (CAM-only) against ours.
+* TransCAM: ``benchmarks.transcam_report``'s comparison (the one runner of the official
+  ``infer_TransCAM.py``: squares 256/512/768 × flip on VOC-size synthetic images, its two CRF
+  seeds timed apart per image, so that CAM-only times compare like with like) with the same
+  weights.
 
 Each side runs in its own subprocess: model loaded and warmed up on a small image, peak RSS reset
 (VmHWM, /proc/self/clear_refs), then every image, its output saved as upstream does. Sides run in
@@ -47,10 +48,12 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.transcam_report import transcam_section
+
 MCT_SCALES = (1.0, 0.5, 1.5, 2.0)
 MCT_MODEL = "deit_small_MCTformerV2_patch16_224"
 TRANSCAM_CLASSES = 20          # infer_TransCAM.py hard-codes VOC's 20 classes (21 outputs)
-SIDES = {"mctformer": ("theirs", "ours"), "transcam": ("theirs", "ours")}
+SIDES = ("theirs", "ours")
 
 
 # ---------------------------------------------------------------------------------- checks
@@ -72,16 +75,15 @@ def check_repo(family: str, path: str) -> Path:
 # ---------------------------------------------------------------------------------- data
 
 
-def prepare_images(work: Path, family: str, count: int, size: tuple[int, int],
-                   num_classes: int) -> Path:
-    """Synthetic images in VOC layout plus what the official loaders read: ``train_aug_id.txt``
-    (MCTformer), a ``/JPEGImages/<id>.jpg`` list (TransCAM), ``voc12/cls_labels.npy`` keyed by
-    image id (both read it relative to the working directory), and a warm-up image."""
+def prepare_images(work: Path, count: int, size: tuple[int, int], num_classes: int) -> Path:
+    """Synthetic images in VOC layout plus what the official MCTformer loader reads:
+    ``train_aug_id.txt``, ``voc12/cls_labels.npy`` keyed by image id (read relative to the
+    working directory), and a warm-up image."""
     import PIL.Image
 
     from wsss_fast.data.synthetic import generate_synthetic
 
-    root = work / f"{family}_images_{count}_{size[0]}x{size[1]}_k{num_classes}"
+    root = work / f"mctformer_images_{count}_{size[0]}x{size[1]}_k{num_classes}"
     if (root / "ready").exists():
         return root
     generate_synthetic(root / "voc", num_train=count, num_val=0, num_classes=num_classes,
@@ -91,9 +93,7 @@ def prepare_images(work: Path, family: str, count: int, size: tuple[int, int],
                    .split())
     by_name = {}
     for name in names:
-        vector = np.zeros(TRANSCAM_CLASSES if family == "transcam" else num_classes, np.float32)
-        vector[:num_classes] = labels[int(name.replace("_", ""))]
-        by_name[name] = vector
+        by_name[name] = labels[int(name.replace("_", ""))].astype(np.float32)
     warm = "2026_999999"
     PIL.Image.open(root / "voc" / "JPEGImages" / f"{names[0]}.jpg").convert("RGB").resize(
         (64, 48)).save(root / "voc" / "JPEGImages" / f"{warm}.jpg")
@@ -103,7 +103,6 @@ def prepare_images(work: Path, family: str, count: int, size: tuple[int, int],
     for listing, ids in (("run", names), ("warm", [warm])):
         (root / listing).mkdir(exist_ok=True)
         (root / listing / "train_aug_id.txt").write_text("".join(f"{i}\n" for i in ids))
-        (root / listing / "list.txt").write_text("".join(f"/JPEGImages/{i}.jpg\n" for i in ids))
     (root / "ready").write_text("")
     return root
 
@@ -128,14 +127,12 @@ def train_checkpoint(work: Path, family: str, steps: int) -> Path:
     return out / "checkpoint.pth"
 
 
-def checkpoint_classes(path: Path, family: str) -> int:
+def checkpoint_classes(path: Path) -> int:
+    """Classes of an MCTformer-V2 checkpoint."""
     import torch
 
     state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("model", state)
-    if family == "mctformer":
-        return int(state["head.weight"].shape[0])
-    return int(state["trans_cls_head.weight"].shape[0]) - 1
+    return int(state.get("model", state)["head.weight"].shape[0])
 
 
 # ---------------------------------------------------------------------------------- children
@@ -211,19 +208,15 @@ def mctformer_theirs(repo: Path, root: Path, checkpoint: Path, out: Path, scales
     return run
 
 
-def ours(family: str, root: Path, checkpoint: Path, out: Path, scales) -> callable:
+def ours(root: Path, checkpoint: Path, out: Path, scales) -> callable:
     import PIL.Image
 
     from wsss_fast.engine import CamEngine
     from wsss_fast.models.registry import create_model
 
     labels = np.load(root / "voc12" / "cls_labels.npy", allow_pickle=True).item()
-    if family == "mctformer":
-        model = create_model("mctformer_v2", checkpoint=str(checkpoint)).eval()
-        engine = CamEngine(model, "mctformer_v2", scales=scales)
-    else:
-        model = create_model("transcam", checkpoint=str(checkpoint)).eval()
-        engine = CamEngine(model, "transcam")
+    model = create_model("mctformer_v2", checkpoint=str(checkpoint)).eval()
+    engine = CamEngine(model, "mctformer_v2", scales=scales)
 
     def run(listing: str):
         (out / listing).mkdir(parents=True, exist_ok=True)
@@ -231,42 +224,6 @@ def ours(family: str, root: Path, checkpoint: Path, out: Path, scales) -> callab
             image = PIL.Image.open(root / "voc" / "JPEGImages" / f"{name}.jpg").convert("RGB")
             np.save(out / listing / f"{name}.npy", engine(image, labels[name]).as_dict())
         return {}
-
-    return run
-
-
-def transcam_theirs(repo: Path, root: Path, checkpoint: Path, out: Path, scales) -> callable:
-    import runpy
-
-    _upstream_on_cpu(repo)
-    os.chdir(root)  # voc12/data.py reads voc12/cls_labels.npy from the working directory
-    import tool.imutils
-
-    crf_seconds = [0.0]
-    official_crf = tool.imutils.crf_inference_label
-
-    def timed_crf(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return official_crf(*args, **kwargs)
-        finally:
-            crf_seconds[0] += time.perf_counter() - start
-
-    # infer_TransCAM.py does `from tool.imutils import crf_inference_label` when it runs
-    tool.imutils.crf_inference_label = timed_crf
-
-    def run(listing: str):
-        crf_seconds[0] = 0.0
-        argv = sys.argv
-        sys.argv = ["infer_TransCAM.py", "--weights", str(checkpoint), "--infer_list",
-                    str(root / listing / "list.txt"), "--voc12_root", str(root / "voc"),
-                    "--out_cam", str(out / listing), "--out_crf", str(out / f"{listing}_crf"),
-                    "--arch", "sm", "--method", "transcam"]
-        try:
-            runpy.run_path(str(repo / "infer_TransCAM.py"), run_name="__main__")
-        finally:
-            sys.argv = argv
-        return {"crf_seconds": crf_seconds[0]}
 
     return run
 
@@ -279,22 +236,21 @@ def child(args) -> dict:
 
     from benchmarks.memory import peak_growth_mib, reset_peak
 
-    family, side = args.child
+    side = args.child
     out = Path(args.out_dir)
     shutil.rmtree(out, ignore_errors=True)  # no stale maps from an earlier run
     root, checkpoint = Path(args.images_root), Path(args.checkpoint)
     if side == "ours":
-        run = ours(family, root, checkpoint, out, MCT_SCALES)
+        run = ours(root, checkpoint, out, MCT_SCALES)
     else:
-        make = mctformer_theirs if family == "mctformer" else transcam_theirs
-        run = make(Path(args.repo), root, checkpoint, out, MCT_SCALES)
+        run = mctformer_theirs(Path(args.repo), root, checkpoint, out, MCT_SCALES)
     with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):  # upstream prints progress
         run("warm")
         baseline = reset_peak()
         start = time.perf_counter()
-        extra = run("run")
+        run("run")
         seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_mib": peak_growth_mib(baseline), **extra}
+    return {"seconds": seconds, "peak_mib": peak_growth_mib(baseline)}
 
 
 # ---------------------------------------------------------------------------------- parent
@@ -312,53 +268,40 @@ def max_abs_diff(ours_dir: Path, theirs_dir: Path, names) -> float:
     return worst
 
 
-def compare(family: str, repo: Path, checkpoint: Path, root: Path, work: Path,
-            rounds: int) -> dict:
+def compare(repo: Path, checkpoint: Path, root: Path, work: Path, rounds: int) -> dict:
+    """MCTformer-V2, official against ours: best time and largest peak over ``rounds``."""
     names = _images(root, "run")
-    best = {side: {"seconds": float("inf"), "peak_mib": 0.0, "crf_seconds": 0.0}
-            for side in SIDES[family]}
+    best = {side: {"seconds": float("inf"), "peak_mib": 0.0} for side in SIDES}
     for _ in range(rounds):
-        for side in SIDES[family]:
-            cmd = [sys.executable, "-m", "benchmarks.compare_official", "--child", family, side,
+        for side in SIDES:
+            cmd = [sys.executable, "-m", "benchmarks.compare_official", "--child", side,
                    "--repo", str(repo), "--images-root", str(root), "--checkpoint",
-                   str(checkpoint), "--out-dir", str(work / f"out_{family}_{side}")]
+                   str(checkpoint), "--out-dir", str(work / f"out_mctformer_{side}")]
             done = subprocess.run(cmd, capture_output=True, text=True,
                                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if done.returncode != 0:
-                raise SystemExit(f"compare_official: {family} {side} failed:\n"
+                raise SystemExit(f"compare_official: mctformer {side} failed:\n"
                                  f"{done.stderr[-3000:]}")
             result = json.loads(done.stdout.strip().splitlines()[-1])
-            if result["seconds"] < best[side]["seconds"]:
-                best[side].update(seconds=result["seconds"],
-                                  crf_seconds=result.get("crf_seconds", 0.0))
+            best[side]["seconds"] = min(best[side]["seconds"], result["seconds"])
             best[side]["peak_mib"] = max(best[side]["peak_mib"], result["peak_mib"])
-    diff = max_abs_diff(work / f"out_{family}_ours" / "run", work / f"out_{family}_theirs" / "run",
+    diff = max_abs_diff(work / "out_mctformer_ours" / "run", work / "out_mctformer_theirs" / "run",
                         names)
     return {"images": len(names), "sides": best, "max_abs_diff": diff}
 
 
-def table(family: str, result: dict, settings: str) -> list[str]:
+def table(result: dict, settings: str) -> list[str]:
     n = result["images"]
     theirs, ours_ = result["sides"]["theirs"], result["sides"]["ours"]
-    cam_theirs = theirs["seconds"] - theirs["crf_seconds"]
-    lines = [f"\n## {settings}", "",
-             "| generator | time / image (s) | peak RSS above the loaded model (MiB) |",
-             "|---|---:|---:|"]
-    if family == "transcam":
-        lines += [f"| official infer_TransCAM.py, CAMs + 2 CRF seeds | {theirs['seconds'] / n:.2f}"
-                  f" | {theirs['peak_mib']:.0f} |",
-                  f"| of which the 2 CRF seeds | {theirs['crf_seconds'] / n:.2f} | |",
-                  f"| official, CAMs only (total − CRF) | {cam_theirs / n:.2f} | |"]
-    else:
-        lines.append(f"| official generate_attention_maps_ms | {theirs['seconds'] / n:.2f} | "
-                     f"{theirs['peak_mib']:.0f} |")
-    lines.append(f"| ours, CamEngine | {ours_['seconds'] / n:.2f} | {ours_['peak_mib']:.0f} |")
-    ratio = cam_theirs / ours_["seconds"]
-    lines += ["", f"official / ours = **{ratio:.2f}×** time"
-              f"{' (CAM-only; with the CRF seeds in theirs: ' + format(theirs['seconds'] / ours_['seconds'], '.2f') + '×)' if family == 'transcam' else ''}"
-              f", **{theirs['peak_mib'] / max(ours_['peak_mib'], 1):.1f}×** peak RSS; "
-              f"max |ours − official| over the normalized maps = {result['max_abs_diff']:.2g}"]
-    return lines
+    return [f"\n## {settings}", "",
+            "| generator | time / image (s) | peak RSS above the loaded model (MiB) |",
+            "|---|---:|---:|",
+            f"| official generate_attention_maps_ms | {theirs['seconds'] / n:.2f} | "
+            f"{theirs['peak_mib']:.0f} |",
+            f"| ours, CamEngine | {ours_['seconds'] / n:.2f} | {ours_['peak_mib']:.0f} |",
+            "", f"official / ours = **{theirs['seconds'] / ours_['seconds']:.2f}×** time, "
+            f"**{theirs['peak_mib'] / max(ours_['peak_mib'], 1):.1f}×** peak RSS; max |ours − "
+            f"official| over the normalized maps = {result['max_abs_diff']:.2g}"]
 
 
 def main(argv=None) -> int:
@@ -371,14 +314,14 @@ def main(argv=None) -> int:
                         help="steps of the brief training when no checkpoint is given")
     parser.add_argument("--images", type=int, default=4, help="synthetic images (default 4)")
     parser.add_argument("--transcam-images", type=int, default=None,
-                        help="synthetic images for TransCAM (default: --images)")
+                        help="VOC-size synthetic images for TransCAM (default: --images)")
     parser.add_argument("--size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds (best counts)")
     parser.add_argument("--quick", action="store_true", help="2 images of 160x224 (smoke test)")
     parser.add_argument("--work", default="/tmp/wsss-fast-compare-official",
                         help="scratch folder (images, trained weights, outputs; reused)")
     parser.add_argument("--report", help="also write the markdown report here")
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     for hidden in ("--repo", "--images-root", "--checkpoint", "--out-dir"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -403,21 +346,26 @@ def main(argv=None) -> int:
              f"{os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f} at the start); "
              f"{args.rounds} interleaved round(s), best time, each side in its own process."]
     for family, repo in repos.items():
+        if family == "transcam" and args.quick:    # the tiny golden layout, random weights
+            lines += [""] + transcam_section(str(repo), 1, args.rounds, quick=True)
+            continue
         given = args.mctformer_checkpoint if family == "mctformer" else args.transcam_checkpoint
         checkpoint = Path(given) if given else train_checkpoint(work, family, args.train_steps)
-        classes = checkpoint_classes(checkpoint, family)
-        n = count if family == "mctformer" or args.transcam_images is None else \
-            args.transcam_images
-        root = prepare_images(work, family, n, size, classes)
-        print(f"{family}: {n} images {size[1]}x{size[0]}, {classes} classes, weights {checkpoint}",
-              flush=True)
-        result = compare(family, repo, checkpoint, root, work, args.rounds)
-        settings = (f"MCTformer-V2, {n} synthetic {size[1]}×{size[0]} images, scales "
-                    f"{'/'.join(map(str, MCT_SCALES))} × flip" if family == "mctformer" else
-                    f"TransCAM Conformer-S, {n} synthetic {size[1]}×{size[0]} images, squares "
-                    "256/512/768 × flip")
-        lines += table(family, result, settings + f"; weights `{checkpoint.name}` ({classes} "
-                                                  f"classes), official code at `{repo}`")
+        if family == "transcam":
+            n = args.transcam_images or count
+            print(f"transcam: {n} VOC-size images, weights {checkpoint}", flush=True)
+            lines += [""] + transcam_section(str(repo), n, args.rounds, quick=False,
+                                             weights=str(checkpoint))
+            continue
+        classes = checkpoint_classes(checkpoint)
+        root = prepare_images(work, count, size, classes)
+        print(f"mctformer: {count} images {size[1]}x{size[0]}, {classes} classes, weights "
+              f"{checkpoint}", flush=True)
+        result = compare(repo, checkpoint, root, work, args.rounds)
+        lines += table(result, f"MCTformer-V2, {count} synthetic {size[1]}×{size[0]} images, "
+                               f"scales {'/'.join(map(str, MCT_SCALES))} × flip; weights "
+                               f"`{checkpoint.name}` ({classes} classes), official code at "
+                               f"`{repo}`")
     report = "\n".join(lines) + "\n"
     print(report)
     if args.report:

@@ -264,7 +264,11 @@ def max_diff(names, ours_dir: str, official_dir: str) -> float:
     return worst
 
 
-def transcam_section(repo: str, images: int, rounds: int, quick: bool) -> list[str]:
+def transcam_section(repo: str, images: int, rounds: int, quick: bool,
+                     weights: str | None = None) -> list[str]:
+    """The official-vs-ours TransCAM table. ``weights``: a Conformer-S checkpoint (plain or
+    ``{'model': ...}`` state dict, e.g. briefly trained) for both sides; without one,
+    ``conformer_weights(quick)``."""
     if not os.path.isfile(os.path.join(repo, "infer_TransCAM.py")):
         raise SystemExit(f"--transcam-repo {repo}: no infer_TransCAM.py there (expected a "
                          "checkout of liruiwen/TransCAM)")
@@ -273,8 +277,12 @@ def transcam_section(repo: str, images: int, rounds: int, quick: bool) -> list[s
     labels = np.load(os.path.join(repo, "voc12", "cls_labels.npy"), allow_pickle=True).item()
     label_file = os.path.join(work, "labels.npy")
     np.save(label_file, {name: labels[name] for name in names})
-    weights = os.path.join(work, "weights.pth")
-    torch.save(conformer_weights(quick), weights)
+    if weights is None:
+        state = conformer_weights(quick)
+    else:   # infer_TransCAM.py loads a plain state dict
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = state.get("model", state)
+    torch.save(state, os.path.join(work, "weights.pth"))
     if quick:                       # a module the official script can import Net_golden_tiny from
         with open(os.path.join(work, "tiny_net.py"), "w") as f:
             f.write("import network.conformer\n"
@@ -297,6 +305,8 @@ def transcam_section(repo: str, images: int, rounds: int, quick: bool) -> list[s
     diff = max_diff(names, best["ours"]["out"], os.path.join(best["official"]["out"], "cam"))
     off, ours = best["official"], best["ours"]
     model = "Conformer tiny (golden layout)" if quick else "Conformer-S"
+    model += (f", weights `{os.path.basename(weights)}`" if weights
+              else ", structured random weights")
     lines = ["## TransCAM: official `infer_TransCAM.py` vs `CamEngine(model, \"transcam\")`", "",
              f"{model}, {images} synthetic VOC-size images, squares {SQUARES} x flip, fp32, "
              f"{torch.get_num_threads()} threads, best of {rounds} interleaved rounds "

@@ -88,6 +88,22 @@ def test_compare_official_matches_the_official_generator_on_a_small_model(tmp_pa
     assert diff <= 1e-4, text
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("WSSS_FAST_TRANSCAM_REPO"),
+                    reason="set WSSS_FAST_TRANSCAM_REPO to a checkout of liruiwen/TransCAM")
+def test_compare_official_runs_transcam_through_the_one_official_runner(tmp_path):
+    done = run_module("benchmarks.compare_official", "--transcam-repo",
+                      os.environ["WSSS_FAST_TRANSCAM_REPO"], "--quick", "--work",
+                      str(tmp_path / "work"), "--report", str(tmp_path / "report.md"),
+                      timeout=1200)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = (tmp_path / "report.md").read_text()
+    assert "## TransCAM: official `infer_TransCAM.py`" in text
+    diff = float(text.split("Max |ours - official| over the saved CAM dicts: ")[1].split()[0]
+                 .rstrip("."))
+    assert diff <= 1e-4, text
+
+
 # ----------------------------------------------------------------------------- scaling
 
 
