@@ -123,21 +123,11 @@ def plain_forward(state: dict, heads: int, num_cls: int, patch: int = 16, eps: f
 
 
 def speed(quick: bool, rounds: int) -> str:
-    import numpy as np
-    import PIL.Image
-
+    from benchmarks.extract_report import setup
     from wsss_fast.engine import CamEngine
-    from wsss_fast.models.mctformer import mctformer_v2
 
-    torch.manual_seed(0)
-    model = mctformer_v2().eval()
-    height, width = (240, 320) if quick else (480, 640)
-    scales = (1.0, 0.5) if quick else (1.0, 0.5, 1.5, 2.0)
-    rng = np.random.default_rng(0)
-    image = PIL.Image.fromarray(rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
-                                ).resize((width, height), PIL.Image.BILINEAR)
-    label = np.zeros(20, dtype=np.float32)
-    label[[3, 11]] = 1
+    model, image, label, scales = setup(quick)
+    width, height = image.size
     fp32 = CamEngine(model, "mctformer-v2", scales=scales)
     bf16 = CamEngine(model, "mctformer-v2", scales=scales, dtype=torch.bfloat16)
     floor_forward = plain_forward({k: v.detach() for k, v in model.state_dict().items()},

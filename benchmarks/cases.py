@@ -251,3 +251,34 @@ def warm_up() -> None:
                                    "minmax", 1e-8)
     ops.random_walk(torch.rand(2, 3, 4), irn_affinity(torch.rand(3, 4)), 2)
     ops.path_affinity(torch.rand(1, 1, 5, 5, requires_grad=True), 2).sum().backward()
+
+
+# ----------------------------------------------------------------------- whole-generator cases
+
+def mctformer_image(height: int, width: int, seed: int = 0):
+    """The image and labels the MCTformer-V2 generator benchmarks run on: smooth random colours
+    (an upscaled 1/8-size noise image, so that attention is not uniform) and classes 3 and 11
+    present (of 20)."""
+    import numpy as np
+    import PIL.Image
+
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 256, (max(height // 8, 1), max(width // 8, 1), 3), dtype=np.uint8)
+    image = PIL.Image.fromarray(noise).resize((width, height), PIL.Image.BILINEAR)
+    label = np.zeros(20, dtype=np.float32)
+    label[[3, 11]] = 1
+    return image, label
+
+
+def make_fused_forward_floor(model, engine, image):
+    """The floor of a CAM generator: the model's fused forward and patch CAM over the engine's
+    pass batches of ``image``, nothing else (no attention statistics kept, no merge)."""
+    batches = list(engine.pass_inputs(image))
+
+    @torch.no_grad()
+    def floor():
+        for batch in batches:
+            _, patches = model.forward_features(batch)
+            model.patch_cam(patches, *batch.shape[-2:])
+
+    return floor

@@ -24,10 +24,9 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-import PIL.Image
 import torch
 
+from benchmarks import cases
 from benchmarks.memory import peak_growth_mib, reset_peak
 
 VARIANTS = ("floor", "engine", "engine-bf16", "materializing")
@@ -38,13 +37,8 @@ def setup(quick: bool):
 
     torch.manual_seed(0)
     model = mctformer_v2().eval()
-    height, width = (240, 320) if quick else (480, 640)
+    image, label = cases.mctformer_image(*((240, 320) if quick else (480, 640)))
     scales = (1.0, 0.5) if quick else (1.0, 0.5, 1.5, 2.0)
-    rng = np.random.default_rng(0)
-    image = PIL.Image.fromarray(rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
-                                ).resize((width, height), PIL.Image.BILINEAR)
-    label = np.zeros(20, dtype=np.float32)
-    label[[3, 11]] = 1
     return model, image, label, scales
 
 
@@ -61,16 +55,7 @@ def make_run(variant: str, quick: bool):
         return lambda: engine_bf16(image, label)
     if variant == "materializing":
         return lambda: upstream_mctformer.generate(model, image, label, scales)
-
-    batches = list(engine.pass_inputs(image))
-
-    @torch.no_grad()
-    def floor():
-        for batch in batches:
-            _, patches = model.forward_features(batch)
-            model.patch_cam(patches, *batch.shape[-2:])
-
-    return floor
+    return cases.make_fused_forward_floor(model, engine, image)
 
 
 def child(variant: str, quick: bool) -> dict:

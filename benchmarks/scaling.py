@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import cases
+
 VARIANTS = ("floor", "dense", "streaming", "materializing")
 PRESET_SCALES = (1.0, 0.5, 1.5, 2.0)
 GIB = 1024 ** 3
@@ -77,7 +79,6 @@ def largest_patches(kind: str, size: int) -> int:
 
 
 def make_run(variant: str, kind: str, size: int, model_size: str = "vit_s"):
-    import PIL.Image
     import torch
 
     from tests.oracles import upstream_mctformer
@@ -89,11 +90,7 @@ def make_run(variant: str, kind: str, size: int, model_size: str = "vit_s"):
     model = mctformer_v2(num_classes=config["classes"], embed_dim=config["dim"],
                          depth=config["depth"], num_heads=config["heads"]).eval()
     width, height = image_size(kind, size)
-    rng = np.random.default_rng(0)
-    image = PIL.Image.fromarray(rng.integers(0, 256, (max(height // 8, 1), max(width // 8, 1), 3),
-                                             dtype=np.uint8)).resize((width, height))
-    label = np.zeros(20, dtype=np.float32)
-    label[[3, 11]] = 1
+    image, label = cases.mctformer_image(height, width)
     scales = (1.0,) if kind == "single" else PRESET_SCALES
     flip = kind != "single"
     if variant == "materializing":
@@ -105,15 +102,7 @@ def make_run(variant: str, kind: str, size: int, model_size: str = "vit_s"):
                        max_memory_mib=64 * 1024)
     if variant in ("dense", "streaming"):
         return lambda: engine(image, label)
-    batches = list(engine.pass_inputs(image))
-
-    @torch.no_grad()
-    def floor():
-        for batch in batches:
-            _, patches = model.forward_features(batch)
-            model.patch_cam(patches, *batch.shape[-2:])
-
-    return floor
+    return cases.make_fused_forward_floor(model, engine, image)
 
 
 def _materializing_single(model, image):
