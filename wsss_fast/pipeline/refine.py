@@ -52,6 +52,15 @@ class RefineOptions(DatasetOptions):
     bg_threshold: Optional[float] = option(None, "irn: background plane (0.25)",
                                            check=probability)
     alpha: Optional[float] = option(None, "psa: background power (16)", check=positive_float)
+    radius: Optional[int] = option(None, "radius of the walk's half disk of pair offsets "
+                                   "(default 5)", check=positive_int)
+    normalize: str = option("global", "irn: divide the walked maps by their max over all classes "
+                            "(global, IRN) or each class by its own (class)",
+                            choices=("global", "class"))
+    boundary_fill: Optional[float] = option(
+        None, "irn: after the walk, cells whose boundary probability is at least this take their "
+        "nearest non-boundary cells' values (default: off, as IRN; for small images, where the "
+        "stride-4 boundary cells are a large share of each object)", check=probability)
     device: str = option("auto", "cpu, cuda, cuda:N or auto (under torchrun each rank takes "
                          "cuda:LOCAL_RANK)", group="runtime", check=device_name)
     workers: int = option(2, "worker processes for the walks on the CPU (0 = in the main "
@@ -67,17 +76,26 @@ class RefineOptions(DatasetOptions):
             setattr(self, name, path_or_none(getattr(self, name)))
 
 
+IRN_OPTIONS = {"normalize": "global", "boundary_fill": None}   # their upstream defaults
+
+
 def preset_options(options: RefineOptions) -> dict:
     """The random-walk preset's settings with the options given."""
     from wsss_fast.postprocess.random_walk import RANDOM_WALK_PRESETS
     settings = dataclasses.asdict(RANDOM_WALK_PRESETS[options.preset])
-    for name in ("beta", "steps", "bg_threshold", "alpha"):
+    for name in ("beta", "steps", "bg_threshold", "alpha", "radius"):
         value = getattr(options, name)
         if value is not None:
             if settings[name] is None:
                 raise OptionsError(f"--{name.replace('_', '-')} does not apply to --preset "
                                    f"{options.preset}")
             settings[name] = value
+    # IRN-only options; recorded only when set, so an upstream run's config stays as it was.
+    for name, default in IRN_OPTIONS.items():
+        if getattr(options, name) != default:
+            if options.preset != "irn":
+                raise OptionsError(f"--{name.replace('_', '-')} applies to --preset irn only")
+            settings[name] = getattr(options, name)
     return settings
 
 
@@ -154,7 +172,9 @@ def refine_one(settings: dict, item: str, image: np.ndarray, cam_path: Path,
         cams = torch.from_numpy(record.low_res).to(device)
         return rw.refine_irn(cams, keys, torch.from_numpy(np.ascontiguousarray(edge)).to(device),
                              (height, width), beta=options["beta"], steps=options["steps"],
-                             bg_threshold=options["bg_threshold"])
+                             bg_threshold=options["bg_threshold"], radius=options["radius"],
+                             **{name: options.get(name, default)
+                                for name, default in IRN_OPTIONS.items()})
     grid = (-(-height // 8), -(-width // 8))
     if side_input is not None:
         features = side_input
@@ -164,7 +184,8 @@ def refine_one(settings: dict, item: str, image: np.ndarray, cam_path: Path,
         features = image_color_features(image, grid)
     cams = torch.from_numpy(record.high_res).to(device)
     return rw.refine_psa(cams, keys, torch.from_numpy(features).to(device),
-                         alpha=options["alpha"], beta=options["beta"], steps=options["steps"])
+                         alpha=options["alpha"], beta=options["beta"], steps=options["steps"],
+                         radius=options["radius"])
 
 
 def refine_job(item: str, image_path: str, cam_path: str, label_path: str, settings: dict,
