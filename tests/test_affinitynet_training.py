@@ -344,11 +344,12 @@ def test_cli_bad_inputs(tiny_set, tmp_path, capsys):
               "--affinity-checkpoint", str(tmp_path / "irn.pth"), "--quiet"]
     assert main(refine) == 2
     err = capsys.readouterr().err
-    assert "looks like an IRN checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert "this is an IRN (IRNet boundary + displacement) checkpoint, not an AffinityNet" in err
+    assert "use it with --preset irn --irn-checkpoint" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "rw").exists()
     assert main(refine[:-3] + ["--preset", "irn", "--affinity-checkpoint",
                                str(tmp_path / "irn.pth")]) == 2
-    assert "goes with --preset psa" in capsys.readouterr().err
+    assert "--affinity-checkpoint feeds --preset psa, not --preset irn" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -362,3 +363,18 @@ def test_published_size_checkpoint_has_psa_layout(tiny_set, tmp_path):
     saved = torch.load(out / "checkpoint.pth")
     assert {k: tuple(v.shape) for k, v in saved.items()} == \
         {key: tuple(shape) for key, shape in layout["keys"]}
+
+
+def test_affinitynet_is_a_registered_learned_affinity(tmp_path):
+    from wsss_fast.engine.learned_affinity import AFFINITY_NETWORKS
+    entry = AFFINITY_NETWORKS.get("psa")
+    assert (entry.walk, entry.option) == ("psa", "affinity_checkpoint")
+    net = affinitynet_tiny().eval()
+    torch.save(net.state_dict(), tmp_path / "aff.pth")
+    side_input = entry.load(str(tmp_path / "aff.pth"), torch.device("cpu"), 512)
+    images = [np.random.default_rng(i).integers(0, 256, (21, 30, 3), dtype=np.uint8)
+              for i in range(2)]
+    expected = affinity_features(net, images)
+    for got, want in zip(side_input.batch(images) + [side_input(images[1])],
+                         expected + expected[1:]):
+        np.testing.assert_allclose(got, want, atol=1e-5)

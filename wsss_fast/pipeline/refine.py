@@ -223,13 +223,13 @@ def refine(options: RefineOptions) -> JobResult:
         if options.pad_size % 16:
             raise OptionsError(f"--pad-size {options.pad_size}: must be a multiple of 16 (the "
                                f"networks' stride)")
-    if options.affinity_checkpoint is not None:   # learned PSA affinities (pipeline/refine_psa)
-        if options.preset != "psa" or options.features:
-            raise OptionsError("--affinity-checkpoint goes with --preset psa, without --features")
-        if not Path(options.affinity_checkpoint).is_file():
-            raise InputError(f"--affinity-checkpoint {options.affinity_checkpoint}: no such file")
-        from wsss_fast.postprocess.psa_affinity import check_affinity_checkpoint
-        check_affinity_checkpoint(options.affinity_checkpoint)   # before anything is written
+        from wsss_fast.engine.learned_affinity import read_network_state
+        from wsss_fast.models.checkpoint import CheckpointError
+        try:   # another network's checkpoint is refused before anything is written
+            read_network_state(checkpoint, network[0],
+                               f"--{network[1].option.replace('_', '-')}")
+        except (CheckpointError, OSError) as error:
+            raise InputError(str(error)) from error
 
     def outputs(item):
         return {"label": item_path(out / "labels", item, ".png")}
@@ -253,13 +253,11 @@ def refine(options: RefineOptions) -> JobResult:
                 raise InputError(str(error)) from error
         settings = {"preset": options.preset, "options": walk, "edges": options.edges,
                     "features": options.features, "device": str(context.device)}
-        if options.affinity_checkpoint is not None:
-            from wsss_fast.io.checksums import file_checksum
-            from wsss_fast.pipeline.refine_psa import learned_psa_work
-            config["affinity_checkpoint"] = file_checksum(options.affinity_checkpoint)
-            work = learned_psa_work(refine_one, settings, dataset, cams_dir, outputs,
-                                    options.affinity_checkpoint, context.device,
-                                    progress=not options.quiet, desc=f"refine[{context.rank}]")
+        if hasattr(side_input, "batch"):   # images in chunks through the network, walked here
+            from wsss_fast.pipeline.refine_psa import learned_batch_work
+            work = learned_batch_work(refine_one, settings, dataset, cams_dir, outputs,
+                                      side_input.batch, progress=not options.quiet,
+                                      desc=f"refine[{context.rank}]")
             return JobSpec(config=config, outputs=outputs, work=work, validate=validate_label_png)
 
         def job_args(item):
