@@ -2,11 +2,13 @@
 
   irn  the stride-4 CAMs (the `cam` entry of irn-format CAM files) walk over the path-max
        affinity of a boundary map (β 10, 256 steps), then ×4 upsampling, global-max
-       normalization and a constant background plane (bg_threshold 0.25).
+       normalization and a constant background plane (bg_threshold 0.25); for small images,
+       ``normalize="class"`` and ``boundary_fill`` (off by default; postprocess.random_walk).
   psa  the full-resolution CAMs with a (1 − max)^α background walk at stride 8 over a feature
        affinity (β 8, 256 steps).
-The affinity comes from a learned network (``irn_checkpoint``: IRNet's boundary map, computed
-here; ``engine.learned_affinity`` holds the networks), from maps made elsewhere (``edges``: a
+The affinity comes from a learned network (``irn_checkpoint``: IRNet's boundary map;
+``affinity_checkpoint``: AffinityNet's features; computed here, ``engine.learned_affinity``
+holds the networks), from maps made elsewhere (``edges``: a
 folder of <id>.npy in [0,1] at stride 4; ``features``: <id>.npy, C×⌈H/8⌉×⌈W/8⌉), or, without
 either, from an image-gradient edge map / the image's colours (a weaker, training-free
 substitute).
