@@ -278,3 +278,19 @@ def test_class_normalization_keeps_a_weak_class():
         irn_walk_scores(cams, edge, size, normalize="max")
     with pytest.raises(ValueError, match="boundary_fill"):
         irn_walk_scores(cams, edge, size, boundary_fill=0)
+
+
+def test_keep_boundary_cams_walks_the_cams_themselves():
+    # A CAM that covers the boundary column: IRN's x0 = cams·(1 − B) zeroes it there (the column
+    # stays background), x0 = cams keeps it (the column is labelled with its class).
+    cams, keys, edge, size = _two_regions(0.6)
+    cams[0, :, 2:10] = 1.0                             # class 3 reaches over the boundary column
+    plain = refine_irn(cams, keys, edge, size)
+    kept = refine_irn(cams, keys, edge, size, keep_boundary_cams=True)
+    assert (plain[:, 33:35] == 0).all() and (kept[:, 33:35] == 4).all()
+    np.testing.assert_array_equal(plain[:, :32], kept[:, :32])   # elsewhere the same labels
+    expected = random_walk(cams, irn_affinity(edge), 16)       # the walk of the plain CAMs
+    got = irn_walk_scores(cams, edge, size, steps=16, keep_boundary_cams=True)
+    up = torch.nn.functional.interpolate(expected[None], scale_factor=4, mode="bilinear",
+                                         align_corners=False)[0]
+    torch.testing.assert_close(got, up / up.max())

@@ -3,7 +3,8 @@
   irn  the stride-4 CAMs (the `cam` entry of irn-format CAM files) walk over the path-max
        affinity of a boundary map (β 10, 256 steps), then ×4 upsampling, global-max
        normalization and a constant background plane (bg_threshold 0.25); for small images,
-       ``normalize="class"`` and ``boundary_fill`` (off by default; postprocess.random_walk).
+       ``normalize="class"``, ``boundary_fill`` and ``keep_boundary_cams`` (off by default;
+       postprocess.random_walk).
   psa  the full-resolution CAMs with a (1 − max)^α background walk at stride 8 over a feature
        affinity (β 8, 256 steps).
 The affinity comes from a learned network (``irn_checkpoint``: IRNet's boundary map;
@@ -63,6 +64,9 @@ class RefineOptions(DatasetOptions):
         None, "irn: after the walk, cells whose boundary probability is at least this take their "
         "nearest non-boundary cells' values (default: off, as IRN; for small images, where the "
         "stride-4 boundary cells are a large share of each object)", check=probability)
+    keep_boundary_cams: bool = option(
+        False, "irn: walk the CAMs themselves instead of IRN's cams·(1 − boundary), so boundary "
+        "cells keep their CAM values (for small images)")
     device: str = option("auto", "cpu, cuda, cuda:N or auto (under torchrun each rank takes "
                          "cuda:LOCAL_RANK)", group="runtime", check=device_name)
     workers: int = option(2, "worker processes for the walks on the CPU (0 = in the main "
@@ -78,7 +82,8 @@ class RefineOptions(DatasetOptions):
             setattr(self, name, path_or_none(getattr(self, name)))
 
 
-IRN_OPTIONS = {"normalize": "global", "boundary_fill": None}   # their upstream defaults
+# IRN-only options, with their upstream defaults.
+IRN_OPTIONS = {"normalize": "global", "boundary_fill": None, "keep_boundary_cams": False}
 
 
 def preset_options(options: RefineOptions) -> dict:

@@ -168,11 +168,13 @@ def fill_boundary_cells(walked: torch.Tensor, edge: torch.Tensor, threshold: flo
 
 def irn_walk_scores(cams_lowres, edge, image_size: tuple[int, int], *, beta: float = _IRN.beta,
                     steps: int = _IRN.steps, radius: int = _IRN.radius,
-                    normalize: str = "global", boundary_fill: Optional[float] = None
-                    ) -> torch.Tensor:
+                    normalize: str = "global", boundary_fill: Optional[float] = None,
+                    keep_boundary_cams: bool = False) -> torch.Tensor:
     """IRN's walked class scores of one image before the background plane, ``(n, H, W)``.
 
-    ``x0 = cams · (1 − edge)`` walked ``steps`` times with ``irn_affinity(edge, beta, radius)``,
+    ``x0 = cams · (1 − edge)`` (``keep_boundary_cams``: ``x0 = cams``, so boundary cells keep
+    their own CAM values instead of starting at 0 — for small images, where they are a large
+    share of each object) walked ``steps`` times with ``irn_affinity(edge, beta, radius)``,
     optionally ``fill_boundary_cells`` (``boundary_fill``: its edge threshold; None: off, as
     upstream), bilinear ×4 (align_corners=False), cropped to ``image_size``, normalized:
     ``"global"`` (IRN) divides by the max over all classes, ``"class"`` each class by its own max
@@ -195,8 +197,8 @@ def irn_walk_scores(cams_lowres, edge, image_size: tuple[int, int], *, beta: flo
     if n == 0:
         return cams.new_zeros((0, height, width), dtype=torch.float32)
     edge = edge.to(device=cams.device, dtype=torch.float32)
-    walked = random_walk(cams.float() * (1 - edge), irn_affinity(edge, beta, radius), steps,
-                         radius=radius)
+    x0 = cams.float() if keep_boundary_cams else cams.float() * (1 - edge)
+    walked = random_walk(x0, irn_affinity(edge, beta, radius), steps, radius=radius)
     if boundary_fill is not None:
         walked = fill_boundary_cells(walked, edge, boundary_fill)
     up = F.interpolate(walked[None], scale_factor=4, mode="bilinear",
@@ -208,7 +210,8 @@ def irn_walk_scores(cams_lowres, edge, image_size: tuple[int, int], *, beta: flo
 def refine_irn(cams_lowres, keys: Sequence[int], edge, image_size: tuple[int, int], *,
                beta: float = _IRN.beta, steps: int = _IRN.steps,
                bg_threshold: float = _IRN.bg_threshold, radius: int = _IRN.radius,
-               normalize: str = "global", boundary_fill: Optional[float] = None) -> np.ndarray:
+               normalize: str = "global", boundary_fill: Optional[float] = None,
+               keep_boundary_cams: bool = False) -> np.ndarray:
     """IRN's ``make_sem_seg_labels`` for one image.
 
     ``irn_walk_scores`` (the walk, ×4, crop, IRN's global-max normalization by default), a
@@ -220,7 +223,8 @@ def refine_irn(cams_lowres, keys: Sequence[int], edge, image_size: tuple[int, in
         keys: the n 0-based class indices, in the order of ``cams_lowres``.
         edge: ``(h, w)`` boundary map in [0, 1] (IRN's boundary network, or ``image_edge_map``).
         image_size: ``(H, W)`` with ``H <= 4h``, ``W <= 4w``.
-        normalize, boundary_fill: see ``irn_walk_scores`` (defaults: upstream's).
+        normalize, boundary_fill, keep_boundary_cams: see ``irn_walk_scores`` (defaults:
+            upstream's).
     Returns:
         uint8 ``(H, W)`` labels (0 background, class index + 1). An all-zero walk (or n = 0) gives
         all background, where upstream would divide by 0.
@@ -228,7 +232,8 @@ def refine_irn(cams_lowres, keys: Sequence[int], edge, image_size: tuple[int, in
     cams = _as_float_tensor("cams_lowres", cams_lowres, 3)
     keys = _keys(keys, cams.shape[0])
     up = irn_walk_scores(cams, edge, image_size, beta=beta, steps=steps, radius=radius,
-                         normalize=normalize, boundary_fill=boundary_fill)
+                         normalize=normalize, boundary_fill=boundary_fill,
+                         keep_boundary_cams=keep_boundary_cams)
     return irn_labels(up, keys, bg_threshold)
 
 
