@@ -44,22 +44,17 @@ IRN_PAD_SIZE = 160
 # The learned walk's settings on the synthetic images (the one place they are chosen; refine's
 # defaults stay IRN's), chosen on 100 training-split images of token_cam, MCTformer-V2 and LPCAM
 # (their CAMs and ground truth), not on the validation split the table reports (README, learned
-# affinity); rows not tuned take LEARNED_RW_WALK:
+# affinity):
 # * steps: IRN's 256 fit its ~125×94 VOC grid; on ~30×35 grids they mix each object with its
 #   surroundings through any gap (token_cam, train: 45.3 at 256 steps, 57.2 at 8);
 # * normalize "class": each class by its own max instead of IRN's max over all classes, so a weak
 #   class is not drowned by a strong one (+1.2 token_cam, +0.9 MCTformer-V2 at 8 steps);
-# * boundary_fill (LPCAM's row only): its IRNet draws 2-3 cell rings with raised interiors, which
-#   x0 = cams·(1 − B) zeroes and the walk leaves near 0; after the walk those cells take their
-#   nearest non-boundary cells' values (+9.1). Over the thin rings of the other rows' IRNets it
-#   widens every object (−3.5 token_cam, −3.0 MCTformer-V2).
-LEARNED_RW_WALK = dict(steps=8, normalize="class", bg_threshold=0.4)
-LEARNED_RW_WALK_ROWS = {"lpcam": dict(boundary_fill=0.5, bg_threshold=0.55)}
-
-
-def learned_walk_settings(method: str) -> dict:
-    """The refine options of a row's learned walk (``LEARNED_RW_WALK``, then the row's own)."""
-    return {**LEARNED_RW_WALK, **LEARNED_RW_WALK_ROWS.get(method, {})}
+# * keep_boundary_cams: at 96-160 px the stride-4 boundary cells are a large share of each
+#   object; IRN's x0 = cams·(1 − B) zeroes them and the walk leaves them near 0. Walking the CAMs
+#   themselves: −1.1 token_cam, +1.9 MCTformer-V2, +14.3 LPCAM (whose IRNet draws thick rings
+#   with raised interiors); a boundary fill after the walk (refine --boundary-fill) did less;
+# * bg_threshold 0.45: the common level with the largest worst-row gain over the seeds.
+LEARNED_RW_WALK = dict(steps=8, normalize="class", keep_boundary_cams=True, bg_threshold=0.45)
 
 
 @dataclass(frozen=True)
@@ -246,7 +241,7 @@ def learned_walk(method: str, data: Path, out: Path, cams: Path, scale: DemoScal
     """IRN's refinement of a row's validation CAMs: confident regions (``pseudo-label --rule
     confident``), IRNet trained on them (IRN's protocol: the network learns from the CAMs of the
     images it then labels, here the validation split, never from ground truth), its boundary
-    map walked by ``refine`` (``learned_walk_settings``). The backbone trains with the heads: over
+    map walked by ``refine`` (``LEARNED_RW_WALK``). The backbone trains with the heads: over
     the LPCAM row's frozen IRN classifier the boundaries were weaker (README, learned
     affinity). Returns the labels folder, or None when no image has a usable confident
     region."""
@@ -270,8 +265,7 @@ def learned_walk(method: str, data: Path, out: Path, cams: Path, scale: DemoScal
             _log(f"{method}: no IRNet ({error})")
             return None
     checked(refine(RefineOptions(**common, out=str(work / "rw"), preset="irn",
-                                 **learned_walk_settings(method),
-                                 irn_checkpoint=str(run / CHECKPOINT),
+                                 **LEARNED_RW_WALK, irn_checkpoint=str(run / CHECKPOINT),
                                  pad_size=IRN_PAD_SIZE, device=device)))
     return work / "rw" / "labels"
 
@@ -452,8 +446,7 @@ def run_demo(out, *, quick: bool = False, seed: int = 0, workers: int = 2, devic
     start = ("backbones pretrained on the source domain (pretrained/*.pt)" if pretrained
              else "from scratch")
     walk = (f"over the boundary map of an IRNet trained on the row's confident regions "
-            f"(backbone trained with the heads; refine {LEARNED_RW_WALK}, per row "
-            f"{LEARNED_RW_WALK_ROWS}), or over "
+            f"(backbone trained with the heads; refine {LEARNED_RW_WALK}), or over "
             f"image-gradient edges where a note says so" if learned_rw
             else "over image-gradient edges")
     text = (f"# wsss-fast demo ({'quick' if quick else 'full'}, seed {seed}, {start})\n\n"
