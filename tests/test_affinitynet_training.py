@@ -198,6 +198,17 @@ def test_backbone_from_an_edam_classifier(tmp_path):
     assert torch.equal(net.b5.conv_branch2a.weight, edam.b5.conv_branch2a.weight)
 
 
+def test_backbone_dilation_problems_read_the_backbone_run(tmp_path):
+    from wsss_fast.train.affinitynet_trainer import backbone_dilation_problems
+    checkpoint = tmp_path / "checkpoint.pth"
+    assert backbone_dilation_problems(checkpoint, "affinitynet_tiny") == []   # no train.json
+    (tmp_path / "train.json").write_text('{"config": {"model": "affinitynet_tiny"}}')
+    assert backbone_dilation_problems(checkpoint, "affinitynet_tiny") == []   # same dilations
+    (tmp_path / "train.json").write_text('{"config": {"model": "edam_tiny"}}')
+    [problem] = backbone_dilation_problems(checkpoint, "affinitynet_tiny")
+    assert "edam_tiny" in problem and "(1, 1, 1)" in problem and "(2, 4, 4)" in problem
+
+
 # --- la / ha scores and bad inputs -------------------------------------------------------------
 
 def _write_image(path, array):
@@ -316,17 +327,29 @@ def test_cli_bad_inputs(tiny_set, tmp_path, capsys):
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "nothing to train on" in err and "no CAM file" in err and "Traceback" not in err
+    edam_run = tmp_path / "edam_run"   # an undilated edam_tiny trunk into a dilated AffinityNet
+    edam_run.mkdir()
+    from wsss_fast.models.registry import create_model
+    torch.save(create_model("edam_tiny", num_classes=3).state_dict(), edam_run / "checkpoint.pth")
+    (edam_run / "train.json").write_text('{"config": {"model": "edam_tiny"}}')
+    assert main(_train_args(root, data, tmp_path / "c", "--backbone",
+                            str(edam_run / "checkpoint.pth"))) == 2
+    err = capsys.readouterr().err
+    assert "dilated (1, 1, 1), but affinitynet_tiny's are (2, 4, 4)" in err
+    assert [line for line in err.splitlines() if "error" in line] == [err.splitlines()[-1]]
+    assert "Traceback" not in err and not (tmp_path / "c").exists()
     torch.save(irn_tiny().state_dict(), tmp_path / "irn.pth")
     refine = ["refine", "--data", str(data), "--split", "val", "--cams",
               str(root / "cams_val"), "--out", str(tmp_path / "rw"), "--preset", "psa",
               "--affinity-checkpoint", str(tmp_path / "irn.pth"), "--quiet"]
     assert main(refine) == 2
     err = capsys.readouterr().err
-    assert "looks like an IRN checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert "this is an IRN (IRNet boundary + displacement) checkpoint, not an AffinityNet" in err
+    assert "use it with --preset irn --irn-checkpoint" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "rw").exists()
     assert main(refine[:-3] + ["--preset", "irn", "--affinity-checkpoint",
                                str(tmp_path / "irn.pth")]) == 2
-    assert "goes with --preset psa" in capsys.readouterr().err
+    assert "--affinity-checkpoint feeds --preset psa, not --preset irn" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -340,3 +363,18 @@ def test_published_size_checkpoint_has_psa_layout(tiny_set, tmp_path):
     saved = torch.load(out / "checkpoint.pth")
     assert {k: tuple(v.shape) for k, v in saved.items()} == \
         {key: tuple(shape) for key, shape in layout["keys"]}
+
+
+def test_affinitynet_is_a_registered_learned_affinity(tmp_path):
+    from wsss_fast.engine.learned_affinity import AFFINITY_NETWORKS
+    entry = AFFINITY_NETWORKS.get("psa")
+    assert (entry.walk, entry.option) == ("psa", "affinity_checkpoint")
+    net = affinitynet_tiny().eval()
+    torch.save(net.state_dict(), tmp_path / "aff.pth")
+    side_input = entry.load(str(tmp_path / "aff.pth"), torch.device("cpu"), 512)
+    images = [np.random.default_rng(i).integers(0, 256, (21, 30, 3), dtype=np.uint8)
+              for i in range(2)]
+    expected = affinity_features(net, images)
+    for got, want in zip(side_input.batch(images) + [side_input(images[1])],
+                         expected + expected[1:]):
+        np.testing.assert_allclose(got, want, atol=1e-5)

@@ -18,8 +18,10 @@ from tests.helpers import assert_rel_close
 from wsss_fast.ops import random_walk, random_walk_reference
 from wsss_fast.ops.random_walk import dense_affinity, half_disk_offsets
 from wsss_fast.postprocess import upstream_random_walk as upstream
-from wsss_fast.postprocess.random_walk import (RANDOM_WALK_PRESETS, image_edge_map, irn_affinity,
-                                               irn_path, psa_affinity, refine_irn, refine_psa)
+from wsss_fast.postprocess.random_walk import (RANDOM_WALK_PRESETS, fill_boundary_cells,
+                                               image_edge_map, irn_affinity, irn_path,
+                                               irn_walk_scores, psa_affinity, refine_irn,
+                                               refine_psa)
 
 def test_refinement_rejects():
     cams, edge = torch.rand(2, 5, 6), torch.rand(5, 6)
@@ -225,3 +227,70 @@ def test_refine_irn_fills_each_region_with_its_class_and_does_not_leak():
     assert (labels[:, :33] == 4).all()                 # left region: class 3, to its border
     assert (labels[:, 35:] == 7).all()                 # right region: class 6, to its border
     assert (labels[:, 33:35] == 0).all()   # the boundary cell's centre stays background
+
+
+def _two_regions(weak: float):
+    h, w = 12, 16
+    edge = torch.zeros(h, w)
+    edge[:, 8] = 1.0
+    cams = torch.zeros(2, h, w)
+    cams[0, 4:8, 2:5] = 1.0
+    cams[1, 4:8, 11:14] = weak
+    return cams, [3, 6], edge, (4 * h, 4 * w)
+
+
+def test_boundary_fill_labels_the_boundary_cells_from_their_neighbours():
+    cams, keys, edge, size = _two_regions(0.6)
+    plain = refine_irn(cams, keys, edge, size)
+    filled = refine_irn(cams, keys, edge, size, boundary_fill=0.5)
+    assert (plain[:, 33:35] == 0).all()                # upstream: the boundary stays background
+    assert (filled != 0).all()                         # filled: no background left
+    assert (filled[:, :32] == 4).all() and (filled[:, 37:] == 7).all()   # regions unchanged
+    assert set(np.unique(filled[:, 32:37])) <= {4, 7}
+
+
+def test_fill_boundary_cells_grows_from_the_nearest_interior_cells():
+    walked = torch.zeros(2, 5, 7)
+    walked[0, :, :2] = 1.0          # class 0 left of a 3-column band, class 1 right of it
+    walked[1, :, 5:] = 0.5
+    edge = torch.zeros(5, 7)
+    edge[:, 2:5] = 0.9
+    filled = fill_boundary_cells(walked, edge, 0.5)
+    torch.testing.assert_close(filled[:, :, :2], walked[:, :, :2])   # interior untouched
+    torch.testing.assert_close(filled[:, :, 5:], walked[:, :, 5:])
+    assert (filled[0, :, 2] == 1).all() and (filled[1, :, 2] == 0).all()   # first ring: left
+    assert (filled[1, :, 4] == 0.5).all() and (filled[0, :, 4] == 0).all()  # and right
+    assert (filled[:, :, 3] == torch.tensor([1.0, 0.5])[:, None]).all()   # middle: both
+    torch.testing.assert_close(fill_boundary_cells(walked, edge, 0.95), walked)  # none over
+    torch.testing.assert_close(fill_boundary_cells(walked, torch.ones(5, 7), 0.5), walked)
+
+
+def test_class_normalization_keeps_a_weak_class():
+    # The weak class's walked map peaks below bg 0.25 of the strong one's: IRN's global max
+    # drops it, per-class normalization labels its region.
+    cams, keys, edge, size = _two_regions(0.1)
+    assert not (refine_irn(cams, keys, edge, size) == 7).any()
+    labels = refine_irn(cams, keys, edge, size, normalize="class")
+    assert (labels[:, 35:] == 7).all() and (labels[:, :33] == 4).all()
+    scores = irn_walk_scores(cams, edge, size, normalize="class")
+    torch.testing.assert_close(scores.amax(dim=(1, 2)), torch.ones(2))
+    with pytest.raises(ValueError, match="normalize"):
+        irn_walk_scores(cams, edge, size, normalize="max")
+    with pytest.raises(ValueError, match="boundary_fill"):
+        irn_walk_scores(cams, edge, size, boundary_fill=0)
+
+
+def test_keep_boundary_cams_walks_the_cams_themselves():
+    # A CAM that covers the boundary column: IRN's x0 = cams·(1 − B) zeroes it there (the column
+    # stays background), x0 = cams keeps it (the column is labelled with its class).
+    cams, keys, edge, size = _two_regions(0.6)
+    cams[0, :, 2:10] = 1.0                             # class 3 reaches over the boundary column
+    plain = refine_irn(cams, keys, edge, size)
+    kept = refine_irn(cams, keys, edge, size, keep_boundary_cams=True)
+    assert (plain[:, 33:35] == 0).all() and (kept[:, 33:35] == 4).all()
+    np.testing.assert_array_equal(plain[:, :32], kept[:, :32])   # elsewhere the same labels
+    expected = random_walk(cams, irn_affinity(edge), 16)       # the walk of the plain CAMs
+    got = irn_walk_scores(cams, edge, size, steps=16, keep_boundary_cams=True)
+    up = torch.nn.functional.interpolate(expected[None], scale_factor=4, mode="bilinear",
+                                         align_corners=False)[0]
+    torch.testing.assert_close(got, up / up.max())

@@ -9,8 +9,10 @@ feeds and the option that names its checkpoint; loading it gives a callable
   [0, 1]: IRN's single-scale inference (``EdgeDisplacement``): the normalised image and its
   flip, zero-padded right/bottom to ``pad_size`` (512; larger images to the next multiple of
   16), boundary logits flip-averaged, sigmoid, cropped.
-* a second network (PSA's AffinityNet: stride-8 features ``(C, ⌈H/8⌉, ⌈W/8⌉)`` for the ``psa``
-  walk) registers the same way with ``walk="psa"``.
+* ``psa`` (``--preset psa --affinity-checkpoint``): PSA's AffinityNet embedding
+  ``(C, ⌈H/8⌉, ⌈W/8⌉)`` (``postprocess.psa_affinity``: one scale, no flip, zero-padded to a
+  multiple of 8; ``pad_size`` does not apply). It also has ``batch(images) -> [array]``: images
+  of one size go through the network together, and refine reads them in chunks.
 
 A checkpoint of another kind is refused with one line naming what it looks like
 (``checkpoint_kind``), e.g. an AffinityNet checkpoint given as an IRN one.
@@ -70,7 +72,8 @@ def read_network_state(path, kind: str, flag: str) -> dict:
 class AffinityNetwork:
     """A learned affinity for ``refine``: the walk (refine preset) it feeds, the RefineOptions
     field naming its checkpoint, and ``load(checkpoint, device, pad_size) -> side_input``
-    (``pad_size``: the network's padded input side, IRN's 512; a network may ignore it)."""
+    (``pad_size``: the network's padded input side, IRN's 512; a network may ignore it). A
+    ``side_input`` with a ``batch`` method computes many images at once."""
 
     walk: str
     option: str
@@ -99,3 +102,23 @@ class IrnBoundary:
 
 AFFINITY_NETWORKS.register("irn", AffinityNetwork(walk="irn", option="irn_checkpoint",
                                                   load=IrnBoundary))
+
+
+class AffinityNetFeatures:
+    """PSA's AffinityNet embedding of one image, or of many (``batch``; see the module
+    docstring)."""
+
+    def __init__(self, checkpoint, device: torch.device, pad_size: int = IRN_PAD_SIZE):
+        from wsss_fast.postprocess.psa_affinity import load_affinitynet
+        self.net, self.device = load_affinitynet(checkpoint, device), device
+
+    def batch(self, images) -> list[np.ndarray]:
+        from wsss_fast.postprocess.psa_affinity import affinity_features
+        return affinity_features(self.net, images, self.device)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return self.batch([image])[0]
+
+
+AFFINITY_NETWORKS.register("psa", AffinityNetwork(walk="psa", option="affinity_checkpoint",
+                                                  load=AffinityNetFeatures))

@@ -2,11 +2,14 @@
 
   irn  the stride-4 CAMs (the `cam` entry of irn-format CAM files) walk over the path-max
        affinity of a boundary map (β 10, 256 steps), then ×4 upsampling, global-max
-       normalization and a constant background plane (bg_threshold 0.25).
+       normalization and a constant background plane (bg_threshold 0.25); for small images,
+       ``normalize="class"``, ``boundary_fill`` and ``keep_boundary_cams`` (off by default;
+       postprocess.random_walk).
   psa  the full-resolution CAMs with a (1 − max)^α background walk at stride 8 over a feature
        affinity (β 8, 256 steps).
-The affinity comes from a learned network (``irn_checkpoint``: IRNet's boundary map, computed
-here; ``engine.learned_affinity`` holds the networks), from maps made elsewhere (``edges``: a
+The affinity comes from a learned network (``irn_checkpoint``: IRNet's boundary map;
+``affinity_checkpoint``: AffinityNet's features; computed here, ``engine.learned_affinity``
+holds the networks), from maps made elsewhere (``edges``: a
 folder of <id>.npy in [0,1] at stride 4; ``features``: <id>.npy, C×⌈H/8⌉×⌈W/8⌉), or, without
 either, from an image-gradient edge map / the image's colours (a weaker, training-free
 substitute).
@@ -52,6 +55,18 @@ class RefineOptions(DatasetOptions):
     bg_threshold: Optional[float] = option(None, "irn: background plane (0.25)",
                                            check=probability)
     alpha: Optional[float] = option(None, "psa: background power (16)", check=positive_float)
+    radius: Optional[int] = option(None, "radius of the walk's half disk of pair offsets "
+                                   "(default 5)", check=positive_int)
+    normalize: str = option("global", "irn: divide the walked maps by their max over all classes "
+                            "(global, IRN) or each class by its own (class)",
+                            choices=("global", "class"))
+    boundary_fill: Optional[float] = option(
+        None, "irn: after the walk, cells whose boundary probability is at least this take their "
+        "nearest non-boundary cells' values (default: off, as IRN; for small images, where the "
+        "stride-4 boundary cells are a large share of each object)", check=probability)
+    keep_boundary_cams: bool = option(
+        False, "irn: walk the CAMs themselves instead of IRN's cams·(1 − boundary), so boundary "
+        "cells keep their CAM values (for small images)")
     device: str = option("auto", "cpu, cuda, cuda:N or auto (under torchrun each rank takes "
                          "cuda:LOCAL_RANK)", group="runtime", check=device_name)
     workers: int = option(2, "worker processes for the walks on the CPU (0 = in the main "
@@ -67,17 +82,27 @@ class RefineOptions(DatasetOptions):
             setattr(self, name, path_or_none(getattr(self, name)))
 
 
+# IRN-only options, with their upstream defaults.
+IRN_OPTIONS = {"normalize": "global", "boundary_fill": None, "keep_boundary_cams": False}
+
+
 def preset_options(options: RefineOptions) -> dict:
     """The random-walk preset's settings with the options given."""
     from wsss_fast.postprocess.random_walk import RANDOM_WALK_PRESETS
     settings = dataclasses.asdict(RANDOM_WALK_PRESETS[options.preset])
-    for name in ("beta", "steps", "bg_threshold", "alpha"):
+    for name in ("beta", "steps", "bg_threshold", "alpha", "radius"):
         value = getattr(options, name)
         if value is not None:
             if settings[name] is None:
                 raise OptionsError(f"--{name.replace('_', '-')} does not apply to --preset "
                                    f"{options.preset}")
             settings[name] = value
+    # IRN-only options; recorded only when set, so an upstream run's config stays as it was.
+    for name, default in IRN_OPTIONS.items():
+        if getattr(options, name) != default:
+            if options.preset != "irn":
+                raise OptionsError(f"--{name.replace('_', '-')} applies to --preset irn only")
+            settings[name] = getattr(options, name)
     return settings
 
 
@@ -154,7 +179,9 @@ def refine_one(settings: dict, item: str, image: np.ndarray, cam_path: Path,
         cams = torch.from_numpy(record.low_res).to(device)
         return rw.refine_irn(cams, keys, torch.from_numpy(np.ascontiguousarray(edge)).to(device),
                              (height, width), beta=options["beta"], steps=options["steps"],
-                             bg_threshold=options["bg_threshold"])
+                             bg_threshold=options["bg_threshold"], radius=options["radius"],
+                             **{name: options.get(name, default)
+                                for name, default in IRN_OPTIONS.items()})
     grid = (-(-height // 8), -(-width // 8))
     if side_input is not None:
         features = side_input
@@ -164,7 +191,8 @@ def refine_one(settings: dict, item: str, image: np.ndarray, cam_path: Path,
         features = image_color_features(image, grid)
     cams = torch.from_numpy(record.high_res).to(device)
     return rw.refine_psa(cams, keys, torch.from_numpy(features).to(device),
-                         alpha=options["alpha"], beta=options["beta"], steps=options["steps"])
+                         alpha=options["alpha"], beta=options["beta"], steps=options["steps"],
+                         radius=options["radius"])
 
 
 def refine_job(item: str, image_path: str, cam_path: str, label_path: str, settings: dict,
@@ -202,13 +230,13 @@ def refine(options: RefineOptions) -> JobResult:
         if options.pad_size % 16:
             raise OptionsError(f"--pad-size {options.pad_size}: must be a multiple of 16 (the "
                                f"networks' stride)")
-    if options.affinity_checkpoint is not None:   # learned PSA affinities (pipeline/refine_psa)
-        if options.preset != "psa" or options.features:
-            raise OptionsError("--affinity-checkpoint goes with --preset psa, without --features")
-        if not Path(options.affinity_checkpoint).is_file():
-            raise InputError(f"--affinity-checkpoint {options.affinity_checkpoint}: no such file")
-        from wsss_fast.postprocess.psa_affinity import check_affinity_checkpoint
-        check_affinity_checkpoint(options.affinity_checkpoint)   # before anything is written
+        from wsss_fast.engine.learned_affinity import read_network_state
+        from wsss_fast.models.checkpoint import CheckpointError
+        try:   # another network's checkpoint is refused before anything is written
+            read_network_state(checkpoint, network[0],
+                               f"--{network[1].option.replace('_', '-')}")
+        except (CheckpointError, OSError) as error:
+            raise InputError(str(error)) from error
 
     def outputs(item):
         return {"label": item_path(out / "labels", item, ".png")}
@@ -232,13 +260,11 @@ def refine(options: RefineOptions) -> JobResult:
                 raise InputError(str(error)) from error
         settings = {"preset": options.preset, "options": walk, "edges": options.edges,
                     "features": options.features, "device": str(context.device)}
-        if options.affinity_checkpoint is not None:
-            from wsss_fast.io.checksums import file_checksum
-            from wsss_fast.pipeline.refine_psa import learned_psa_work
-            config["affinity_checkpoint"] = file_checksum(options.affinity_checkpoint)
-            work = learned_psa_work(refine_one, settings, dataset, cams_dir, outputs,
-                                    options.affinity_checkpoint, context.device,
-                                    progress=not options.quiet, desc=f"refine[{context.rank}]")
+        if hasattr(side_input, "batch"):   # images in chunks through the network, walked here
+            from wsss_fast.pipeline.refine_psa import learned_batch_work
+            work = learned_batch_work(refine_one, settings, dataset, cams_dir, outputs,
+                                      side_input.batch, progress=not options.quiet,
+                                      desc=f"refine[{context.rank}]")
             return JobSpec(config=config, outputs=outputs, work=work, validate=validate_label_png)
 
         def job_args(item):

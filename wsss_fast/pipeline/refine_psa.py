@@ -1,9 +1,9 @@
-"""``refine --preset psa --affinity-checkpoint FILE``: PSA's walk over the affinities of a trained
-AffinityNet (``postprocess.psa_affinity``), as the ``work`` of the refine job.
+"""``refine`` over a learned network that computes many images at once (``batch``; PSA's
+AffinityNet for ``--preset psa --affinity-checkpoint FILE``), as the ``work`` of the refine job.
 
-The network is loaded once; images are read in chunks of ``batch_size``, their features computed
-(images of one size as one batch, on the job's device), then each image is walked and its label
-written atomically and journaled, so an interrupted run resumes at the first unfinished image.
+Images are read in chunks of ``batch_size``, their side inputs computed (AffinityNet: images of
+one size as one batch, on the job's device), then each image is walked and its label written
+atomically and journaled, so an interrupted run resumes at the first unfinished image.
 """
 
 from __future__ import annotations
@@ -18,17 +18,16 @@ from wsss_fast.pipeline.job import item_failure, item_path, write_outputs
 BATCH_SIZE = 8
 
 
-def learned_psa_work(walk, settings: dict, dataset, cams_dir: Path, outputs, checkpoint,
-                     device: torch.device, *, batch_size: int = BATCH_SIZE,
-                     progress: bool = True, desc: str = "refine"):
-    """``work(todo, state)`` for the refine job: ``walk(settings, item, image, cam_path,
-    device, side_input=)`` labels one image (``refine.refine_one``). A bad checkpoint (IRN's, a
-    classifier's) raises ``CheckpointError`` before any item."""
+def learned_batch_work(walk, settings: dict, dataset, cams_dir: Path, outputs, side_inputs, *,
+                       batch_size: int = BATCH_SIZE, progress: bool = True,
+                       desc: str = "refine"):
+    """``work(todo, state)`` for the refine job: ``side_inputs(images) -> [array]`` (the loaded
+    network's ``batch``), ``walk(settings, item, image, cam_path, device, side_input=)`` labels
+    one image (``refine.refine_one``)."""
     from tqdm import tqdm
 
     from wsss_fast.data.images import ImageDecodeError, read_image, write_label_png
-    from wsss_fast.postprocess.psa_affinity import affinity_features, load_affinitynet
-    net = load_affinitynet(checkpoint, device)
+    device = torch.device(settings["device"])
 
     def work(todo, state):
         bar = tqdm(total=len(todo), desc=desc, disable=not progress)
@@ -48,7 +47,7 @@ def learned_psa_work(walk, settings: dict, dataset, cams_dir: Path, outputs, che
                         bar.update()
                         continue
                     chunk.append((item, cam_path))
-                features = affinity_features(net, images, device) if images else []
+                features = side_inputs(images) if images else []
                 for (item, cam_path), image, feature in zip(chunk, images, features):
                     try:
                         label = walk(settings, item, image, cam_path, device,

@@ -20,11 +20,6 @@ from wsss_fast.models.checkpoint import read_state_dict
 from wsss_fast.models.registry import create_model
 
 
-def check_affinity_checkpoint(path) -> None:
-    """``CheckpointError`` unless ``path`` holds an AffinityNet (it names what it looks like)."""
-    check_affinitynet_state(read_state_dict(path), f"--affinity-checkpoint {path}")
-
-
 def load_affinitynet(path, device="cpu"):
     """The AffinityNet of a checkpoint (its size read from the weights), in eval mode on
     ``device``. Another model's checkpoint (IRN's, a classifier's) is a ``CheckpointError``

@@ -140,30 +140,49 @@ def _keys(keys, count: int) -> list[int]:
     return keys
 
 
-def refine_irn(cams_lowres, keys: Sequence[int], edge, image_size: tuple[int, int], *,
-               beta: float = _IRN.beta, steps: int = _IRN.steps,
-               bg_threshold: float = _IRN.bg_threshold,
-               radius: int = _IRN.radius) -> np.ndarray:
-    """IRN's ``make_sem_seg_labels`` for one image.
+IRN_NORMALIZATIONS = ("global", "class")
 
-    ``x0 = cams · (1 − edge)`` walked ``steps`` times with ``irn_affinity(edge, beta)``, bilinear
-    ×4 (align_corners=False), cropped to ``image_size``, divided by the global max over all
-    classes, a constant background plane ``bg_threshold`` prepended, argmax, mapped through
-    ``[0] + (keys + 1)``.
 
-    Args:
-        cams_lowres: ``(n, h, w)`` stride-4 CAMs of the image's classes (IRN's ``cam``).
-        keys: the n 0-based class indices, in the order of ``cams_lowres``.
-        edge: ``(h, w)`` boundary map in [0, 1] (IRN's boundary network, or ``image_edge_map``).
-        image_size: ``(H, W)`` with ``H <= 4h``, ``W <= 4w``.
-    Returns:
-        uint8 ``(H, W)`` labels (0 background, class index + 1). An all-zero walk (or n = 0) gives
-        all background, where upstream would divide by 0.
+def fill_boundary_cells(walked: torch.Tensor, edge: torch.Tensor, threshold: float
+                        ) -> torch.Tensor:
+    """Walked maps whose boundary cells (``edge >= threshold``) take, class by class, the
+    largest value of their nearest non-boundary cells (3×3 rings grown outwards until every
+    boundary cell connected to one is reached).
+
+    Why: IRN's ``x0 = cams · (1 − edge)`` zeroes boundary cells and their near-zero affinities keep
+    them at 0 through the walk; at VOC's ~125×94 stride-4 grid they are a thin line, on small
+    images a large share of each object (an option, off in IRN's pipeline).
+    """
+    known = edge < threshold
+    if bool(known.all()) or not bool(known.any()):
+        return walked
+    values = torch.where(known, walked, walked.new_tensor(float("-inf")))
+    while not bool(known.all()):
+        reached = F.max_pool2d(known[None, None].float(), 3, 1, 1)[0, 0].bool() & ~known
+        if not bool(reached.any()):
+            break
+        values = torch.where(reached, F.max_pool2d(values[None], 3, 1, 1)[0], values)
+        known = known | reached
+    return torch.where(known, values, walked)
+
+
+def irn_walk_scores(cams_lowres, edge, image_size: tuple[int, int], *, beta: float = _IRN.beta,
+                    steps: int = _IRN.steps, radius: int = _IRN.radius,
+                    normalize: str = "global", boundary_fill: Optional[float] = None,
+                    keep_boundary_cams: bool = False) -> torch.Tensor:
+    """IRN's walked class scores of one image before the background plane, ``(n, H, W)``.
+
+    ``x0 = cams · (1 − edge)`` (``keep_boundary_cams``: ``x0 = cams``, so boundary cells keep
+    their own CAM values instead of starting at 0 — for small images, where they are a large
+    share of each object) walked ``steps`` times with ``irn_affinity(edge, beta, radius)``,
+    optionally ``fill_boundary_cells`` (``boundary_fill``: its edge threshold; None: off, as
+    upstream), bilinear ×4 (align_corners=False), cropped to ``image_size``, normalized:
+    ``"global"`` (IRN) divides by the max over all classes, ``"class"`` each class by its own max
+    (a weak class is not drowned by a strong one). An all-zero map stays 0.
     """
     cams = _as_float_tensor("cams_lowres", cams_lowres, 3)
     edge = _as_float_tensor("edge", edge, 2)
     n, h, w = cams.shape
-    keys = _keys(keys, n)
     height, width = (int(s) for s in image_size)
     if tuple(edge.shape) != (h, w):
         raise ValueError(f"edge of shape {tuple(edge.shape)} does not match cams_lowres of shape "
@@ -171,17 +190,56 @@ def refine_irn(cams_lowres, keys: Sequence[int], edge, image_size: tuple[int, in
     if not (0 < height <= 4 * h and 0 < width <= 4 * w):
         raise ValueError(f"image_size {(height, width)} must be positive and at most 4× the CAM "
                          f"grid {(h, w)}")
+    if normalize not in IRN_NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {IRN_NORMALIZATIONS}, got {normalize!r}")
+    if boundary_fill is not None and not 0 < boundary_fill <= 1:
+        raise ValueError(f"boundary_fill must be an edge threshold in (0, 1], got {boundary_fill}")
     if n == 0:
-        return np.zeros((height, width), np.uint8)
+        return cams.new_zeros((0, height, width), dtype=torch.float32)
     edge = edge.to(device=cams.device, dtype=torch.float32)
-    x0 = cams.float() * (1 - edge)
+    x0 = cams.float() if keep_boundary_cams else cams.float() * (1 - edge)
     walked = random_walk(x0, irn_affinity(edge, beta, radius), steps, radius=radius)
+    if boundary_fill is not None:
+        walked = fill_boundary_cells(walked, edge, boundary_fill)
     up = F.interpolate(walked[None], scale_factor=4, mode="bilinear",
                        align_corners=False)[0, :, :height, :width]
-    peak = up.max()
-    if peak > 0:
-        up = up / peak
-    scores = torch.cat([up.new_full((1, height, width), float(bg_threshold)), up])
+    peak = up.amax(dim=(1, 2), keepdim=True) if normalize == "class" else up.max()
+    return up / torch.where(peak > 0, peak, torch.ones_like(peak))
+
+
+def refine_irn(cams_lowres, keys: Sequence[int], edge, image_size: tuple[int, int], *,
+               beta: float = _IRN.beta, steps: int = _IRN.steps,
+               bg_threshold: float = _IRN.bg_threshold, radius: int = _IRN.radius,
+               normalize: str = "global", boundary_fill: Optional[float] = None,
+               keep_boundary_cams: bool = False) -> np.ndarray:
+    """IRN's ``make_sem_seg_labels`` for one image.
+
+    ``irn_walk_scores`` (the walk, ×4, crop, IRN's global-max normalization by default), a
+    constant background plane ``bg_threshold`` prepended, argmax, mapped through
+    ``[0] + (keys + 1)``.
+
+    Args:
+        cams_lowres: ``(n, h, w)`` stride-4 CAMs of the image's classes (IRN's ``cam``).
+        keys: the n 0-based class indices, in the order of ``cams_lowres``.
+        edge: ``(h, w)`` boundary map in [0, 1] (IRN's boundary network, or ``image_edge_map``).
+        image_size: ``(H, W)`` with ``H <= 4h``, ``W <= 4w``.
+        normalize, boundary_fill, keep_boundary_cams: see ``irn_walk_scores`` (defaults:
+            upstream's).
+    Returns:
+        uint8 ``(H, W)`` labels (0 background, class index + 1). An all-zero walk (or n = 0) gives
+        all background, where upstream would divide by 0.
+    """
+    cams = _as_float_tensor("cams_lowres", cams_lowres, 3)
+    keys = _keys(keys, cams.shape[0])
+    up = irn_walk_scores(cams, edge, image_size, beta=beta, steps=steps, radius=radius,
+                         normalize=normalize, boundary_fill=boundary_fill,
+                         keep_boundary_cams=keep_boundary_cams)
+    return irn_labels(up, keys, bg_threshold)
+
+
+def irn_labels(scores: torch.Tensor, keys: Sequence[int], bg_threshold: float) -> np.ndarray:
+    """uint8 labels of ``(n, H, W)`` class scores with a constant background plane."""
+    scores = torch.cat([scores.new_full((1, *scores.shape[1:]), float(bg_threshold)), scores])
     lookup = np.asarray([0] + [k + 1 for k in keys], dtype=np.uint8)
     return lookup[scores.argmax(dim=0).cpu().numpy()]
 

@@ -32,6 +32,7 @@ checkpoint (EDAM's ``edam`` / ``edam_tiny`` share the trunk of ``affinitynet`` /
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -61,6 +62,7 @@ HEAD_LR_SCALE = 10.0
 MIN_CROP = OUTPUT_STRIDE * (2 * PSA_RADIUS - 1)   # a non-empty source window: 9 cells wide
 # PSA's settings where they differ from TrainConfig's generic (AdamW) defaults.
 PSA_TRAIN = dict(lr=0.1, weight_decay=5e-4, batch_size=8, epochs=8)   # crop: the generic 448
+DEFAULT_MODEL = "affinitynet_tiny"
 
 
 def affinitynet_loss(model, images: torch.Tensor, labels: torch.Tensor):
@@ -246,7 +248,38 @@ def config_problems(config) -> list[str]:
                         f"affinitynet_tiny)")
     if config.backbone and not Path(config.backbone).is_file():
         problems.append(f"--backbone {config.backbone}: no such file")
+    elif config.backbone and not problems:
+        problems += backbone_dilation_problems(Path(config.backbone),
+                                               config.model or DEFAULT_MODEL)
     return problems
+
+
+def trunk_dilations(net: torch.nn.Module) -> tuple[int, ...]:
+    """The dilations of a ResNet-38 trunk's stages b5, b6, b7 (weights do not record them)."""
+    return tuple(getattr(net, stage).conv_branch2b1.dilation[0] for stage in ("b5", "b6", "b7"))
+
+
+def backbone_dilation_problems(backbone: Path, model: str) -> list[str]:
+    """A one-line problem when the training run beside ``backbone`` (its train.json) names a
+    ResNet-38 whose trunk is dilated otherwise than ``model``'s (e.g. the undilated
+    ``edam_tiny`` into ``affinitynet_tiny``): the weights fit, the features they compute would
+    not. Nothing to say without a train.json or for an unknown model."""
+    report = backbone.parent / classifier_trainer.REPORT
+    try:
+        source = json.loads(report.read_text())["config"]["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    if source not in MODELS or model not in MODELS or MODELS.get(source).family not in (
+            "edam", "psa"):
+        return []
+    with torch.device("meta"):   # the modules' dilations, without allocating their weights
+        ours, theirs = (trunk_dilations(create_model(name)) for name in (model, source))
+    if ours == theirs:
+        return []
+    return [f"--backbone {backbone}: its run ({report.name}) trained {source}, whose ResNet-38 "
+            f"stages b5-b7 are dilated {theirs}, but {model}'s are {ours}: the copied trunk "
+            f"would compute other features (train without --backbone, or from a classifier "
+            f"dilated {ours})"]
 
 
 def train_affinitynet(chosen: Method, config, out: Path, target: torch.device, *,
@@ -289,7 +322,7 @@ def train_affinitynet(chosen: Method, config, out: Path, target: torch.device, *
 
 # The tiny model from scratch on the synthetic benchmark: crop 128 (a 16×16 grid).
 register_method(Method(
-    name="affinitynet", model="affinitynet_tiny", loss=affinitynet_loss, preset="edam",
+    name="affinitynet", model=DEFAULT_MODEL, loss=affinitynet_loss, preset="edam",
     checkpoint_format="plain",
     description="PSA AffinityNet: la/ha CRF labels, radius-5 pair loss bg/4 + fg/4 + neg/2",
     synthetic_train=dict(crop=128, epochs=8, batch_size=8, lr=0.1),
