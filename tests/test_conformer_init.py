@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from wsss_fast.models.conformer import MIMETIC_VO, Conformer, mimetic_init_
+from wsss_fast.models.registry import create_model
 from wsss_fast.models.vit_blocks import Attention
 
 DIM, HEADS = 64, 2
@@ -24,12 +25,13 @@ def _attention(init: str, seed: int = 0) -> Attention:
 
 
 def _logit_forms(attention: Attention) -> list[torch.Tensor]:
-    """Per head, the (DIM, DIM) bilinear form B with q·k = xᵀ B x'."""
-    head_dim = DIM // HEADS
+    """Per head, the (dim, dim) bilinear form B with q·k = xᵀ B x'."""
+    dim, heads = attention.proj.in_features, attention.num_heads
+    head_dim = dim // heads
     weight = attention.qkv.weight.detach()
-    return [weight[h * head_dim:(h + 1) * head_dim].t() @ weight[DIM + h * head_dim:
-                                                                   DIM + (h + 1) * head_dim]
-            for h in range(HEADS)]
+    return [weight[h * head_dim:(h + 1) * head_dim].t() @ weight[dim + h * head_dim:
+                                                                   dim + (h + 1) * head_dim]
+            for h in range(heads)]
 
 
 def _attention_rows(attention: Attention, x: torch.Tensor) -> torch.Tensor:
@@ -95,3 +97,14 @@ def test_conformer_attn_init_option():
         assert block.attn.qkv.weight.std() < 0.03
     with pytest.raises(ValueError, match="attn_init must be one of"):
         Conformer(attn_init="xavier", **kwargs)
+
+
+def test_small_conformer_starts_mimetic_and_the_published_one_does_not():
+    torch.manual_seed(0)
+    tiny = create_model("transcam_tiny", num_classes=8)
+    for block in tiny.blocks():
+        assert min(float(form.diagonal().mean()) for form in _logit_forms(block.attn)) > 0.3
+    published = Conformer(base_channel=16, channel_ratio=1, embed_dim=DIM, depth=3,
+                          num_heads=HEADS)          # transcam_small's init, at a small size
+    for block in published.blocks():
+        assert max(abs(float(form.diagonal().mean())) for form in _logit_forms(block.attn)) < 0.01
