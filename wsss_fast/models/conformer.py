@@ -59,11 +59,58 @@ from wsss_fast import ops
 from wsss_fast.models.registry import ModelEntry, count_blocks, register_model
 from wsss_fast.models.vit_blocks import Block
 
-__all__ = ["Conformer", "transcam_small", "transcam_golden_tiny"]
+__all__ = ["Conformer", "transcam_small", "transcam_golden_tiny", "mimetic_init_", "ATTN_INITS"]
 
 _BN_EPS = 1e-6      # bottlenecks and FCUUp
 _LN_EPS = 1e-6      # transformer blocks and FCUDown
 _EXPANSION = 4
+
+# Attention initializations (``Conformer(attn_init=...)``): "trunc_normal" is upstream's (every
+# Linear ~ N(0, 0.02²)); "mimetic" is Trockman & Kolter's (ICML 2023) W_q W_kᵀ ≈ α₁Z + β₁I and
+# W_v W_o ≈ α₂Z − β₂I; "mimetic_qk" initializes only W_q, W_k that way.
+ATTN_INITS = ("trunc_normal", "mimetic", "mimetic_qk")
+MIMETIC_QK = (0.7, 0.7)         # (α₁, β₁), the paper's values for small ViTs
+MIMETIC_VO = (0.4, 0.4)         # (α₂, β₂)
+
+
+def _low_rank_factors(alpha: float, beta: float, dim: int, rank: int, generator=None):
+    """``(L, R)``, each ``(rank, dim)``, with ``Lᵀ R`` the best rank-``rank`` approximation of
+    ``alpha·Z + beta·I`` (``Z`` ~ N(0, 1/dim)): the top singular triplets, split as √σ each."""
+    target = alpha * torch.randn(dim, dim, generator=generator) / dim ** 0.5
+    target += beta * torch.eye(dim)
+    u, s, vh = torch.linalg.svd(target)
+    root = s[:rank].sqrt()
+    return (u[:, :rank] * root).t(), root[:, None] * vh[:rank]
+
+
+@torch.no_grad()
+def mimetic_init_(attn: nn.Module, qk=MIMETIC_QK, vo=MIMETIC_VO, generator=None) -> None:
+    """Mimetic initialization of a ``vit_blocks.Attention`` in place (Trockman & Kolter 2023).
+
+    Per head, ``W_qᵀ W_k`` (the bilinear form of the attention logits, ``q·k = xᵀ W_qᵀ W_k x'``)
+    is the rank-head_dim part of ``α₁Z + β₁I``, so that from step 0 a token attends to the tokens
+    whose features resemble its own: without positional embeddings (the Conformer has none) the
+    attention starts as a content affinity, which is what TransCAM's ``A*·M`` multiplies.
+    With ``vo`` (None: keep the current weights), ``W_o W_v`` (the value path, summed over
+    heads) is ``α₂Z − β₂I``. Biases are zeroed."""
+    dim = attn.proj.in_features
+    heads = attn.num_heads
+    head_dim = dim // heads
+    weight = attn.qkv.weight              # rows [q | k | v], each head-major
+    for h in range(heads):
+        w_q, w_k = _low_rank_factors(*qk, dim, head_dim, generator)
+        rows = slice(h * head_dim, (h + 1) * head_dim)
+        weight[rows] = w_q
+        weight[dim:][rows] = w_k
+    if vo is not None:
+        alpha, beta = vo
+        w_o, w_v = _low_rank_factors(alpha, -beta, dim, dim, generator)
+        weight[2 * dim:] = w_v
+        attn.proj.weight.copy_(w_o.t())
+        if attn.proj.bias is not None:
+            attn.proj.bias.zero_()
+    if attn.qkv.bias is not None:
+        attn.qkv.bias.zero_()
 
 
 def _conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
@@ -226,13 +273,17 @@ class Conformer(nn.Module):
     Dropout / drop-path are not modelled (inference; upstream's TransCAM runs eval mode).
     ``conv_cls_head`` takes ``4·base_channel·channel_ratio`` channels (upstream hard-codes
     ``256·channel_ratio``, the same number for the only base_channel it is used with, 64).
+    ``attn_init`` (one of ``ATTN_INITS``) chooses how the attention weights start: upstream's
+    truncated normal, or mimetic (``mimetic_init_``; the small from-scratch model's default).
     """
 
     def __init__(self, patch_size: int = 16, in_chans: int = 3, num_classes: int = 21,
                  base_channel: int = 64, channel_ratio: float = 4, num_med_block: int = 0,
                  embed_dim: int = 384, depth: int = 12, num_heads: int = 6,
-                 mlp_ratio: float = 4.0, qkv_bias: bool = True):
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, attn_init: str = "trunc_normal"):
         super().__init__()
+        if attn_init not in ATTN_INITS:
+            raise ValueError(f"attn_init must be one of {', '.join(ATTN_INITS)}, got {attn_init!r}")
         if depth % 3 or depth < 3:
             raise ValueError(f"depth must be a positive multiple of 3, got {depth}")
         if patch_size % 16 or patch_size <= 0:
@@ -276,10 +327,10 @@ class Conformer(nn.Module):
                             _ConvTransBlock(c2 if start else c3, c3, start, 2 if start else 1,
                                             dw_stride=dw // 4, last_fusion=(i == depth),
                                             **common))
-        self._init_weights()
+        self._init_weights(attn_init)
 
     # -- initialization (upstream's scheme; checkpoints overwrite it) -------------------------
-    def _init_weights(self) -> None:
+    def _init_weights(self, attn_init: str = "trunc_normal") -> None:
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -294,6 +345,9 @@ class Conformer(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if attn_init != "trunc_normal":
+            for block in self.blocks():
+                mimetic_init_(block.attn, vo=MIMETIC_VO if attn_init == "mimetic" else None)
 
     # -- geometry ------------------------------------------------------------------------------
     def token_grid(self, height: int, width: int) -> tuple[int, int]:
@@ -414,8 +468,13 @@ def config_from_state(state: dict) -> dict:
 
 
 # base_channel stays 64: config_from_state reads channel_ratio from checkpoints assuming it.
+# attn_init "mimetic": trained from scratch on the 600 synthetic images, upstream's N(0, 0.02²)
+# attention stays near-uniform in the first blocks and collapses onto sinks in the last, so A*·M
+# is flat (seed mIoU 10.8 on the demo's data); started as a content affinity it trains to one
+# that localizes (44.5; M alone 25.5 -> 37.0). The published transcam / transcam_small keep
+# upstream's init (they load ImageNet weights anyway).
 SMALL_CONFORMER = dict(patch_size=16, base_channel=64, channel_ratio=0.5, embed_dim=128, depth=6,
-                       num_heads=2, mlp_ratio=4.0)
+                       num_heads=2, mlp_ratio=4.0, attn_init="mimetic")
 
 register_model("transcam", ModelEntry(Conformer, "transcam", background_slot=True,
                                       config_from_state=config_from_state,

@@ -69,8 +69,9 @@ def list_methods() -> list[str]:
 
 # The synthetic recipe's base, for every method: chosen so that training takes at most 5 minutes
 # on 2 CPU cores. Small from-scratch ViTs' late blocks' patch attention collapses onto a few
-# tokens, so the published affinity refinement (MCTformer's Σ-blocks A_pp, TransCAM's A*)
-# flattens their maps; extraction with the published presets still runs, with lower mIoU.
+# tokens, so MCTformer's Σ-blocks A_pp refinement flattens their maps (the ViT rows use class
+# attention instead). TransCAM's A* keeps its published form: the tiny Conformer starts its
+# attention mimetic (models.conformer.SMALL_CONFORMER), so it trains into a content affinity.
 SYNTHETIC_TRAIN = dict(epochs=10, batch_size=16, lr=5e-4, min_lr=1e-6, weight_decay=0.05,
                        warmup_epochs=1.0, crop=128)
 _VIT_TRAIN = dict(epochs=15)
