@@ -299,6 +299,43 @@ def test_edam_finetune_regime_freezes_stem_b2_and_batchnorm():
     assert model.b7.dropout_2b1.training and model.trans_list[0][0].dropout.training
 
 
+def test_edam_new_layers_train_at_ten_times_the_lr_as_upstream():
+    """train_EDAM_cls.py's groups: mask_layer, d_d and the class heads at 10× the base lr, the
+    trunk, CMA transformers and embedding at 1×; the trainer's AdamW groups keep those scales
+    and split weight decay inside each; a step moves the new layers 10× as far."""
+    from wsss_fast.train.trainer import parameter_groups
+    model = edam_tiny(num_classes=2, finetune=True)
+    rest, new = model.trainable_parameters()
+    new_names = {n.split(".")[0] for n, p in model.named_parameters()
+                 if any(p is q for q in new["params"])}
+    assert new_names == {"mask_layer", "d_d", "fc_list"} and new["lr_scale"] == 10.0
+    assert rest["lr_scale"] == 1.0 and len(rest["params"]) + len(new["params"]) == len(
+        [p for p in model.parameters() if p.requires_grad])
+    assert not any(p is q for p in rest["params"] for q in model.conv1a.parameters())
+    groups = parameter_groups(model, 0.05, scaled=True)
+    assert [(g["lr_scale"], g["weight_decay"]) for g in groups] == [
+        (1.0, 0.05), (1.0, 0.0), (10.0, 0.05)]          # the new layers have no bias or norm
+    assert sum(len(g["params"]) for g in groups) == len(rest["params"]) + len(new["params"])
+    assert len(parameter_groups(model, 0.05)) == 2      # unscaled (pretraining): as before
+    assert edam_tiny(num_classes=2, new_layer_lr_scale=1).trainable_parameters()[1][
+        "lr_scale"] == 1.0
+    with pytest.raises(ValueError, match="new_layer_lr_scale"):
+        edam_tiny(num_classes=2, new_layer_lr_scale=0)
+
+    # One SGD step with the group scales as the trainer sets them (lr × lr_scale): the same
+    # gradient moves the DA layer 10× as far as it would at the base lr.
+    torch.manual_seed(0)
+    model = edam_tiny(num_classes=2)
+    before = model.mask_layer.weight.detach().clone()
+    optimizer = torch.optim.SGD([{**g, "lr": 1e-3 * g["lr_scale"]}
+                                 for g in parameter_groups(model, 0.0, scaled=True)], lr=1e-3)
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    edam_loss(model, images, labels)[0].backward()
+    grad = model.mask_layer.weight.grad.clone()
+    optimizer.step()
+    assert torch.allclose(model.mask_layer.weight - before, -1e-2 * grad, atol=1e-8)
+
+
 def test_edam_position_table_is_the_sinusoid():
     pe = edam_tiny(num_classes=2).embedding.position.pe[0]
     p, i = 37, 5
