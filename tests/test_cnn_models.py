@@ -80,13 +80,16 @@ def test_irn_state_dict_loads_through_the_registry(gen):
     torch.testing.assert_close(loaded.cam_maps(x), source.cam_maps(x), rtol=0, atol=0)
 
 
-def test_output_stride_is_16():
+def test_output_stride_is_16_and_the_tiny_models_8():
     with torch.device("meta"):
         full = resnet50_cam()
         assert full.features(torch.empty(1, 3, 513, 385)).shape == (1, 2048, 33, 25)
     assert full.grid(513, 385) == (33, 25)
     tiny = resnet_cam_tiny(num_classes=3).eval()
-    assert tiny.features(torch.zeros(1, 3, 97, 80)).shape[-2:] == (7, 5) == tiny.grid(97, 80)
+    assert tiny.features(torch.zeros(1, 3, 97, 80)).shape[-2:] == (13, 10) == tiny.grid(97, 80)
+    irn_strides = resnet_cam_tiny(num_classes=3, strides=(2, 2, 2, 1)).eval()
+    assert irn_strides.features(torch.zeros(1, 3, 97, 80)).shape[-2:] == (7, 5) == \
+        irn_strides.grid(97, 80)
 
 
 def test_cam_is_relu_of_classifier_on_features_and_logits_are_gap(gen):
