@@ -80,13 +80,16 @@ def test_irn_state_dict_loads_through_the_registry(gen):
     torch.testing.assert_close(loaded.cam_maps(x), source.cam_maps(x), rtol=0, atol=0)
 
 
-def test_output_stride_is_16():
+def test_output_stride_is_16_and_the_tiny_models_8():
     with torch.device("meta"):
         full = resnet50_cam()
         assert full.features(torch.empty(1, 3, 513, 385)).shape == (1, 2048, 33, 25)
     assert full.grid(513, 385) == (33, 25)
     tiny = resnet_cam_tiny(num_classes=3).eval()
-    assert tiny.features(torch.zeros(1, 3, 97, 80)).shape[-2:] == (7, 5) == tiny.grid(97, 80)
+    assert tiny.features(torch.zeros(1, 3, 97, 80)).shape[-2:] == (13, 10) == tiny.grid(97, 80)
+    irn_strides = resnet_cam_tiny(num_classes=3, strides=(2, 2, 2, 1)).eval()
+    assert irn_strides.features(torch.zeros(1, 3, 97, 80)).shape[-2:] == (7, 5) == \
+        irn_strides.grid(97, 80)
 
 
 def test_cam_is_relu_of_classifier_on_features_and_logits_are_gap(gen):
@@ -297,6 +300,43 @@ def test_edam_finetune_regime_freezes_stem_b2_and_batchnorm():
                     if not p.requires_grad and ".conv" in f".{name}"}
     assert frozen_convs == {"conv1a", "b2", "b2_1"}
     assert model.b7.dropout_2b1.training and model.trans_list[0][0].dropout.training
+
+
+def test_edam_new_layers_train_at_ten_times_the_lr_as_upstream():
+    """train_EDAM_cls.py's groups: mask_layer, d_d and the class heads at 10× the base lr, the
+    trunk, CMA transformers and embedding at 1×; the trainer's AdamW groups keep those scales
+    and split weight decay inside each; a step moves the new layers 10× as far."""
+    from wsss_fast.train.trainer import parameter_groups
+    model = edam_tiny(num_classes=2, finetune=True)
+    rest, new = model.trainable_parameters()
+    new_names = {n.split(".")[0] for n, p in model.named_parameters()
+                 if any(p is q for q in new["params"])}
+    assert new_names == {"mask_layer", "d_d", "fc_list"} and new["lr_scale"] == 10.0
+    assert rest["lr_scale"] == 1.0 and len(rest["params"]) + len(new["params"]) == len(
+        [p for p in model.parameters() if p.requires_grad])
+    assert not any(p is q for p in rest["params"] for q in model.conv1a.parameters())
+    groups = parameter_groups(model, 0.05, scaled=True)
+    assert [(g["lr_scale"], g["weight_decay"]) for g in groups] == [
+        (1.0, 0.05), (1.0, 0.0), (10.0, 0.05)]          # the new layers have no bias or norm
+    assert sum(len(g["params"]) for g in groups) == len(rest["params"]) + len(new["params"])
+    assert len(parameter_groups(model, 0.05)) == 2      # unscaled (pretraining): as before
+    assert edam_tiny(num_classes=2, new_layer_lr_scale=1).trainable_parameters()[1][
+        "lr_scale"] == 1.0
+    with pytest.raises(ValueError, match="new_layer_lr_scale"):
+        edam_tiny(num_classes=2, new_layer_lr_scale=0)
+
+    # One SGD step with the group scales as the trainer sets them (lr × lr_scale): the same
+    # gradient moves the DA layer 10× as far as it would at the base lr.
+    torch.manual_seed(0)
+    model = edam_tiny(num_classes=2)
+    before = model.mask_layer.weight.detach().clone()
+    optimizer = torch.optim.SGD([{**g, "lr": 1e-3 * g["lr_scale"]}
+                                 for g in parameter_groups(model, 0.0, scaled=True)], lr=1e-3)
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    edam_loss(model, images, labels)[0].backward()
+    grad = model.mask_layer.weight.grad.clone()
+    optimizer.step()
+    assert torch.allclose(model.mask_layer.weight - before, -1e-2 * grad, atol=1e-8)
 
 
 def test_edam_position_table_is_the_sinusoid():

@@ -81,6 +81,8 @@ class BottleneckBlock(nn.Module):
 
 
 RESNET38_DILATIONS = (2, 4, 4)   # resnet38d's b5, b6, b7
+# train_EDAM_cls.py's optimizer groups: the new layers (DA layer, d_d, class heads) at 10× the lr.
+NEW_LAYER_LR_SCALE = 10.0
 
 
 def add_resnet38_trunk(module: nn.Module, width: int, blocks,
@@ -225,7 +227,7 @@ class Edam(nn.Module):
     def __init__(self, num_classes: int = 20, width: int = 64, blocks=(3, 3, 6, 3),
                  hidden: int = 128, heads: int = 2, ffn: int = 512, dropout: float = 0.1,
                  max_positions: int = 46 * 46, finetune: bool = True,
-                 dilations=RESNET38_DILATIONS):
+                 dilations=RESNET38_DILATIONS, new_layer_lr_scale: float = NEW_LAYER_LR_SCALE):
         """
         Args:
             width: channels of conv1a; the stages have 2, 4, 8, 16, 32, 64 × width (ResNet-38:
@@ -234,12 +236,19 @@ class Edam(nn.Module):
             hidden, heads, ffn, dropout: the CMA transformers (upstream: 128, 2, 512, 0.1).
             max_positions: rows of the position table (upstream 46·46: at most h·w pixels).
             dilations: of the stages b5, b6, b7 (ResNet-38: 2, 4, 4).
+            new_layer_lr_scale: learning-rate multiplier of the DA layer, ``d_d`` and the class
+                heads (``trainable_parameters``; upstream 10).
         """
         super().__init__()
         if len(blocks) != 4 or min(blocks) < 1:
             raise ValueError(f"blocks must give 4 positive block counts, got {blocks}")
+        if (isinstance(new_layer_lr_scale, bool) or not isinstance(new_layer_lr_scale, (int, float))
+                or not new_layer_lr_scale > 0):
+            raise ValueError(f"new_layer_lr_scale must be a positive number, got "
+                             f"{new_layer_lr_scale!r}")
         self.num_classes = num_classes
         self.finetune = finetune
+        self.new_layer_lr_scale = float(new_layer_lr_scale)
         w = width
         self.stage_blocks = add_resnet38_trunk(self, w, blocks, dilations)   # b2, b2_1, …, b5_2
 
@@ -267,6 +276,22 @@ class Edam(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
         nn.init.xavier_uniform_(self.embedding.segment.weight)
+
+    def new_layers(self) -> tuple[nn.Module, ...]:
+        """The layers upstream trains at 10× the backbone's learning rate (``get_parameter_groups``:
+        the DA layer ``mask_layer``, ``d_d`` and the class heads ``fc_list``); the CMA
+        transformers and the embedding train at 1×, as the backbone."""
+        return (self.mask_layer, self.d_d, self.fc_list)
+
+    def trainable_parameters(self) -> list[dict]:
+        """Optimizer groups: the trainable backbone, CMA transformer and embedding parameters
+        (lr ×1), then ``new_layers`` (lr × ``new_layer_lr_scale``). ``lr_scale`` multiplies the
+        base learning rate."""
+        new = [p for layer in self.new_layers() for p in layer.parameters() if p.requires_grad]
+        ids = {id(p) for p in new}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        return [{"params": rest, "lr_scale": 1.0},
+                {"params": new, "lr_scale": self.new_layer_lr_scale}]
 
     def train(self, mode: bool = True) -> "Edam":
         super().train(mode)

@@ -68,18 +68,34 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, lr: float,
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices / kernels only (not biases, norms, tokens, pos-embeds)."""
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        if parameter.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES:
-            no_decay.append(parameter)
-        else:
-            decay.append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+def parameter_groups(model: torch.nn.Module, weight_decay: float,
+                     scaled: bool = False) -> list[dict]:
+    """Weight decay on weight matrices / kernels only (not biases, norms, tokens, pos-embeds).
+
+    ``scaled``: a model with ``trainable_parameters()`` (groups with an ``lr_scale``, e.g. EDAM's
+    new layers at 10×) has each of its groups split so, keeping the group's ``lr_scale``; empty
+    groups are left out. Without it, or for other models: the two groups [decay, no decay]."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    if scaled and hasattr(model, "trainable_parameters"):
+        sources = [(g["params"], g.get("lr_scale", 1.0)) for g in model.trainable_parameters()]
+    else:
+        sources = [([p for p in model.parameters()], None)]
+    groups = []
+    for params, lr_scale in sources:
+        decay, no_decay = [], []
+        for parameter in params:
+            if not parameter.requires_grad:
+                continue
+            if parameter.ndim <= 1 or names[id(parameter)].split(".")[-1] in NO_DECAY_NAMES:
+                no_decay.append(parameter)
+            else:
+                decay.append(parameter)
+        pair = [{"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+        if lr_scale is None:
+            return pair
+        groups += [{**group, "lr_scale": float(lr_scale)} for group in pair if group["params"]]
+    return groups
 
 
 def _resolve_device(device) -> torch.device:
@@ -226,7 +242,8 @@ def _run(chosen: Method, config: TrainConfig, out: Path, target: torch.device, *
         if not resume:
             print(f"wsss-fast train: {describe_load(init_report, config.init)}", file=sys.stderr)
     net = net.to(target)
-    optimizer = torch.optim.AdamW(parameter_groups(net, config.weight_decay), lr=config.lr)
+    optimizer = torch.optim.AdamW(parameter_groups(net, config.weight_decay, scaled=True),
+                                  lr=config.lr)
     steps_per_epoch = batches_per_epoch(len(images), config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
