@@ -223,18 +223,17 @@ def refine(options: RefineOptions) -> JobResult:
         raise InputError(f"--cams {cams_dir}: not a folder")
     checkpoint = None
     if network is not None:
+        flag = f"--{network[1].option.replace('_', '-')}"
         checkpoint = Path(getattr(options, network[1].option))
         if not checkpoint.is_file():
-            raise InputError(f"--{network[1].option.replace('_', '-')} {checkpoint}: no such "
-                             f"file")
+            raise InputError(f"{flag} {checkpoint}: no such file")
         if options.pad_size % 16:
             raise OptionsError(f"--pad-size {options.pad_size}: must be a multiple of 16 (the "
                                f"networks' stride)")
         from wsss_fast.engine.learned_affinity import read_network_state
         from wsss_fast.models.checkpoint import CheckpointError
         try:   # another network's checkpoint is refused before anything is written
-            read_network_state(checkpoint, network[0],
-                               f"--{network[1].option.replace('_', '-')}")
+            read_network_state(checkpoint, network[0], flag)
         except (CheckpointError, OSError) as error:
             raise InputError(str(error)) from error
 
