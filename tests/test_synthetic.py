@@ -4,6 +4,8 @@ band, the co-occurrence design, class coverage and speed."""
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 
 import cv2
@@ -227,3 +229,20 @@ def test_generation_is_quick(tmp_path):
     generate_synthetic(tmp_path / "synth", num_train=60, num_val=20, seed=0)
     elapsed = time.perf_counter() - start
     assert elapsed < 10, f"80 default-size images took {elapsed:.1f} s"
+
+
+def test_worker_pool_ends_quietly_under_the_command_lines_signal_handlers(tmp_path):
+    # The pool's workers inherit `handle_interrupts`' SIGTERM handler; ending the pool by
+    # terminate() (its with-block's exit) made each idle worker print an "Interrupted: SIGTERM"
+    # traceback in every CLI run that generated data with workers.
+    script = (
+        "from wsss_fast.io import handle_interrupts\n"
+        "from wsss_fast.data import generate_synthetic\n"
+        "with handle_interrupts():\n"
+        "    for run in range(4):\n"
+        f"        generate_synthetic(r'{tmp_path}' + f'/d{{run}}', num_train=8, num_val=0, "
+        "workers=2)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "Interrupted" not in done.stderr, done.stderr

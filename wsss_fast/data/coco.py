@@ -202,6 +202,8 @@ def build_coco_label_masks(root, split, out_dir=None, workers: Optional[int] = N
             chunks = [positions[i::workers * 8] for i in range(workers * 8)]
             with multiprocessing.get_context("fork").Pool(workers) as pool:
                 pool.map(_write_masks, chunks)
+                pool.close()   # exit on their own, not by terminate()'s SIGTERM (see synthetic)
+                pool.join()
     finally:
         _MASK_JOB.clear()
     return out_dir

@@ -587,6 +587,10 @@ def generate_synthetic(root, *, num_train: int = 600, num_val: int = 150, num_cl
     else:
         with multiprocessing.get_context().Pool(workers) as pool:
             records = pool.map(_write_sample, jobs, chunksize=8)
+            # Let the workers exit on their own: the with-block's terminate() SIGTERMs them, and
+            # they inherit the command line's SIGTERM handler, which prints a traceback each.
+            pool.close()
+            pool.join()
 
     ids = [synthetic_id(index) for index, _, _ in records]
     splits = {"train": ids[:num_train], "val": ids[num_train:], "trainval": ids}
