@@ -294,3 +294,15 @@ def test_keep_boundary_cams_walks_the_cams_themselves():
     up = torch.nn.functional.interpolate(expected[None], scale_factor=4, mode="bilinear",
                                          align_corners=False)[0]
     torch.testing.assert_close(got, up / up.max())
+
+
+def test_refine_options_irn_only_defaults_are_the_walks_defaults():
+    # `refine` records an IRN-only option in a run's config only when it differs from these
+    # defaults, so they must be the walk's own (IRN's) defaults.
+    import inspect
+    from wsss_fast.pipeline.refine import IRN_OPTIONS
+    for walk in (refine_irn, irn_walk_scores):
+        parameters = inspect.signature(walk).parameters
+        assert {name: parameters[name].default for name in IRN_OPTIONS} == IRN_OPTIONS
+    assert IRN_OPTIONS == {"normalize": "global", "boundary_fill": None,
+                           "keep_boundary_cams": False}

@@ -82,8 +82,9 @@ class RefineOptions(DatasetOptions):
             setattr(self, name, path_or_none(getattr(self, name)))
 
 
-# IRN-only options, with their upstream defaults.
-IRN_OPTIONS = {"normalize": "global", "boundary_fill": None, "keep_boundary_cams": False}
+# IRN-only options, with their defaults (upstream's: RefineOptions holds them).
+IRN_OPTIONS = {field.name: field.default for field in dataclasses.fields(RefineOptions)
+               if field.name in ("normalize", "boundary_fill", "keep_boundary_cams")}
 
 
 def preset_options(options: RefineOptions) -> dict:
