@@ -120,9 +120,10 @@ def test_logit_reweighting_hand_computed():
 # ------------------------------------------------------------------------ whole-block restatement
 
 def restated_doei_block(block, x, image, num_cls, patch, lambda_e, lambda_c, gamma, beta,
-                        reweight="probabilities"):
+                        reweight="probabilities", detach=False):
     """The DESIGN §5.3 block written out densely, head by head, in float64 (``reweight``:
-    γ on the cross logits of each head, φ_γ on the fused probabilities, or both)."""
+    γ on the cross logits of each head, φ_γ on the fused probabilities, or both; ``detach``:
+    ``R`` carries no gradient)."""
     x = x.double()
     b, t, dim = x.shape
     heads = block.attn.num_heads
@@ -151,7 +152,10 @@ def restated_doei_block(block, x, image, num_cls, patch, lambda_e, lambda_c, gam
         (slice(0, c), slice(c, None)), (slice(c, None), slice(0, c)))
     for rows, cols in phi_blocks:
         a = r[:, rows, cols]
+        r = r.clone()       # out of place, for the gradient test
         r[:, rows, cols] = a.sum(-1, keepdim=True) * a**gamma / (a**gamma).sum(-1, keepdim=True)
+    if detach:
+        r = r.detach()
     w_o = block.attn.proj.weight.double()
     mhsa = torch.cat([attn[h] @ v[..., h * d:(h + 1) * d] for h in range(heads)], -1) @ w_o.T
     mhsa = mhsa + block.attn.proj.bias.double()
@@ -261,6 +265,34 @@ def test_gradients_flow_through_doei_blocks(gen):
     assert not torch.allclose(doei_grad, model.blocks[2].attn.qkv.weight.grad)
 
 
+@pytest.mark.parametrize("detach", [True, False])
+def test_gradients_match_dense_restatement(gen, detach):
+    # The default detaches R: the backward sees only A_h (weight 1 − β) and V. Without it the
+    # gradient also flows through HFA and φ_γ. Either way the forward is the same.
+    model = tiny_mctformer(gen, classes=2, depth=2).train()
+    image = torch.randn(2, 3, 48, 64, generator=gen)
+    weights = torch.randn(2, 2 + 12, 32, generator=gen, dtype=torch.float64)
+    doei = DOEI(model, blocks=1, lambda_e=0.7, lambda_c=0.3, gamma_max=2.5, beta=0.6,
+                detach_reweight=detach)
+    tokens = torch.cat([model.cls_token.expand(2, -1, -1), model.patch_embed(image)], 1)
+    tokens = model.blocks[0](tokens + model.interpolate_pos_encoding(48, 64), 2).detach()
+    block = model.blocks[1]
+    ours = doei._doei_block(block, tokens, rgb_similarity(image, 16, 2), 2.5, None, None)
+    (ours.double() * weights).sum().backward()
+    grads = [p.grad.clone() for p in block.parameters()]
+    model.zero_grad()
+    theirs, _ = restated_doei_block(block, tokens, image, 2, 16, 0.7, 0.3, 2.5, 0.6,
+                                    detach=detach)
+    (theirs * weights).sum().backward()
+    assert_rel_close(ours.double(), theirs.detach(), 1e-4, what="DOEI block output")
+    for (name, p), ours_grad in zip(block.named_parameters(), grads):
+        assert_rel_close(ours_grad, p.grad, 1e-3, what=f"gradient of {name}")
+    model.zero_grad()
+    restated_doei_block(block, tokens, image, 2, 16, 0.7, 0.3, 2.5, 0.6,
+                        detach=not detach)[0].mul(weights).sum().backward()
+    assert (block.attn.qkv.weight.grad - grads[2]).abs().max() > 1e-3 * grads[2].abs().max()
+
+
 def test_state_dict_and_registry_are_mctformer_compatible(gen, tmp_path):
     model = tiny_mctformer(gen, classes=3)
     doei = DOEI(model)
@@ -292,7 +324,8 @@ def test_cam_engine_runs_doei_preset(gen):
     (dict(blocks=[7]), "out of range"), (dict(blocks=0), ">= 1"),
     (dict(lambda_e=-0.1), "lambda_e"), (dict(gamma_max=0.0), "gamma_max"),
     (dict(beta=float("nan")), "beta"), (dict(reweight="logit"), "reweight must be one of"),
-    (dict(gamma_schedule="cosine"), "gamma_schedule must be one of")])
+    (dict(gamma_schedule="cosine"), "gamma_schedule must be one of"),
+    (dict(detach_reweight="yes"), "detach_reweight must be true or false")])
 def test_bad_arguments(gen, kwargs, message):
     with pytest.raises(ValueError, match=message):
         DOEI(tiny_mctformer(gen), **kwargs)
