@@ -1,7 +1,8 @@
 """Findings with error bars (issue 14 item 4): each compared pair trained over several seeds.
 
     python examples/findings.py --seeds 0 1 2 --out findings_out
-    python examples/findings.py --init-dir pretrained --out findings_pre   # pretrained backbones
+    python examples/findings.py --pretrained --out findings_pre   # the shipped backbones
+    python examples/findings.py --init-dir DIR --out findings_dir   # other backbones
 
 Trains the methods of every compared pair once per training seed on the demo's synthetic
 benchmark (the same data folder as ``wsss-fast demo``: generated with data seed 0, or ``--data``),
@@ -33,6 +34,7 @@ from wsss_fast.demo import (FULL, QUICK, DemoScale, _train, checked, cooccurrenc
                             cooccurrence_iou, demo_lpcam_cams, evaluate_folder, extract_options,
                             extraction_plan)
 from wsss_fast.io.atomic import atomic_write_bytes, atomic_write_json
+from wsss_fast.train.pretrain import PRETRAINED_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -293,6 +295,24 @@ def _count(data: Path, split: str) -> str:
     return str(len(listing.read_text().split())) if listing.exists() else "?"
 
 
+def _is_shipped(init_dir: Optional[Path]) -> bool:
+    return init_dir is not None and init_dir.resolve() == PRETRAINED_DIR.resolve()
+
+
+def _init_flag(init_dir: Optional[Path]) -> str:
+    """The command-line option that names ``init_dir`` ("" from scratch)."""
+    if init_dir is None:
+        return ""
+    return " --pretrained" if _is_shipped(init_dir) else f" --init-dir {init_dir}"
+
+
+def _start(init_dir: Optional[Path]) -> str:
+    if init_dir is None:
+        return "from scratch"
+    return ("the shipped backbones, pretrained/" if _is_shipped(init_dir)
+            else f"backbones from {init_dir}")
+
+
 def write_report(out: Path, report: Optional[Path], pairs: Sequence[Pair], seeds: Sequence[int],
                  scale_name: str, init_dir: Optional[Path], minutes: float,
                  variants: bool = True) -> str:
@@ -302,9 +322,9 @@ def write_report(out: Path, report: Optional[Path], pairs: Sequence[Pair], seeds
     cooc = cooccurrence_classes(data) if (data / "dataset.json").exists() else []
     text = [f"# Findings over training seeds ({scale_name} demo scale, seeds "
             f"{' '.join(map(str, seeds))}, "
-            f"{'backbones from ' + str(init_dir) if init_dir else 'from scratch'})", "",
+            f"{_start(init_dir)})", "",
             "`python examples/findings.py --seeds " + " ".join(map(str, seeds)) +
-            (f" --init-dir {init_dir}" if init_dir else "") + " --out OUT`: each method trained "
+            _init_flag(init_dir) + " --out OUT`: each method trained "
             "once per seed with the demo's synthetic recipe on the demo's data ("
             f"{_count(data, 'train')} training / {_count(data, 'val')} validation images); the "
             "seed only changes the training "
@@ -388,8 +408,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="working folder (resumable)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--init-dir", type=Path, help="pretrained backbones (<family>*.pt: vit, "
-                        "conformer, resnet, resnet38) passed to train as --init")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--init-dir", type=Path, help="pretrained backbones (<family>*.pt: vit, "
+                       "conformer, resnet, resnet38) passed to train as --init")
+    start.add_argument("--pretrained", action="store_true", help="the shipped backbones "
+                       "(pretrained/, as `wsss-fast demo --pretrained`): --init-dir pretrained")
     parser.add_argument("--data", type=Path, help="an existing demo data folder (default: "
                         "OUT/data, generated as the demo does)")
     parser.add_argument("--report", type=Path, default=REPO / "benchmarks" / "results" /
@@ -413,6 +436,8 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"--pairs: unknown {unknown}; known: {known}")
         pairs = tuple(p for p in PAIRS if p.method in args.pairs)
+    if args.pretrained:
+        args.init_dir = PRETRAINED_DIR
     if args.init_dir is not None and not args.init_dir.is_dir():
         parser.error(f"--init-dir: {args.init_dir} is not a folder")
     scale = QUICK if args.quick else FULL

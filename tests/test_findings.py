@@ -149,3 +149,24 @@ def test_init_dir_passes_the_backbone_to_training(tmp_path):
     scale = findings._scale_with_init(findings.FULL, backbone, "mctformer_v2")
     assert scale.train_overrides["init"] == str(backbone)
     assert findings._scale_with_init(findings.FULL, None, "bnr") is findings.FULL
+
+
+def test_pretrained_runs_from_the_shipped_backbones_and_the_report_says_so(tmp_path,
+                                                                          monkeypatch):
+    calls = []
+    monkeypatch.setattr(findings, "run", lambda out, **kwargs: calls.append(kwargs) or "")
+    assert findings.main(["--out", str(tmp_path / "run"), "--pretrained", "--pairs", "bnr"]) == 0
+    assert calls[-1]["init_dir"] == findings.PRETRAINED_DIR
+    assert [p.method for p in calls[-1]["pairs"]] == ["bnr"]
+    assert findings.main(["--out", str(tmp_path / "run"), "--pairs", "bnr"]) == 0
+    assert calls[-1]["init_dir"] is None
+    with pytest.raises(SystemExit):
+        findings.main(["--out", str(tmp_path), "--pretrained", "--init-dir", str(tmp_path)])
+    out = tmp_path / "report"
+    (out / "data").mkdir(parents=True)
+    pairs = [p for p in findings.PAIRS if p.method == "bnr"]
+    shipped = findings.write_report(out, None, pairs, [0], "full", findings.PRETRAINED_DIR, 1.0)
+    assert "the shipped backbones, pretrained/" in shipped.splitlines()[0]
+    assert "--seeds 0 --pretrained --out OUT" in shipped
+    other = findings.write_report(out, None, pairs, [0], "full", tmp_path, 1.0)
+    assert f"--init-dir {tmp_path} --out OUT" in other and "--pretrained" not in other
