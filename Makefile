@@ -24,7 +24,7 @@ bench-report: install  ## one table of side-by-side ratios with peak memory
 gpu-check: install  ## on a CUDA machine (<= 8 min): nvcc build, gpu tests, GPU benchmarks -> benchmarks/results/gpu/report.md
 	$(PYTHON) -m benchmarks.gpu_check
 
-demo: install  ## the pipeline on the synthetic benchmark, every method trained (~20 min, 2 cores)
+demo: install  ## the pipeline on the synthetic benchmark, every method trained from the shipped backbones (~25 min, 2 cores)
 	$(PYTHON) -m wsss_fast demo --out demo_out
 
 # The shipped backbones (pretrained/*.pt, manifest pretrained/MANIFEST.json): one pretraining run
@@ -32,9 +32,9 @@ demo: install  ## the pipeline on the synthetic benchmark, every method trained 
 PRETRAIN = $(PYTHON) -m wsss_fast pretrain --seed 0 --threads 1 --quiet $(PRETRAIN_FLAGS)
 pretrain: install  ## the four tiny backbones on the source domain (~25 min, 2 cores)
 	$(PRETRAIN) --family vit --steps 200 --out pretrained/vit.pt
-	$(PRETRAIN) --family resnet --steps 200 --out pretrained/resnet.pt
+	$(PRETRAIN) --family resnet --steps 1500 --warmup-steps 100 --out pretrained/resnet.pt
 	$(PRETRAIN) --family conformer --steps 150 --lr 5e-4 --out pretrained/conformer.pt
-	$(PRETRAIN) --family resnet38 --steps 300 --out pretrained/resnet38.pt
+	$(PRETRAIN) --family resnet38 --steps 1500 --warmup-steps 100 --out pretrained/resnet38.pt
 	$(PYTHON) -c "from wsss_fast.train.pretrain import write_manifest; write_manifest('pretrained')"
 
 demo-quick: install  ## the same at a smoke-test size (48 images, 2 epochs: CI)

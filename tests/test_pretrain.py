@@ -184,7 +184,7 @@ def test_demo_with_pretrained_starts_every_method_from_its_family_backbone():
     assert train_overrides("transcam", QUICK, pretrained=True)["epochs"] == 2   # the scale wins
     parser, _ = build_parser(only="demo")
     assert parser.parse_args(["demo", "--pretrained"]).pretrained
-    assert not parser.parse_args(["demo"]).pretrained          # from scratch by default
-    assert parser.parse_args(["demo", "--from-scratch"]).from_scratch
+    assert parser.parse_args(["demo"]).pretrained              # the shipped backbones by default
+    assert not parser.parse_args(["demo", "--from-scratch"]).pretrained
     with pytest.raises(SystemExit):
         parser.parse_args(["demo", "--pretrained", "--from-scratch"])

@@ -4,10 +4,10 @@ Generates the data, trains a small model per method, extracts CAMs on the valida
 every method, evaluates the seeds (background-threshold sweep), makes pseudo-labels with the dense
 CRF and with IRN's random walk, evaluates those, and writes a report: a markdown table, the
 sweep curves and an overlay gallery. With ``learned_rw`` the random walk of the strong methods
-(``LEARNED_RW``) is IRN's: an IRNet trained on the row's confident regions; with ``pretrained``
-every model starts from the shipped source-domain backbone of its family. Both are off by
-default: on the measurements so far neither improves the table (README, "Demo results"). Every
-step calls the pipeline API
+(``LEARNED_RW``) is IRN's: an IRNet trained on the row's confident regions; with ``pretrained`` (the
+default) every model starts from the shipped source-domain backbone of its family; without it,
+from random weights. The learned walk is off by default: it costs more than the demo's time
+budget allows (README, "Demo results"). Every step calls the pipeline API
 (``wsss_fast.pipeline``, the functions under the CLI) and is resumable: rerunning the demo in
 the same folder reuses finished steps.
 """
@@ -409,10 +409,10 @@ def _gallery(data: Path, out: Path, results: Sequence[MethodResult], path: Path,
 
 def run_demo(out, *, quick: bool = False, seed: int = 0, workers: int = 2, device: str = "cpu",
              methods: Sequence[str] = DEMO_METHODS, scale: Optional[DemoScale] = None,
-             pretrained: bool = False, learned_rw: bool = False) -> Path:
+             pretrained: bool = True, learned_rw: bool = False) -> Path:
     """Run the demo into ``out``; returns the report path. ``scale`` replaces the size that
     ``quick`` picks (QUICK or FULL). ``pretrained``: every model starts from the shipped
-    backbone of its family (pretrained/*.pt), instead of from scratch. ``learned_rw``: the
+    backbone of its family (pretrained/*.pt); False: from scratch. ``learned_rw``: the
     +RW column of the LEARNED_RW rows walks over a trained IRNet's boundaries, instead of
     image-gradient edges."""
     from wsss_fast.data.synthetic import generate_synthetic

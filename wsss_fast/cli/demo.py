@@ -6,9 +6,9 @@ MCTformer-V2's checkpoint), extracts and evaluates CAM seeds, makes
 pseudo-labels with the CRF and the random walk, and writes OUT/report.md with the table, the
 sweep curves (sweep_curves.png) and an overlay gallery (gallery.png). Resumable.
 
-  wsss-fast demo                  # the full demo (≤ 20 minutes on 2 CPU cores)
+  wsss-fast demo                  # the full demo (≤ 25 minutes on 2 CPU cores)
   wsss-fast demo --quick          # a small smoke version (CI)
-  wsss-fast demo --pretrained     # every model from the shipped source-domain backbones
+  wsss-fast demo --from-scratch   # every model from random weights, not the shipped backbones
   wsss-fast demo --learned-rw     # +RW of the strong rows over a trained IRNet's boundaries
 """
 
@@ -28,11 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=argparse_type(worker_count), default=2)
     parser.add_argument("--device", type=argparse_type(device_name), default="cpu")
     start = parser.add_mutually_exclusive_group()
-    start.add_argument("--pretrained", action="store_true",
+    start.add_argument("--pretrained", dest="pretrained", action="store_true", default=True,
                        help="start every model from the shipped backbone of its family, "
-                       "pretrained on the procedural source domain (pretrained/*.pt)")
-    start.add_argument("--from-scratch", action="store_true",
-                       help="train every model from random weights (the default)")
+                       "pretrained on the procedural source domain (pretrained/*.pt; the default)")
+    start.add_argument("--from-scratch", dest="pretrained", action="store_false",
+                       help="train every model from random weights instead (for comparison)")
     parser.add_argument("--learned-rw", action="store_true",
                         help="+RW of the strong rows (token_cam, MCTformer, LPCAM) walks over "
                         "the boundaries of an IRNet trained on the row's confident regions "
