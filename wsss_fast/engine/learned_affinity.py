@@ -61,9 +61,8 @@ def read_network_state(path, kind: str, flag: str) -> dict:
     found, description = checkpoint_kind(state)
     if found != kind:
         wanted = next(d for k, d, _ in _KINDS if k == kind)
-        hint = next((f"; use it with {entry_flag}" for name, entry in AFFINITY_NETWORKS.items()
-                     for entry_flag in [f"--preset {entry.walk} --{entry.option.replace('_', '-')}"]
-                     if name == found), "")
+        hint = next((f"; use it with --preset {entry.walk} {entry.flag}"
+                     for name, entry in AFFINITY_NETWORKS.items() if name == found), "")
         raise CheckpointError(f"{flag} {path}: this is {description}, not {wanted}{hint}")
     return state
 
@@ -78,6 +77,11 @@ class AffinityNetwork:
     walk: str
     option: str
     load: Callable[[str, torch.device, int], Callable[[np.ndarray], np.ndarray]]
+
+    @property
+    def flag(self) -> str:
+        """The command-line option of ``option`` (``--irn-checkpoint``)."""
+        return f"--{self.option.replace('_', '-')}"
 
 
 AFFINITY_NETWORKS: Registry[AffinityNetwork] = Registry(

@@ -118,9 +118,9 @@ def learned_network(options: RefineOptions):
         return None
     if len(given) > 1:
         raise OptionsError("give one learned affinity checkpoint, got "
-                           + ", ".join(f"--{e.option.replace('_', '-')}" for _, e in given))
+                           + ", ".join(e.flag for _, e in given))
     name, entry = given[0]
-    flag = f"--{entry.option.replace('_', '-')}"
+    flag = entry.flag
     if entry.walk != options.preset:
         raise OptionsError(f"{flag} feeds --preset {entry.walk}, not --preset {options.preset}")
     side = "edges" if entry.walk == "irn" else "features"
@@ -224,7 +224,7 @@ def refine(options: RefineOptions) -> JobResult:
         raise InputError(f"--cams {cams_dir}: not a folder")
     checkpoint = None
     if network is not None:
-        flag = f"--{network[1].option.replace('_', '-')}"
+        flag = network[1].flag
         checkpoint = Path(getattr(options, network[1].option))
         if not checkpoint.is_file():
             raise InputError(f"{flag} {checkpoint}: no such file")
