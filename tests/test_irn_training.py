@@ -203,6 +203,38 @@ def test_refine_refuses_a_checkpoint_of_another_network(tiny, tmp_path, capsys):
     assert "exclude each other" in capsys.readouterr().err
 
 
+def test_backbone_from_a_classifier_frozen_or_fine_tuned(tiny, tmp_path, capsys):
+    """--backbone loads the classifier's trunk and freezes it; --init loads it and trains it with
+    the heads; both report what they loaded and what they did not use (train.json, stderr)."""
+    from wsss_fast.models.checkpoint import read_state_dict
+    from wsss_fast.train.pretrain import PRETRAINED_DIR
+    root, data = tiny
+    shipped = PRETRAINED_DIR / "resnet.pt"   # resnet_cam_tiny at output stride 8
+    trunk = {k[len("resnet50."):]: v for k, v in read_state_dict(shipped).items()
+             if k.startswith("resnet50.")}
+    for flag, frozen in (("--backbone", True), ("--init", False)):
+        run = tmp_path / flag.strip("-")
+        assert _train(data, root / "conf", run, flag, str(shipped)) == 0
+        err = capsys.readouterr().err
+        assert f"irn backbone {shipped}: loaded {len(trunk)} trunk tensors" in err
+        assert "not used: classifier.weight, newly_added.0.weight" in err
+        report = json.loads((run / "train.json").read_text())["init"]
+        assert report == {"source": str(shipped), "frozen": frozen, "loaded": len(trunk),
+                          "skipped": ["classifier.weight", "newly_added.0.weight"]}
+        net = create_model("irn_tiny", checkpoint=str(run / "checkpoint.pth"))
+        after = net.resnet50.state_dict()
+        moved = [k for k, v in trunk.items() if not torch.equal(after[k], v)]
+        if frozen:
+            assert moved == []
+        else:   # trained with the heads: its convolutions left the classifier's values
+            assert "conv1.weight" in moved and "layer4.0.conv3.weight" in moved
+    assert _train(data, root / "conf", tmp_path / "both", "--backbone", str(shipped),
+                  "--init", str(shipped)) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines()
+              if "upstream settings" not in line]
+    assert len(errors) == 1 and "--backbone FILE" in errors[0] and "not both" in errors[0]
+
+
 # ---- end to end -----------------------------------------------------------------------------
 
 def test_cli_confident_regions_train_irn_then_refine(tiny, tmp_path):
