@@ -3,8 +3,8 @@
   irn  the stride-4 CAMs (the `cam` entry of irn-format CAM files) walk over the path-max
        affinity of a boundary map (β 10, 256 steps), then ×4 upsampling, global-max
        normalization and a constant background plane (bg_threshold 0.25); for small images,
-       ``normalize="class"``, ``boundary_fill`` and ``keep_boundary_cams`` (off by default;
-       postprocess.random_walk).
+       ``normalize="class"``, ``boundary_fill``, ``keep_boundary_cams`` and ``upsample`` (the
+       walk on a finer grid) (off by default; postprocess.random_walk).
   psa  the full-resolution CAMs with a (1 − max)^α background walk at stride 8 over a feature
        affinity (β 8, 256 steps).
 The affinity comes from a learned network (``irn_checkpoint``: IRNet's boundary map;
@@ -67,6 +67,10 @@ class RefineOptions(DatasetOptions):
     keep_boundary_cams: bool = option(
         False, "irn: walk the CAMs themselves instead of IRN's cams·(1 − boundary), so boundary "
         "cells keep their CAM values (for small images)")
+    upsample: int = option(
+        1, "irn: walk on a grid this many times finer than the stride-4 CAMs (1, IRN; 2 or 4: "
+        "CAMs and boundary map upsampled bilinearly first, --radius in fine cells; for small "
+        "images)", choices=(1, 2, 4))
     device: str = option("auto", "cpu, cuda, cuda:N or auto (under torchrun each rank takes "
                          "cuda:LOCAL_RANK)", group="runtime", check=device_name)
     workers: int = option(2, "worker processes for the walks on the CPU (0 = in the main "
@@ -84,7 +88,8 @@ class RefineOptions(DatasetOptions):
 
 # IRN-only options, with their defaults (upstream's: RefineOptions holds them).
 IRN_OPTIONS = {field.name: field.default for field in dataclasses.fields(RefineOptions)
-               if field.name in ("normalize", "boundary_fill", "keep_boundary_cams")}
+               if field.name in ("normalize", "boundary_fill", "keep_boundary_cams",
+                                 "upsample")}
 
 
 def preset_options(options: RefineOptions) -> dict:
