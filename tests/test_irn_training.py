@@ -235,6 +235,39 @@ def test_backbone_from_a_classifier_frozen_or_fine_tuned(tiny, tmp_path, capsys)
     assert len(errors) == 1 and "--backbone FILE" in errors[0] and "not both" in errors[0]
 
 
+def test_refine_crf_and_upsample_options(tiny, tmp_path, capsys):
+    """refine --crf irn is the label CRF (the seed CRF's label space: background + every class)
+    over the labels of the same walk without it; --upsample 2 is the library's finer-grid walk;
+    both apply to --preset irn only."""
+    from wsss_fast.io.cam_files import load_cam_file
+    from wsss_fast.postprocess import random_walk as rw
+    from wsss_fast.postprocess.crf import crf_inference_label
+    root, data = tiny
+    argv = ["refine", "--data", str(data), "--split", "val", "--cams", str(root / "cams" / "cams"),
+            "--steps", "8", "--upsample", "2", "--device", "cpu", "--workers", "0", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "walk")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "crf"), "--crf", "irn"]) == 0
+    num_classes = len((data / "classes.txt").read_text().split())
+    changed = 0
+    for item in _ids(data):
+        image = read_image(data / "JPEGImages" / f"{item}.jpg")
+        walk = np.asarray(PIL.Image.open(tmp_path / "walk" / "labels" / f"{item}.png"))
+        record = load_cam_file(root / "cams" / "cams" / f"{item}.npy")
+        edge = rw.image_edge_map(image, record.low_res.shape[1:])
+        np.testing.assert_array_equal(walk, rw.refine_irn(record.low_res, record.keys, edge,
+                                                          image.shape[:2], steps=8, upsample=2))
+        expected = crf_inference_label(image, walk.astype(np.int64), num_classes + 1, "irn")
+        got = np.asarray(PIL.Image.open(tmp_path / "crf" / "labels" / f"{item}.png"))
+        np.testing.assert_array_equal(got, expected)
+        changed += int((got != walk).any())
+    assert changed, "the CRF changed no label: the comparison cannot fail"
+    assert main([*argv, "--out", str(tmp_path / "psa"), "--preset", "psa"]) == 2
+    assert "--upsample applies to --preset irn only" in capsys.readouterr().err
+    psa = [a for a in argv if a not in ("--upsample", "2")]
+    assert main([*psa, "--out", str(tmp_path / "psa"), "--preset", "psa", "--crf", "irn"]) == 2
+    assert "--crf applies to --preset irn only" in capsys.readouterr().err
+
+
 # ---- end to end -----------------------------------------------------------------------------
 
 def test_cli_confident_regions_train_irn_then_refine(tiny, tmp_path):
