@@ -256,8 +256,8 @@ def shared_irnet(method: str, data: Path, out: Path, cams: Path, scale: DemoScal
     this row's confident regions (``pseudo-label --rule confident`` of its validation CAMs; IRN's
     protocol: the network learns from the CAMs of the images it then labels, never from ground
     truth). The backbone trains with the heads from random weights: frozen (IRN's regime) or
-    fine-tuned from the shipped resnet.pt, the boundaries were weaker (README, learned affinity).
-    None when no image has a usable confident region."""
+    fine-tuned from the shipped resnet.pt, its boundaries walked worse (README, learned
+    affinity). None when no image has a usable confident region."""
     from wsss_fast.io.atomic import atomic_write_bytes
     from wsss_fast.pipeline import NothingToDo, PseudoLabelOptions, TrainConfig, pseudo_label, train
     from wsss_fast.train.trainer import CHECKPOINT, STATE
