@@ -6,11 +6,12 @@ import json
 import numpy as np
 import pytest
 
-from wsss_fast.demo import INFERENCE_PLUGINS, DemoScale, MethodResult, report_table, run_demo
+from wsss_fast.demo import (INFERENCE_PLUGINS, DemoScale, MethodResult, irnet_source,
+                             report_table, run_demo)
 
 TINY = DemoScale(num_train=16, num_val=4, image_size=(64, 64),
                  train_overrides={"epochs": 1, "batch_size": 8, "crop": 64})
-# The opt-in stages run here too: the shipped backbones and the learned (IRNet) walk.
+# The default stages, named: the shipped backbones and the learned (IRNet) walk.
 OPTIONAL_STAGES = dict(pretrained=True, learned_rw=True)
 
 
@@ -36,8 +37,17 @@ def test_report_holds_the_measured_numbers(demo):
             assert 0.0 <= result[f"{stage}_miou"] <= 1.0
         assert result["seconds_per_image"] > 0
         assert "image-gradient" not in result["note"]      # the learned walk made +RW
+        manifest = json.loads((out / method / "rw" / "manifest-refine.json").read_text())
+        assert manifest["config"]["checkpoint"] == str((out / "irnet" /
+                                                        "checkpoint.pth").resolve())
+        assert manifest["config"]["crf"] == "irn"          # the demo's walk ends in the CRF
         assert (out / method / "rw" / "labels").is_dir()
         assert f"| {method} | {100 * result['seed_miou']:.1f} |" in report.read_text()
+    # One IRNet for the learned rows, trained on the first one's confident regions.
+    assert irnet_source(out) == "mctformer_v2"
+    assert json.loads((out / "irnet" / "train.json").read_text())["finished"]
+    assert not (out / "mctformer_v2+doei" / "confident").exists()
+    assert "confident regions of mctformer_v2" in report.read_text()
     for name in ("sweep_curves.png", "gallery.png"):
         assert (out / name).stat().st_size > 0
 
@@ -95,3 +105,14 @@ def test_report_table_marks_missing_values_and_lists_notes():
     assert rows[2].startswith("| a | 50.0 | 0.30 |") and rows[2].endswith("| 0.100 | 12 |")
     assert "| b | n/a |" in rows[3] and rows[3].endswith("| — |")
     assert rows[-1] == "- b: reuses a"
+
+
+def test_cli_walk_flags():
+    from wsss_fast.cli import build_parser
+    parser, _ = build_parser(only="demo")
+    assert parser.parse_args(["demo"]).learned_rw                 # the learned walk by default
+    assert parser.parse_args(["demo", "--learned-rw"]).learned_rw
+    assert not parser.parse_args(["demo", "--gradient-rw"]).learned_rw
+    assert not parser.parse_args(["demo", "--no-learned-rw"]).learned_rw
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--learned-rw", "--gradient-rw"])

@@ -203,6 +203,71 @@ def test_refine_refuses_a_checkpoint_of_another_network(tiny, tmp_path, capsys):
     assert "exclude each other" in capsys.readouterr().err
 
 
+def test_backbone_from_a_classifier_frozen_or_fine_tuned(tiny, tmp_path, capsys):
+    """--backbone loads the classifier's trunk and freezes it; --init loads it and trains it with
+    the heads; both report what they loaded and what they did not use (train.json, stderr)."""
+    from wsss_fast.models.checkpoint import read_state_dict
+    from wsss_fast.train.pretrain import PRETRAINED_DIR
+    root, data = tiny
+    shipped = PRETRAINED_DIR / "resnet.pt"   # resnet_cam_tiny at output stride 8
+    trunk = {k[len("resnet50."):]: v for k, v in read_state_dict(shipped).items()
+             if k.startswith("resnet50.")}
+    for flag, frozen in (("--backbone", True), ("--init", False)):
+        run = tmp_path / flag.strip("-")
+        assert _train(data, root / "conf", run, flag, str(shipped)) == 0
+        err = capsys.readouterr().err
+        assert f"irn backbone {shipped}: loaded {len(trunk)} trunk tensors" in err
+        assert "not used: classifier.weight, newly_added.0.weight" in err
+        report = json.loads((run / "train.json").read_text())["init"]
+        assert report == {"source": str(shipped), "frozen": frozen, "loaded": len(trunk),
+                          "skipped": ["classifier.weight", "newly_added.0.weight"]}
+        net = create_model("irn_tiny", checkpoint=str(run / "checkpoint.pth"))
+        after = net.resnet50.state_dict()
+        moved = [k for k, v in trunk.items() if not torch.equal(after[k], v)]
+        if frozen:
+            assert moved == []
+        else:   # trained with the heads: its convolutions left the classifier's values
+            assert "conv1.weight" in moved and "layer4.0.conv3.weight" in moved
+    assert _train(data, root / "conf", tmp_path / "both", "--backbone", str(shipped),
+                  "--init", str(shipped)) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines()
+              if "upstream settings" not in line]
+    assert len(errors) == 1 and "--backbone FILE" in errors[0] and "not both" in errors[0]
+
+
+def test_refine_crf_and_upsample_options(tiny, tmp_path, capsys):
+    """refine --crf irn is the label CRF (the seed CRF's label space: background + every class)
+    over the labels of the same walk without it; --upsample 2 is the library's finer-grid walk;
+    both apply to --preset irn only."""
+    from wsss_fast.io.cam_files import load_cam_file
+    from wsss_fast.postprocess import random_walk as rw
+    from wsss_fast.postprocess.crf import crf_inference_label
+    root, data = tiny
+    argv = ["refine", "--data", str(data), "--split", "val", "--cams", str(root / "cams" / "cams"),
+            "--steps", "8", "--upsample", "2", "--device", "cpu", "--workers", "0", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "walk")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "crf"), "--crf", "irn"]) == 0
+    num_classes = len((data / "classes.txt").read_text().split())
+    changed = 0
+    for item in _ids(data):
+        image = read_image(data / "JPEGImages" / f"{item}.jpg")
+        walk = np.asarray(PIL.Image.open(tmp_path / "walk" / "labels" / f"{item}.png"))
+        record = load_cam_file(root / "cams" / "cams" / f"{item}.npy")
+        edge = rw.image_edge_map(image, record.low_res.shape[1:])
+        np.testing.assert_array_equal(walk, rw.refine_irn(record.low_res, record.keys, edge,
+                                                          image.shape[:2], steps=8, upsample=2))
+        expected = crf_inference_label(image, walk.astype(np.int64), num_classes + 1, "irn")
+        got = np.asarray(PIL.Image.open(tmp_path / "crf" / "labels" / f"{item}.png"))
+        np.testing.assert_array_equal(got, expected)
+        changed += int((got != walk).any())
+    assert changed, "the CRF changed no label: the comparison cannot fail"
+    assert main([*argv, "--out", str(tmp_path / "psa"), "--preset", "psa"]) == 2
+    assert "--upsample applies to --preset irn only" in capsys.readouterr().err
+    psa = [a for a in argv if a not in ("--upsample", "2")]
+    assert main([*psa, "--out", str(tmp_path / "psa"), "--preset", "psa", "--crf", "irn"]) == 2
+    assert "--crf applies to --preset irn only" in capsys.readouterr().err
+
+
 # ---- end to end -----------------------------------------------------------------------------
 
 def test_cli_confident_regions_train_irn_then_refine(tiny, tmp_path):

@@ -305,4 +305,31 @@ def test_refine_options_irn_only_defaults_are_the_walks_defaults():
         parameters = inspect.signature(walk).parameters
         assert {name: parameters[name].default for name in IRN_OPTIONS} == IRN_OPTIONS
     assert IRN_OPTIONS == {"normalize": "global", "boundary_fill": None,
-                           "keep_boundary_cams": False}
+                           "keep_boundary_cams": False, "upsample": 1}
+
+
+@pytest.mark.parametrize("upsample, image_size", [(2, (18, 27)), (4, (20, 25))])
+def test_upsampled_walk_equals_the_dense_walk_on_the_finer_grid(upsample, image_size, gen):
+    # The walk on the finer grid is IRN's walk (the dense restatement) of the bilinearly
+    # upsampled CAMs over the bilinearly upsampled boundary map, then ×(4 / upsample).
+    cams = torch.rand(2, 5, 7, generator=gen, dtype=torch.float64) ** 2
+    edge = torch.rand(5, 7, generator=gen, dtype=torch.float64) ** 2
+
+    def finer(x):
+        return torch.nn.functional.interpolate(x[None], scale_factor=upsample, mode="bilinear",
+                                               align_corners=False)[0]
+    fine_edge = finer(edge[None])[0]
+    assert fine_edge.shape == (5 * upsample, 7 * upsample)
+    walked = upstream.propagate_to_edge(finer(cams), fine_edge, exp_times=3, dtype=torch.float64)
+    if upsample < 4:
+        walked = torch.nn.functional.interpolate(walked[None], scale_factor=4 // upsample,
+                                                 mode="bilinear", align_corners=False)[0]
+    expected = walked[:, :image_size[0], :image_size[1]]
+    expected = expected / expected.max()
+    got = irn_walk_scores(cams, edge, image_size, steps=8, upsample=upsample)
+    assert got.shape == (2, *image_size)
+    assert_rel_close(got.double(), expected, 2e-5)
+    # and differs from the stride-4 walk (the option does something)
+    assert not torch.allclose(got, irn_walk_scores(cams, edge, image_size, steps=8), atol=1e-3)
+    with pytest.raises(ValueError, match="upsample must be one of"):
+        irn_walk_scores(cams, edge, image_size, upsample=3)

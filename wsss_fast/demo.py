@@ -3,11 +3,12 @@
 Generates the data, trains a small model per method, extracts CAMs on the validation split with
 every method, evaluates the seeds (background-threshold sweep), makes pseudo-labels with the dense
 CRF and with IRN's random walk, evaluates those, and writes a report: a markdown table, the
-sweep curves and an overlay gallery. With ``learned_rw`` the random walk of the strong methods
-(``LEARNED_RW``) is IRN's: an IRNet trained on the row's confident regions; with ``pretrained`` (the
-default) every model starts from the shipped source-domain backbone of its family; without it,
-from random weights. The learned walk is off by default: it costs more than the demo's time
-budget allows (README, "Demo results"). Every step calls the pipeline API
+sweep curves and an overlay gallery. With ``learned_rw`` (the default) the random walk of the
+strong methods (``LEARNED_RW``) is IRN's over the boundaries of one IRNet, trained on the
+confident regions of the first such row (``shared_irnet``), followed by IRN's label CRF; without
+it, over image-gradient edges. With ``pretrained`` (the default) every model starts from the
+shipped source-domain backbone of its family; without it, from random weights. Every step calls
+the pipeline API
 (``wsss_fast.pipeline``, the functions under the CLI) and is resumable: rerunning the demo in
 the same folder reuses finished steps.
 """
@@ -34,27 +35,35 @@ INFERENCE_PLUGINS = {
 }
 
 
-# Rows whose +RW column is IRN's learned walk: IRNet trained on the row's confident regions (the
-# strong methods, seeds >= 40 in the published table); the others keep the image-gradient walk
-# (labelled in the report), which costs no training.
-LEARNED_RW = ("token_cam", "mctformer_v1", "mctformer_v2", "mctformer_v2+doei", "lpcam")
+# Rows whose +RW column is IRN's learned walk (the strong methods, seeds >= 40 in the published
+# table); the others keep the image-gradient walk (labelled in the report), which costs no
+# training. One IRNet serves them all (shared_irnet): IRN trains one per CAM method, but the
+# network is class-agnostic, and one per row cost 255-422 s each under load (15/30 epochs),
+# more than the demo's budget; token_cam's IRNet walked MCTformer-V2's and LPCAM's training-split
+# CAMs up to +6.8 / +18.7 over their seeds (README, learned affinity).
+LEARNED_RW = ("token_cam", "mctformer_v1", "mctformer_v2", "mctformer_v2+doei",
+              "mctformer_v2_doei", "lpcam")
 # IRNet's input is zero-padded to one square side covering every synthetic image (96-160 px), as
 # IRN pads VOC images to 512.
 IRN_PAD_SIZE = 160
 # The learned walk's settings on the synthetic images (the one place they are chosen; refine's
 # defaults stay IRN's), chosen on 100 training-split images of token_cam, MCTformer-V2 and LPCAM
-# (their CAMs and ground truth), not on the validation split the table reports (README, learned
-# affinity):
-# * steps: IRN's 256 fit its ~125×94 VOC grid; on ~30×35 grids they mix each object with its
-#   surroundings through any gap (token_cam, train: 45.3 at 256 steps, 57.2 at 8);
+# (their CAMs and ground truth, the demo's IRNet from token_cam's confident regions), not on the
+# validation split the table reports (README, learned affinity; train seed / +CRF / this walk
+# without and with the CRF: token_cam 54.5 / 63.6 / 61.7 / 65.2, MCTformer-V2 45.2 / 53.8 /
+# 51.3 / 54.0, LPCAM 52.3 / 72.6 / 69.1 / 75.4):
+# * steps 8: IRN's 256 fit its ~125×94 VOC grid; on ~30×35 grids they mix each object with its
+#   surroundings through any gap (4 and 16 were within 1.3 points, 8 best or near on each row);
 # * normalize "class": each class by its own max instead of IRN's max over all classes, so a weak
-#   class is not drowned by a strong one (+1.2 token_cam, +0.9 MCTformer-V2 at 8 steps);
-# * keep_boundary_cams: at 96-160 px the stride-4 boundary cells are a large share of each
-#   object; IRN's x0 = cams·(1 − B) zeroes them and the walk leaves them near 0. Walking the CAMs
-#   themselves: −1.1 token_cam, +1.9 MCTformer-V2, +14.3 LPCAM (whose IRNet draws thick rings
-#   with raised interiors); a boundary fill after the walk (refine --boundary-fill) did less;
-# * bg_threshold 0.45: the common level with the largest worst-row gain over the seeds.
-LEARNED_RW_WALK = dict(steps=8, normalize="class", keep_boundary_cams=True, bg_threshold=0.45)
+#   class is not drowned by a strong one;
+# * IRN's x0 = cams·(1 − B) (keep_boundary_cams off): with the 30-epoch IRNet's thin rings
+#   zeroing the boundary cells beats walking the CAMs on every row (+0.8 / +2.6 / +5.9);
+# * upsample 1: the ×2 grid gained 0.8-1.2 over the weaker 10-epoch IRNets, 0.1 over this one;
+# * bg_threshold 0.5: one level for every row (each row's best τ was 0.4-0.6);
+# * crf "irn": the walk labels a stride-4 grid, upsampled bilinearly; IRN's label CRF (the +CRF
+#   column's) over its labels puts the borders on the image's edges: the walk alone is 1.9-3.5
+#   below +CRF on every row, walk + CRF 0.2-2.8 above.
+LEARNED_RW_WALK = dict(steps=8, normalize="class", bg_threshold=0.5, crf="irn")
 
 
 @dataclass(frozen=True)
@@ -237,43 +246,70 @@ def demo_lpcam_cams(data: Path, work: Path, train_overrides: dict, *, seed: int,
     return work / "extract" / "cams"
 
 
-def learned_walk(method: str, data: Path, out: Path, cams: Path, scale: DemoScale, *,
-                 seed: int, workers: int, device: str) -> Path:
-    """IRN's refinement of a row's validation CAMs: confident regions (``pseudo-label --rule
-    confident``), IRNet trained on them (IRN's protocol: the network learns from the CAMs of the
-    images it then labels, here the validation split, never from ground truth), its boundary
-    map walked by ``refine`` (``LEARNED_RW_WALK``). The backbone trains with the heads: over
-    the LPCAM row's frozen IRN classifier the boundaries were weaker (README, learned
-    affinity). Returns the labels folder, or None when no image has a usable confident
-    region."""
-    from wsss_fast.pipeline import (NothingToDo, PseudoLabelOptions, RefineOptions,
-                                    TrainConfig, pseudo_label, refine, train)
+# The demo's one IRNet: out/IRNET_DIR (its source row named in IRNET_SOURCE there).
+IRNET_DIR, IRNET_SOURCE = "irnet", "source_row.txt"
+
+
+def shared_irnet(method: str, data: Path, out: Path, cams: Path, scale: DemoScale, *,
+                 seed: int, workers: int, device: str) -> Optional[Path]:
+    """The checkpoint of the demo's IRNet in ``out/irnet``, trained there first if missing on
+    this row's confident regions (``pseudo-label --rule confident`` of its validation CAMs; IRN's
+    protocol: the network learns from the CAMs of the images it then labels, never from ground
+    truth). The backbone trains with the heads from random weights: frozen (IRN's regime) or
+    fine-tuned from the shipped resnet.pt, its boundaries walked worse (README, learned
+    affinity). None when no image has a usable confident region."""
+    from wsss_fast.io.atomic import atomic_write_bytes
+    from wsss_fast.pipeline import NothingToDo, PseudoLabelOptions, TrainConfig, pseudo_label, train
     from wsss_fast.train.trainer import CHECKPOINT, STATE
-    work = out / method
-    common = dict(data=str(data), split="val", cams=str(cams), workers=workers, quiet=True)
-    checked(pseudo_label(PseudoLabelOptions(**common, out=str(work / "confident"),
+    run = out / IRNET_DIR
+    if train_finished(run):   # a checkpoint is also saved mid-run
+        return run / CHECKPOINT
+    confident = out / method / "confident"
+    checked(pseudo_label(PseudoLabelOptions(data=str(data), split="val", cams=str(cams),
+                                            workers=workers, quiet=True, out=str(confident),
                                             rule="confident", crf="irn")))
-    run = work / "irn"
-    if not train_finished(run):   # a checkpoint is also saved mid-run
-        # IRN keeps its crop (its pairs reach 40 px); a smaller scale shortens its schedule.
-        overrides = {k: v for k, v in scale.train_overrides.items() if k != "crop"}
-        try:
-            train(TrainConfig.from_recipe(
-                "synthetic", method="irn", data=str(data), split="val", out=str(run),
-                seed=seed, ir_labels=str(work / "confident" / "labels"), workers=workers,
-                device=device, resume=(run / STATE).exists(), quiet=True, **overrides))
-        except NothingToDo as error:
-            _log(f"{method}: no IRNet ({error})")
-            return None
-    checked(refine(RefineOptions(**common, out=str(work / "rw"), preset="irn",
-                                 **LEARNED_RW_WALK, irn_checkpoint=str(run / CHECKPOINT),
+    # IRN keeps its crop (its pairs reach 40 px); a smaller scale shortens its schedule.
+    overrides = {k: v for k, v in scale.train_overrides.items() if k != "crop"}
+    try:
+        train(TrainConfig.from_recipe(
+            "synthetic", method="irn", data=str(data), split="val", out=str(run), seed=seed,
+            ir_labels=str(confident / "labels"), workers=workers, device=device,
+            resume=(run / STATE).exists(), quiet=True, **overrides))
+    except NothingToDo as error:
+        _log(f"{method}: no IRNet ({error})")
+        return None
+    atomic_write_bytes(run / IRNET_SOURCE, f"{method}\n".encode())
+    return run / CHECKPOINT
+
+
+def irnet_source(out: Path) -> Optional[str]:
+    """The row whose confident regions trained the demo's IRNet in ``out`` (None: none yet)."""
+    path = Path(out) / IRNET_DIR / IRNET_SOURCE
+    return path.read_text().strip() if path.exists() else None
+
+
+def learned_walk(method: str, data: Path, out: Path, cams: Path, scale: DemoScale, *,
+                 seed: int, workers: int, device: str) -> Optional[Path]:
+    """IRN's refinement of a row's validation CAMs: the boundary map of the demo's IRNet
+    (``shared_irnet``, trained on this row's confident regions if it is the first) walked by
+    ``refine`` with ``LEARNED_RW_WALK``. Returns the labels folder, or None when there is no
+    IRNet."""
+    from wsss_fast.pipeline import RefineOptions, refine
+    checkpoint = shared_irnet(method, data, out, cams, scale, seed=seed, workers=workers,
+                              device=device)
+    if checkpoint is None:
+        return None
+    work = out / method
+    checked(refine(RefineOptions(data=str(data), split="val", cams=str(cams), workers=workers,
+                                 quiet=True, out=str(work / "rw"), preset="irn",
+                                 **LEARNED_RW_WALK, irn_checkpoint=str(checkpoint),
                                  pad_size=IRN_PAD_SIZE, device=device)))
     return work / "rw" / "labels"
 
 
 def run_method(method: str, data: Path, out: Path, scale: DemoScale, seed: int, workers: int,
                device: str, cooccurrence: Sequence[int],
-               pretrained: bool = False, learned_rw: bool = False) -> MethodResult:
+               pretrained: bool = False, learned_rw: bool = True) -> MethodResult:
     from wsss_fast.pipeline import (PseudoLabelOptions, RefineOptions, extract, pseudo_label,
                                     refine)
     result = MethodResult(method)
@@ -409,12 +445,12 @@ def _gallery(data: Path, out: Path, results: Sequence[MethodResult], path: Path,
 
 def run_demo(out, *, quick: bool = False, seed: int = 0, workers: int = 2, device: str = "cpu",
              methods: Sequence[str] = DEMO_METHODS, scale: Optional[DemoScale] = None,
-             pretrained: bool = True, learned_rw: bool = False) -> Path:
+             pretrained: bool = True, learned_rw: bool = True) -> Path:
     """Run the demo into ``out``; returns the report path. ``scale`` replaces the size that
     ``quick`` picks (QUICK or FULL). ``pretrained``: every model starts from the shipped
-    backbone of its family (pretrained/*.pt); False: from scratch. ``learned_rw``: the
-    +RW column of the LEARNED_RW rows walks over a trained IRNet's boundaries, instead of
-    image-gradient edges."""
+    backbone of its family (pretrained/*.pt); False: from scratch. ``learned_rw`` (default):
+    the +RW column of the LEARNED_RW rows walks over the demo's IRNet's boundaries; False:
+    over image-gradient edges."""
     from wsss_fast.data.synthetic import generate_synthetic
     from wsss_fast.evaluate import plot_sweep
     from wsss_fast.io.atomic import atomic_write_bytes, atomic_write_json
@@ -446,10 +482,10 @@ def run_demo(out, *, quick: bool = False, seed: int = 0, workers: int = 2, devic
     names = (data / "classes.txt").read_text().split()
     start = ("backbones pretrained on the source domain (pretrained/*.pt)" if pretrained
              else "from scratch")
-    walk = (f"over the boundary map of an IRNet trained on the row's confident regions "
-            f"(backbone trained with the heads; refine {LEARNED_RW_WALK}), or over "
-            f"image-gradient edges where a note says so" if learned_rw
-            else "over image-gradient edges")
+    walk = (f"over the boundary map of one IRNet trained on the confident regions of "
+            f"{irnet_source(out) or 'the first learned-walk row'} (backbone trained with the "
+            f"heads; refine {LEARNED_RW_WALK}), or over image-gradient edges where a note says "
+            f"so" if learned_rw else "over image-gradient edges")
     text = (f"# wsss-fast demo ({'quick' if quick else 'full'}, seed {seed}, {start})\n\n"
             f"Synthetic benchmark: {scale.num_train} training / {scale.num_val} validation "
             f"images, {len(names)} classes; co-occurrence classes: "

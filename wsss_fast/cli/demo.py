@@ -9,7 +9,7 @@ sweep curves (sweep_curves.png) and an overlay gallery (gallery.png). Resumable.
   wsss-fast demo                  # the full demo (≤ 25 minutes on 2 CPU cores)
   wsss-fast demo --quick          # a small smoke version (CI)
   wsss-fast demo --from-scratch   # every model from random weights, not the shipped backbones
-  wsss-fast demo --learned-rw     # +RW of the strong rows over a trained IRNet's boundaries
+  wsss-fast demo --gradient-rw    # +RW over image-gradient edges, no IRNet (faster)
 """
 
 from __future__ import annotations
@@ -33,10 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "pretrained on the procedural source domain (pretrained/*.pt; the default)")
     start.add_argument("--from-scratch", dest="pretrained", action="store_false",
                        help="train every model from random weights instead (for comparison)")
-    parser.add_argument("--learned-rw", action="store_true",
-                        help="+RW of the strong rows (token_cam, MCTformer, LPCAM) walks over "
-                        "the boundaries of an IRNet trained on the row's confident regions "
-                        "(default: image-gradient edges)")
+    walk = parser.add_mutually_exclusive_group()
+    walk.add_argument("--learned-rw", dest="learned_rw", action="store_true", default=True,
+                      help="+RW of the strong rows (token_cam, MCTformer, LPCAM) walks over the "
+                      "boundaries of an IRNet trained on the row's confident regions (the "
+                      "default)")
+    walk.add_argument("--gradient-rw", "--no-learned-rw", dest="learned_rw",
+                      action="store_false",
+                      help="+RW over image-gradient edges instead (no IRNet training)")
     parser.add_argument("--methods", nargs="+", default=list(DEMO_METHODS),
                         choices=DEMO_METHODS, help="subset of methods (default: all)")
 

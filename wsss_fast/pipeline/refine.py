@@ -3,8 +3,9 @@
   irn  the stride-4 CAMs (the `cam` entry of irn-format CAM files) walk over the path-max
        affinity of a boundary map (β 10, 256 steps), then ×4 upsampling, global-max
        normalization and a constant background plane (bg_threshold 0.25); for small images,
-       ``normalize="class"``, ``boundary_fill`` and ``keep_boundary_cams`` (off by default;
-       postprocess.random_walk).
+       ``normalize="class"``, ``boundary_fill``, ``keep_boundary_cams`` and ``upsample`` (the
+       walk on a finer grid) (off by default; postprocess.random_walk); ``crf="irn"``: IRN's
+       label CRF over the walked labels.
   psa  the full-resolution CAMs with a (1 − max)^α background walk at stride 8 over a feature
        affinity (β 8, 256 steps).
 The affinity comes from a learned network (``irn_checkpoint``: IRNet's boundary map;
@@ -67,6 +68,13 @@ class RefineOptions(DatasetOptions):
     keep_boundary_cams: bool = option(
         False, "irn: walk the CAMs themselves instead of IRN's cams·(1 − boundary), so boundary "
         "cells keep their CAM values (for small images)")
+    upsample: int = option(
+        1, "irn: walk on a grid this many times finer than the stride-4 CAMs (1, IRN; 2 or 4: "
+        "CAMs and boundary map upsampled bilinearly first, --radius in fine cells; for small "
+        "images)", choices=(1, 2, 4))
+    crf: str = option("none", "irn: after the walk, IRN's label CRF over the walked labels (the "
+                      "CRF of pseudo-label --rule constant --crf irn; default: none, as IRN)",
+                      choices=("none", "irn"))
     device: str = option("auto", "cpu, cuda, cuda:N or auto (under torchrun each rank takes "
                          "cuda:LOCAL_RANK)", group="runtime", check=device_name)
     workers: int = option(2, "worker processes for the walks on the CPU (0 = in the main "
@@ -84,7 +92,8 @@ class RefineOptions(DatasetOptions):
 
 # IRN-only options, with their defaults (upstream's: RefineOptions holds them).
 IRN_OPTIONS = {field.name: field.default for field in dataclasses.fields(RefineOptions)
-               if field.name in ("normalize", "boundary_fill", "keep_boundary_cams")}
+               if field.name in ("normalize", "boundary_fill", "keep_boundary_cams",
+                                 "upsample")}
 
 
 def preset_options(options: RefineOptions) -> dict:
@@ -99,7 +108,7 @@ def preset_options(options: RefineOptions) -> dict:
                                    f"{options.preset}")
             settings[name] = value
     # IRN-only options; recorded only when set, so an upstream run's config stays as it was.
-    for name, default in IRN_OPTIONS.items():
+    for name, default in {**IRN_OPTIONS, "crf": "none"}.items():
         if getattr(options, name) != default:
             if options.preset != "irn":
                 raise OptionsError(f"--{name.replace('_', '-')} applies to --preset irn only")
@@ -178,11 +187,20 @@ def refine_one(settings: dict, item: str, image: np.ndarray, cam_path: Path,
             raise ValueError(f"boundary map of shape {tuple(edge.shape)} does not match the "
                              f"stride-4 CAM grid {tuple(grid)}")
         cams = torch.from_numpy(record.low_res).to(device)
-        return rw.refine_irn(cams, keys, torch.from_numpy(np.ascontiguousarray(edge)).to(device),
-                             (height, width), beta=options["beta"], steps=options["steps"],
-                             bg_threshold=options["bg_threshold"], radius=options["radius"],
-                             **{name: options.get(name, default)
-                                for name, default in IRN_OPTIONS.items()})
+        labels = rw.refine_irn(cams, keys,
+                               torch.from_numpy(np.ascontiguousarray(edge)).to(device),
+                               (height, width), beta=options["beta"], steps=options["steps"],
+                               bg_threshold=options["bg_threshold"], radius=options["radius"],
+                               **{name: options.get(name, default)
+                                  for name, default in IRN_OPTIONS.items()})
+        if options.get("crf", "none") != "none":
+            from wsss_fast.postprocess.crf import crf_inference_label
+            # The label space of the seed's CRF (postprocess.pseudo_label.crf_seed): background
+            # and every class of the dataset.
+            labels = crf_inference_label(image, labels.astype(np.int64),
+                                         settings["num_classes"] + 1,
+                                         options["crf"]).astype(np.uint8)
+        return labels
     grid = (-(-height // 8), -(-width // 8))
     if side_input is not None:
         features = side_input
@@ -259,7 +277,8 @@ def refine(options: RefineOptions) -> JobResult:
             except (CheckpointError, OSError) as error:
                 raise InputError(str(error)) from error
         settings = {"preset": options.preset, "options": walk, "edges": options.edges,
-                    "features": options.features, "device": str(context.device)}
+                    "features": options.features, "device": str(context.device),
+                    "num_classes": len(dataset.class_names)}
         if hasattr(side_input, "batch"):   # images in chunks through the network, walked here
             from wsss_fast.pipeline.refine_psa import learned_batch_work
             work = learned_batch_work(refine_one, settings, dataset, cams_dir, outputs,

@@ -166,10 +166,13 @@ def fill_boundary_cells(walked: torch.Tensor, edge: torch.Tensor, threshold: flo
     return torch.where(known, values, walked)
 
 
+WALK_UPSAMPLES = (1, 2, 4)
+
+
 def irn_walk_scores(cams_lowres, edge, image_size: tuple[int, int], *, beta: float = _IRN.beta,
                     steps: int = _IRN.steps, radius: int = _IRN.radius,
                     normalize: str = "global", boundary_fill: Optional[float] = None,
-                    keep_boundary_cams: bool = False) -> torch.Tensor:
+                    keep_boundary_cams: bool = False, upsample: int = 1) -> torch.Tensor:
     """IRN's walked class scores of one image before the background plane, ``(n, H, W)``.
 
     ``x0 = cams · (1 − edge)`` (``keep_boundary_cams``: ``x0 = cams``, so boundary cells keep
@@ -179,6 +182,11 @@ def irn_walk_scores(cams_lowres, edge, image_size: tuple[int, int], *, beta: flo
     upstream), bilinear ×4 (align_corners=False), cropped to ``image_size``, normalized:
     ``"global"`` (IRN) divides by the max over all classes, ``"class"`` each class by its own max
     (a weak class is not drowned by a strong one). An all-zero map stays 0.
+
+    ``upsample`` (1: IRN's stride-4 grid): the walk runs on a grid that many times finer — the
+    CAMs and the boundary map upsampled bilinearly (align_corners=False) before it, ``radius`` in
+    fine cells, the walked maps upsampled by ``4 / upsample`` after it — so that on small images
+    the labels' borders follow the boundaries more closely than one stride-4 cell.
     """
     cams = _as_float_tensor("cams_lowres", cams_lowres, 3)
     edge = _as_float_tensor("edge", edge, 2)
@@ -194,15 +202,26 @@ def irn_walk_scores(cams_lowres, edge, image_size: tuple[int, int], *, beta: flo
         raise ValueError(f"normalize must be one of {IRN_NORMALIZATIONS}, got {normalize!r}")
     if boundary_fill is not None and not 0 < boundary_fill <= 1:
         raise ValueError(f"boundary_fill must be an edge threshold in (0, 1], got {boundary_fill}")
+    if upsample not in WALK_UPSAMPLES:
+        raise ValueError(f"upsample must be one of {WALK_UPSAMPLES} (a divisor of the CAMs' "
+                         f"stride 4), got {upsample!r}")
     if n == 0:
         return cams.new_zeros((0, height, width), dtype=torch.float32)
     edge = edge.to(device=cams.device, dtype=torch.float32)
-    x0 = cams.float() if keep_boundary_cams else cams.float() * (1 - edge)
+    cams = cams.float()
+    if upsample > 1:
+        cams = F.interpolate(cams[None], scale_factor=upsample, mode="bilinear",
+                             align_corners=False)[0]
+        edge = F.interpolate(edge[None, None], scale_factor=upsample, mode="bilinear",
+                             align_corners=False)[0, 0]
+    x0 = cams if keep_boundary_cams else cams * (1 - edge)
     walked = random_walk(x0, irn_affinity(edge, beta, radius), steps, radius=radius)
     if boundary_fill is not None:
         walked = fill_boundary_cells(walked, edge, boundary_fill)
-    up = F.interpolate(walked[None], scale_factor=4, mode="bilinear",
-                       align_corners=False)[0, :, :height, :width]
+    if upsample < 4:
+        walked = F.interpolate(walked[None], scale_factor=4 // upsample, mode="bilinear",
+                               align_corners=False)[0]
+    up = walked[:, :height, :width]
     peak = up.amax(dim=(1, 2), keepdim=True) if normalize == "class" else up.max()
     return up / torch.where(peak > 0, peak, torch.ones_like(peak))
 
@@ -211,7 +230,7 @@ def refine_irn(cams_lowres, keys: Sequence[int], edge, image_size: tuple[int, in
                beta: float = _IRN.beta, steps: int = _IRN.steps,
                bg_threshold: float = _IRN.bg_threshold, radius: int = _IRN.radius,
                normalize: str = "global", boundary_fill: Optional[float] = None,
-               keep_boundary_cams: bool = False) -> np.ndarray:
+               keep_boundary_cams: bool = False, upsample: int = 1) -> np.ndarray:
     """IRN's ``make_sem_seg_labels`` for one image.
 
     ``irn_walk_scores`` (the walk, ×4, crop, IRN's global-max normalization by default), a
@@ -223,8 +242,8 @@ def refine_irn(cams_lowres, keys: Sequence[int], edge, image_size: tuple[int, in
         keys: the n 0-based class indices, in the order of ``cams_lowres``.
         edge: ``(h, w)`` boundary map in [0, 1] (IRN's boundary network, or ``image_edge_map``).
         image_size: ``(H, W)`` with ``H <= 4h``, ``W <= 4w``.
-        normalize, boundary_fill, keep_boundary_cams: see ``irn_walk_scores`` (defaults:
-            upstream's).
+        normalize, boundary_fill, keep_boundary_cams, upsample: see ``irn_walk_scores``
+            (defaults: upstream's).
     Returns:
         uint8 ``(H, W)`` labels (0 background, class index + 1). An all-zero walk (or n = 0) gives
         all background, where upstream would divide by 0.
@@ -233,7 +252,7 @@ def refine_irn(cams_lowres, keys: Sequence[int], edge, image_size: tuple[int, in
     keys = _keys(keys, cams.shape[0])
     up = irn_walk_scores(cams, edge, image_size, beta=beta, steps=steps, radius=radius,
                          normalize=normalize, boundary_fill=boundary_fill,
-                         keep_boundary_cams=keep_boundary_cams)
+                         keep_boundary_cams=keep_boundary_cams, upsample=upsample)
     return irn_labels(up, keys, bg_threshold)
 
 

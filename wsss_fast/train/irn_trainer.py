@@ -14,7 +14,8 @@ the training method ``irn``: ``wsss-fast train --method irn --ir-labels DIR``.
   (IRN: 0.1 / 1.0), weight decay 1e-4, ``lr (1 − t/T)^0.9``; the momentum is the weight decay
   unless ``momentum`` is given, as upstream passes weight_decay in SGD's momentum slot. The
   backbone is frozen (IRN) when ``backbone`` names a classifier checkpoint to take it from, and
-  trained with the heads (lr ×1) otherwise.
+  trained with the heads (lr ×1) otherwise: from ``init`` (a classifier checkpoint or a shipped
+  ``pretrained/resnet.pt``; its trunk only) or from random weights.
 * After training: the MeanShift running mean of the displacement field over the training images
   (eval mode, each zero-padded top-left to ``crop``), saved with the weights.
 
@@ -24,6 +25,7 @@ tables), resume and report are ``trainer.run_loop``'s.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -209,6 +211,33 @@ def displacement_mean(net, images: IrLabelImages, batch_size: int, device) -> to
     return torch.stack(means).mean(dim=0)
 
 
+def load_irn_backbone(net, config: TrainConfig, quiet: bool = False) -> Optional[dict]:
+    """Load the trunk of ``config.backbone`` (frozen, IRN's regime) or ``config.init``
+    (fine-tuned with the heads) into ``net`` with ``IrNet.load_backbone``; returns the report
+    (source, frozen, tensors loaded, source keys not used), None when neither is given. Only
+    ``resnet50.*`` keys are read: a classifier's ``stage*`` / ``backbone.*`` aliases group the
+    layers differently from IRNet's, so loading by name alone could copy one layer into another.
+    """
+    if config.backbone is not None and config.init is not None:
+        raise ValueError("--method irn: give --backbone FILE (trunk loaded and frozen) or --init "
+                         "FILE (trunk loaded and fine-tuned), not both")
+    source = config.backbone if config.backbone is not None else config.init
+    if source is None:
+        return None
+    loaded = net.load_backbone(source)
+    frozen = config.backbone is not None
+    report = {"source": str(source), "frozen": frozen, "loaded": loaded.loaded,
+              "skipped": list(loaded.skipped)}
+    if not quiet:
+        # A resnet_cam checkpoint does not record its layer strides: the trunk's weights run at
+        # IRNet's strides (2, 2, 2, 1) whatever the classifier used (resnet_cam_tiny: output
+        # stride 8).
+        print(f"wsss-fast train: irn backbone {source}: loaded {loaded.loaded} trunk tensors "
+              f"({'frozen' if frozen else 'fine-tuned with the heads'}, at IRNet's strides); "
+              f"not used: {', '.join(loaded.skipped) or 'nothing'}", file=sys.stderr)
+    return report
+
+
 def run_irn(chosen: Method, config: TrainConfig, out: Path, target: torch.device, *,
             max_steps: Optional[int], workers: int, resume: bool, save_every: Optional[int],
             progress: bool) -> Path:
@@ -223,8 +252,7 @@ def run_irn(chosen: Method, config: TrainConfig, out: Path, target: torch.device
     _seed_everything(config.seed)
     net = create_model(config.model, **{"freeze_backbone": config.backbone is not None,
                                         **config.model_args})
-    if config.backbone is not None:
-        net.load_backbone(config.backbone)
+    init_report = load_irn_backbone(net, config, quiet=resume)
     net = net.to(target)
     optimizer = irn_optimizer(net, config.lr, config.weight_decay, config.momentum)
     total_steps = config.epochs * batches_per_epoch(len(images), config.batch_size)
@@ -239,7 +267,8 @@ def run_irn(chosen: Method, config: TrainConfig, out: Path, target: torch.device
                     optimizer=optimizer, total_steps=total_steps, skipped=skipped,
                     schedule=lambda step: poly_lr(step, total_steps, config.lr),
                     max_steps=max_steps, workers=workers, resume=resume, save_every=save_every,
-                    progress=progress, before_last_save=store_mean_shift)
+                    progress=progress, before_last_save=store_mean_shift,
+                    init_report=init_report)
 
 
 # The synthetic benchmark (images of 96-160 px, CAMs of the demo's small models): crop 128
