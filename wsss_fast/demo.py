@@ -484,8 +484,10 @@ def run_demo(out, *, quick: bool = False, seed: int = 0, workers: int = 2, devic
              else "from scratch")
     walk = (f"over the boundary map of one IRNet trained on the confident regions of "
             f"{irnet_source(out) or 'the first learned-walk row'} (backbone trained with the "
-            f"heads; refine {LEARNED_RW_WALK}), or over image-gradient edges where a note says "
-            f"so" if learned_rw else "over image-gradient edges")
+            f"heads; refine {LEARNED_RW_WALK}"
+            f"{', then IRN label CRF over the walked labels' if LEARNED_RW_WALK.get('crf') else ''}"
+            f"), or over image-gradient edges where a note says so" if learned_rw
+            else "over image-gradient edges")
     text = (f"# wsss-fast demo ({'quick' if quick else 'full'}, seed {seed}, {start})\n\n"
             f"Synthetic benchmark: {scale.num_train} training / {scale.num_val} validation "
             f"images, {len(names)} classes; co-occurrence classes: "
