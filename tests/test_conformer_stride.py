@@ -1,6 +1,7 @@
 """The Conformer's ``output_stride`` option: at 8 (patch 8) the CNN map and the token grid are
 twice as fine as upstream's 16, TransCAM's A*·M still lines them up, checkpoints name their own
-geometry, and a patch-16 backbone loads into a patch-8 model with the patch conv reported."""
+geometry, and a patch-16 backbone loads into a patch-8 model with the patch conv reported; and
+``trunk_lr_scale``, the fine-tuning lr of the trunk relative to the heads."""
 
 import pytest
 import torch
@@ -96,3 +97,38 @@ def test_the_tiny_registry_model_builds_at_its_registered_geometry():
     model = create_model("transcam_tiny", num_classes=9)
     assert model.patch_size == entry.defaults["patch_size"]
     assert model.output_stride == entry.defaults.get("output_stride", 16)
+
+
+def test_trunk_lr_scale_groups_the_heads_apart_and_a_step_moves_the_trunk_that_much_less():
+    """``trunk_lr_scale``: the heads at the training lr, the rest at the scale; the default keeps
+    one group, so the trainer's optimizer is the one it built before the option existed."""
+    from wsss_fast.train.losses import transcam_loss
+    from wsss_fast.train.trainer import parameter_groups
+    default = _model()
+    (only,) = default.trainable_parameters()
+    assert only["lr_scale"] == 1.0 and len(only["params"]) == len(list(default.parameters()))
+    assert [len(g["params"]) for g in parameter_groups(default, 0.05, scaled=True)] == [
+        len(g["params"]) for g in parameter_groups(default, 0.05)]
+
+    model = _model(trunk_lr_scale=0.2)
+    trunk, heads = model.trainable_parameters()
+    head_names = {n for n, p in model.named_parameters() if any(p is q for q in heads["params"])}
+    assert head_names == {"conv_cls_head.weight", "conv_cls_head.bias", "trans_cls_head.weight",
+                          "trans_cls_head.bias"}
+    assert (trunk["lr_scale"], heads["lr_scale"]) == (0.2, 1.0)
+    assert len(trunk["params"]) + len(heads["params"]) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="trunk_lr_scale must be positive"):
+        _model(trunk_lr_scale=0)
+
+    # One SGD step at lr × lr_scale, as the trainer sets it: the trunk moves 0.2× its gradient.
+    model.train()
+    optimizer = torch.optim.SGD([{**g, "lr": 1e-2 * g["lr_scale"]}
+                                 for g in parameter_groups(model, 0.0, scaled=True)], lr=1e-2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([[1.0, 0, 0, 1], [0, 1.0, 0, 0]])
+    transcam_loss(model, images, labels)[0].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    for name, lr in (("conv1.weight", 2e-3), ("conv_cls_head.weight", 1e-2)):
+        step = dict(model.named_parameters())[name].detach() - before[name]
+        assert torch.allclose(step, -lr * grads[name], atol=1e-7)

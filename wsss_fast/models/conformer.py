@@ -279,18 +279,23 @@ class Conformer(nn.Module):
     ``256·channel_ratio``, the same number for the only base_channel it is used with, 64).
     ``attn_init`` (one of ``ATTN_INITS``) chooses how the attention weights start: upstream's
     truncated normal, or mimetic (``mimetic_init_``; the small from-scratch model's default).
+    ``output_stride`` (``OUTPUT_STRIDES``): the CNN branch's final stride, equal to
+    ``patch_size`` for TransCAM's CAM. ``trunk_lr_scale``: see :meth:`trainable_parameters`.
     """
 
     def __init__(self, patch_size: int = 16, in_chans: int = 3, num_classes: int = 21,
                  base_channel: int = 64, channel_ratio: float = 4, num_med_block: int = 0,
                  embed_dim: int = 384, depth: int = 12, num_heads: int = 6,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, attn_init: str = "trunc_normal",
-                 output_stride: int = 16):
+                 output_stride: int = 16, trunk_lr_scale: float = 1.0):
         super().__init__()
         if attn_init not in ATTN_INITS:
             raise ValueError(f"attn_init must be one of {', '.join(ATTN_INITS)}, got {attn_init!r}")
         if depth % 3 or depth < 3:
             raise ValueError(f"depth must be a positive multiple of 3, got {depth}")
+        if not trunk_lr_scale > 0:
+            raise ValueError(f"trunk_lr_scale must be positive, got {trunk_lr_scale}")
+        self.trunk_lr_scale = float(trunk_lr_scale)
         if output_stride not in OUTPUT_STRIDES:
             raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
         if patch_size <= 0 or patch_size % output_stride:
@@ -361,6 +366,18 @@ class Conformer(nn.Module):
         if attn_init != "trunc_normal":
             for block in self.blocks():
                 mimetic_init_(block.attn, vo=MIMETIC_VO if attn_init == "mimetic" else None)
+
+    def trainable_parameters(self) -> list[dict]:
+        """Optimizer groups: the two classification heads at the training lr, everything else
+        (the trunk, which ``--init`` loads) at ``trunk_lr_scale`` times it (the trainer's
+        ``lr_scale``): fine-tuning a pretrained trunk more gently than its fresh heads."""
+        if self.trunk_lr_scale == 1.0:     # one group: the optimizer exactly as without groups
+            return [{"params": list(self.parameters()), "lr_scale": 1.0}]
+        heads = [p for m in (self.conv_cls_head, self.trans_cls_head) for p in m.parameters()]
+        chosen = {id(p) for p in heads}
+        trunk = [p for p in self.parameters() if id(p) not in chosen]
+        return [{"params": trunk, "lr_scale": self.trunk_lr_scale},
+                {"params": heads, "lr_scale": 1.0}]
 
     # -- geometry ------------------------------------------------------------------------------
     def token_grid(self, height: int, width: int) -> tuple[int, int]:
