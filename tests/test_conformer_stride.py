@@ -97,6 +97,8 @@ def test_the_tiny_registry_model_builds_at_its_registered_geometry():
     model = create_model("transcam_tiny", num_classes=9)
     assert model.patch_size == entry.defaults["patch_size"]
     assert model.output_stride == entry.defaults.get("output_stride", 16)
+    assert (model.patch_size, model.output_stride) == (8, 8)   # the demo's 16×16 grid at 128 px
+    assert model.token_grid(128, 128) == (16, 16)
 
 
 def test_trunk_lr_scale_groups_the_heads_apart_and_a_step_moves_the_trunk_that_much_less():
