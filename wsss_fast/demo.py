@@ -131,8 +131,9 @@ def extraction_plan(row: str) -> tuple[str, str, str, str]:
 
 # Training settings that differ when a method starts from a shipped pretrained backbone
 # (pretrained/*.pt, `wsss-fast pretrain`), over the synthetic recipe: the Conformer methods, the
-# slowest to train, get 6 epochs instead of 10 (they start from trained features), which keeps
-# the demo's time with the pretrained backbones within today's. EDAM keeps the recipe's 10
+# slowest to train, get 6 epochs instead of 10 (they start from trained features); at patch 8
+# (session 7) a step costs ~2x a patch-16 one, so these rows train about twice as long as in
+# session 6 (seed 0, 6 epochs from conformer.pt: TransCAM 45.9, BNR 51.6). EDAM keeps the recipe's 10
 # epochs, as from scratch: from the 1500-step resnet38.pt its seed was 25.8 after 6 and 27.2
 # after 10 (README, "Why EDAM does not localize here").
 _PRETRAINED_SHORT = dict(epochs=6)
