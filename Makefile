@@ -33,7 +33,7 @@ PRETRAIN = $(PYTHON) -m wsss_fast pretrain --seed 0 --threads 1 --quiet $(PRETRA
 pretrain: install  ## the four tiny backbones on the source domain (~25 min, 2 cores)
 	$(PRETRAIN) --family vit --steps 200 --out pretrained/vit.pt
 	$(PRETRAIN) --family resnet --steps 1500 --warmup-steps 100 --out pretrained/resnet.pt
-	$(PRETRAIN) --family conformer --steps 150 --lr 5e-4 --out pretrained/conformer.pt
+	$(PRETRAIN) --family conformer --steps 300 --lr 5e-4 --warmup-steps 100 --out pretrained/conformer.pt
 	$(PRETRAIN) --family resnet38 --steps 1500 --warmup-steps 100 --out pretrained/resnet38.pt
 	$(PYTHON) -c "from wsss_fast.train.pretrain import write_manifest; write_manifest('pretrained')"
 
