@@ -191,31 +191,39 @@ def load_checkpoint(model: nn.Module, source, *, strict: bool = True,
 
 def _adapted_prefix_tokens(key: str, saved: torch.Tensor, current: torch.Tensor,
                            patches: Optional[int]) -> Optional[torch.Tensor]:
-    """A ViT's class tokens or positional embedding ``(1, T, D)`` from a model with another
-    number of class tokens: the patch rows (the last ``patches``) are copied, and every class
-    token row of ``current`` gets the checkpoint's first (class) row added to its own
-    initialization (so the tokens start pretrained yet distinct). None: not adaptable."""
+    """A ViT's positional embedding ``(1, T, D)`` from a model with another number of class
+    tokens: the patch rows (the last ``patches``) are copied and the class-token rows keep
+    ``current``'s initialization. None: not adaptable (class tokens themselves never are).
+
+    Why the class rows are not filled from the checkpoint's class row: copied into every one of
+    MCTformer's C tokens, that one row gives them a large shared component, so their queries,
+    and with them the class-attention maps, start alike; MCTformer-V1 from the one-token
+    ``vit.pt`` then seeded 33.3 (tokens copied as well) and 40.3 (copied class position, tokens
+    initialized + the pretrained token) against 45.4 with both kept initialized (seed 0,
+    README "Pretrained backbones")."""
     if saved.dim() != 3 or current.dim() != 3 or saved.shape[::2] != current.shape[::2]:
         return None
-    saved, adapted = saved.to(current.dtype), current.clone()
-    if key.split(".")[-1] == "cls_token":
-        return adapted + saved[:, :1]
     if key.split(".")[-1] != "pos_embed" or not patches:
         return None
     saved_prefix, prefix = saved.shape[1] - patches, current.shape[1] - patches
     if saved_prefix < 1 or prefix < 1:
         return None
-    adapted[:, prefix:] = saved[:, saved_prefix:]
-    adapted[:, :prefix] = saved[:, :1]
+    adapted = current.clone()
+    adapted[:, prefix:] = saved[:, saved_prefix:].to(current.dtype)
     return adapted
+
+
+# How an adapted tensor was filled (describe_load).
+ADAPTED_HOW = {"pos_embed": "patch rows loaded, class-token rows kept initialized"}
 
 
 def load_matching(model: nn.Module, source) -> dict:
     """Load every tensor of ``source`` (a path or state dict) that fits ``model`` by name and
     shape, and report the rest, for starting a method from a pretrained backbone.
 
-    ViT class tokens and positional embeddings whose class-token count differs (a one-token
-    backbone into MCTformer's C tokens) are adapted (``_adapted_prefix_tokens``). Returns lists
+    A ViT positional embedding whose class-token count differs (a one-token backbone into
+    MCTformer's C tokens) is adapted (``_adapted_prefix_tokens``: its patch rows); the class
+    tokens themselves are then shape-mismatched and keep their initialization. Returns lists
     of keys: ``loaded``, ``adapted``, ``missing`` (in the model, not in the checkpoint),
     ``unexpected`` (in the checkpoint only) and ``shape_mismatched`` (in both, shapes differ:
     ``"key: checkpoint (...) vs model (...)"``), plus the counts of loaded values. Missing and
@@ -226,11 +234,13 @@ def load_matching(model: nn.Module, source) -> dict:
     patches = getattr(model, "train_grid", None)
     patches = patches ** 2 if isinstance(patches, int) else None
     load, adapted, mismatched = {}, [], []
+    values = 0      # loaded from the checkpoint (an adapted tensor: its patch rows)
     for key, value in state.items():
         if key not in expected:
             continue
         if value.shape == expected[key].shape:
             load[key] = value
+            values += value.numel()
             continue
         fitted = _adapted_prefix_tokens(key, value, expected[key], patches)
         if fitted is None:
@@ -239,13 +249,14 @@ def load_matching(model: nn.Module, source) -> dict:
         else:
             load[key] = fitted
             adapted.append(key)
+            values += patches * value.shape[-1]
     model.load_state_dict(load, strict=False)
     order = sorted(load, key=_natural_key)
     return {"loaded": [k for k in order if k not in adapted], "adapted": sorted(adapted),
             "missing": sorted((k for k in expected if k not in state), key=_natural_key),
             "unexpected": sorted((k for k in state if k not in expected), key=_natural_key),
             "shape_mismatched": sorted(mismatched, key=_natural_key),
-            "loaded_values": int(sum(load[k].numel() for k in load)),
+            "loaded_values": int(values),
             "model_values": int(sum(v.numel() for v in expected.values()))}
 
 
@@ -253,7 +264,10 @@ def describe_load(report: dict, source) -> str:
     """A few lines summarizing a ``load_matching`` report (every non-loaded key named)."""
     lines = [f"init {source}: loaded {len(report['loaded'])} tensors "
              f"({report['loaded_values']:,} of the model's {report['model_values']:,} values)"
-             + (f", adapted {len(report['adapted'])} ({', '.join(report['adapted'])})"
+             + (f", adapted {len(report['adapted'])} ("
+                + ", ".join(f"{k}: {ADAPTED_HOW[k.split('.')[-1]]}"
+                            if k.split(".")[-1] in ADAPTED_HOW else k for k in report["adapted"])
+                + ")"
                 if report["adapted"] else "")]
     for title in ("missing", "unexpected", "shape_mismatched"):
         if report[title]:
