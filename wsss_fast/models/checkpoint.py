@@ -199,8 +199,9 @@ def _adapted_prefix_tokens(key: str, saved: torch.Tensor, current: torch.Tensor,
     MCTformer's C tokens, that one row gives them a large shared component, so their queries,
     and with them the class-attention maps, start alike; MCTformer-V1 from the one-token
     ``vit.pt`` then seeded 33.3 (tokens copied as well) and 40.3 (copied class position, tokens
-    initialized + the pretrained token) against 45.4 with both kept initialized (seed 0,
-    README "Pretrained backbones")."""
+    initialized + the pretrained token) against 44.2 / 45.4 (two draws of the initial rows)
+    with both kept initialized, at training seed 0; 50.2 at seed 1 (README, "Pretrained
+    backbones")."""
     if saved.dim() != 3 or current.dim() != 3 or saved.shape[::2] != current.shape[::2]:
         return None
     if key.split(".")[-1] != "pos_embed" or not patches:
