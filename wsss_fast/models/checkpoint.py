@@ -190,41 +190,38 @@ def load_checkpoint(model: nn.Module, source, *, strict: bool = True,
 
 
 def _adapted_prefix_tokens(key: str, saved: torch.Tensor, current: torch.Tensor,
-                           patches: Optional[int]) -> Optional[torch.Tensor]:
-    """A ViT's positional embedding ``(1, T, D)`` from a model with another number of class
-    tokens: the patch rows (the last ``patches``) are copied and the class-token rows keep
-    ``current``'s initialization. None: not adaptable (class tokens themselves never are).
-
-    Why the class rows are not filled from the checkpoint's class row: copied into every one of
-    MCTformer's C tokens, that one row gives them a large shared component, so their queries,
-    and with them the class-attention maps, start alike; MCTformer-V1 from the one-token
-    ``vit.pt`` then seeded 33.3 (tokens copied as well) and 40.3 (copied class position, tokens
-    initialized + the pretrained token) against 44.2 / 45.4 (two draws of the initial rows)
-    with both kept initialized, at training seed 0; 50.2 at seed 1 (README, "Pretrained
-    backbones")."""
+                           patches: Optional[int], from_backbone: bool) -> Optional[torch.Tensor]:
+    """A ViT's class tokens or positional embedding ``(1, T, D)`` from a model with another
+    number of class tokens. The patch position rows (the last ``patches``) are copied. With
+    ``from_backbone``, every class token gets the checkpoint's first (class) row added to its
+    own initialization and every class position row is the checkpoint's class row; without it
+    the class tokens are not adaptable (None) and the class position rows keep ``current``'s
+    initialization. None: not adaptable."""
     if saved.dim() != 3 or current.dim() != 3 or saved.shape[::2] != current.shape[::2]:
         return None
+    saved, adapted = saved.to(current.dtype), current.clone()
+    if key.split(".")[-1] == "cls_token":
+        return adapted + saved[:, :1] if from_backbone else None
     if key.split(".")[-1] != "pos_embed" or not patches:
         return None
     saved_prefix, prefix = saved.shape[1] - patches, current.shape[1] - patches
     if saved_prefix < 1 or prefix < 1:
         return None
-    adapted = current.clone()
-    adapted[:, prefix:] = saved[:, saved_prefix:].to(current.dtype)
+    adapted[:, prefix:] = saved[:, saved_prefix:]
+    if from_backbone:
+        adapted[:, :prefix] = saved[:, :1]
     return adapted
-
-
-# How an adapted tensor was filled (describe_load).
-ADAPTED_HOW = {"pos_embed": "patch rows loaded, class-token rows kept initialized"}
 
 
 def load_matching(model: nn.Module, source) -> dict:
     """Load every tensor of ``source`` (a path or state dict) that fits ``model`` by name and
     shape, and report the rest, for starting a method from a pretrained backbone.
 
-    A ViT positional embedding whose class-token count differs (a one-token backbone into
-    MCTformer's C tokens) is adapted (``_adapted_prefix_tokens``: its patch rows); the class
-    tokens themselves are then shape-mismatched and keep their initialization. Returns lists
+    ViT class tokens and positional embeddings whose class-token count differs (a one-token
+    backbone into MCTformer's C tokens) are adapted (``_adapted_prefix_tokens``), the class rows
+    from the backbone's unless the model's ``class_tokens_from_backbone`` is False (then the
+    class tokens are shape-mismatched and, with the class position rows, keep their init;
+    the report's ``class_tokens`` says which). Returns lists
     of keys: ``loaded``, ``adapted``, ``missing`` (in the model, not in the checkpoint),
     ``unexpected`` (in the checkpoint only) and ``shape_mismatched`` (in both, shapes differ:
     ``"key: checkpoint (...) vs model (...)"``), plus the counts of loaded values. Missing and
@@ -234,6 +231,7 @@ def load_matching(model: nn.Module, source) -> dict:
     expected = model.state_dict()
     patches = getattr(model, "train_grid", None)
     patches = patches ** 2 if isinstance(patches, int) else None
+    from_backbone = getattr(model, "class_tokens_from_backbone", True)
     load, adapted, mismatched = {}, [], []
     values = 0      # loaded from the checkpoint (an adapted tensor: its patch rows)
     for key, value in state.items():
@@ -243,20 +241,23 @@ def load_matching(model: nn.Module, source) -> dict:
             load[key] = value
             values += value.numel()
             continue
-        fitted = _adapted_prefix_tokens(key, value, expected[key], patches)
+        fitted = _adapted_prefix_tokens(key, value, expected[key], patches, from_backbone)
         if fitted is None:
             mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model "
                               f"{tuple(expected[key].shape)}")
         else:
             load[key] = fitted
             adapted.append(key)
-            values += patches * value.shape[-1]
+            values += value.numel() if key.split(".")[-1] == "cls_token" else \
+                (patches + (1 if from_backbone else 0)) * value.shape[-1]
     model.load_state_dict(load, strict=False)
     order = sorted(load, key=_natural_key)
     return {"loaded": [k for k in order if k not in adapted], "adapted": sorted(adapted),
             "missing": sorted((k for k in expected if k not in state), key=_natural_key),
             "unexpected": sorted((k for k in state if k not in expected), key=_natural_key),
             "shape_mismatched": sorted(mismatched, key=_natural_key),
+            "class_tokens": (None if not adapted else "from the backbone's class token"
+                             if from_backbone else "kept initialized"),
             "loaded_values": int(values),
             "model_values": int(sum(v.numel() for v in expected.values()))}
 
@@ -265,10 +266,8 @@ def describe_load(report: dict, source) -> str:
     """A few lines summarizing a ``load_matching`` report (every non-loaded key named)."""
     lines = [f"init {source}: loaded {len(report['loaded'])} tensors "
              f"({report['loaded_values']:,} of the model's {report['model_values']:,} values)"
-             + (f", adapted {len(report['adapted'])} ("
-                + ", ".join(f"{k}: {ADAPTED_HOW[k.split('.')[-1]]}"
-                            if k.split(".")[-1] in ADAPTED_HOW else k for k in report["adapted"])
-                + ")"
+             + (f", adapted {len(report['adapted'])} ({', '.join(report['adapted'])}: patch "
+                f"rows loaded, class tokens {report.get('class_tokens')})"
                 if report["adapted"] else "")]
     for title in ("missing", "unexpected", "shape_mismatched"):
         if report[title]:
