@@ -11,7 +11,7 @@ import torch
 from wsss_fast.cli import main as cli_main
 from wsss_fast.data.source_domain import NUM_SOURCE_CLASSES
 from wsss_fast.data.synthetic import generate_synthetic
-from wsss_fast.models.checkpoint import load_matching, read_state_dict
+from wsss_fast.models.checkpoint import describe_load, load_matching, read_state_dict
 from wsss_fast.models.registry import create_model
 from wsss_fast.train import pretrain as pretraining
 from wsss_fast.train.methods import get_method, list_methods
@@ -91,23 +91,49 @@ def vit_backbone(tmp_path_factory):
     return out
 
 
-def test_load_matching_adapts_vit_tokens_and_reports_heads(vit_backbone):
-    model = create_model("mctformer_v2_tiny", num_classes=5)
+@pytest.mark.parametrize("name", ["mctformer_v1_tiny", "mctformer_v2_tiny"])
+def test_load_matching_adapts_vit_tokens_and_reports_heads(vit_backbone, name):
+    """A one-token backbone into MCTformer's C class tokens: the patch position rows are
+    loaded; V2 starts each class token and class position row from the backbone's, V1 keeps
+    its own (distinct) init for both, and the report says which."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=5)
+    own = name == "mctformer_v1_tiny"
     before = {k: v.clone() for k, v in model.state_dict().items()}
     report = load_matching(model, vit_backbone)
     state = read_state_dict(vit_backbone)
-    assert set(report["adapted"]) == {"cls_token", "pos_embed"}
-    assert "blocks.0.attn.qkv.weight" in report["loaded"]
+    assert "blocks.0.attn.qkv.weight" in report["loaded"] and "cls_token" not in report["loaded"]
     assert torch.equal(model.state_dict()["blocks.3.mlp.fc2.weight"],
                        state["blocks.3.mlp.fc2.weight"].float())
     patches = model.train_grid ** 2
     assert torch.equal(model.pos_embed[0, -patches:].detach(),
                        state["pos_embed"][0, -patches:].float())
-    tokens = model.cls_token.detach()[0]
-    assert torch.allclose(tokens - before["cls_token"][0], state["cls_token"][0].float())
-    assert not torch.equal(tokens[0], tokens[1])        # pretrained, yet distinct per class
+    class_pos, tokens = model.pos_embed.detach()[0, :5], model.cls_token.detach()[0]
+    if own:
+        assert report["adapted"] == ["pos_embed"] and report["class_tokens"] == "kept initialized"
+        assert report["shape_mismatched"] == [
+            "cls_token: checkpoint (1, 1, 128) vs model (1, 5, 128)"]
+        assert torch.equal(class_pos, before["pos_embed"][0, :5])
+        assert torch.equal(tokens, before["cls_token"][0])
+        started = torch.nn.functional.normalize(tokens + class_pos, dim=-1)
+        cosine = started @ started.T
+        assert cosine[~torch.eye(5, dtype=torch.bool)].abs().max() < 0.5   # distinct per class
+    else:
+        assert report["adapted"] == ["cls_token", "pos_embed"]
+        assert report["class_tokens"] == "from the backbone's class token"
+        assert not report["shape_mismatched"]
+        assert torch.equal(class_pos, state["pos_embed"][0, :1].float().expand(5, -1))
+        assert torch.allclose(tokens - before["cls_token"][0], state["cls_token"][0].float())
+        assert not torch.equal(tokens[0], tokens[1])        # pretrained, yet distinct per class
     assert {"head.weight", "head.bias"} <= set(report["missing"])
-    assert report["unexpected"] == ["classifier.weight"] and not report["shape_mismatched"]
+    assert report["unexpected"] == ["classifier.weight"]
+    # the counted values: every loaded tensor, and the rows of the backbone's adapted ones
+    loaded = sum(state[k].numel() for k in report["loaded"])
+    adapted = (patches if own else patches + 1 + 1) * model.embed_dim
+    assert report["loaded_values"] == loaded + adapted
+    text = describe_load(report, "vit.pt")
+    assert f"patch rows loaded, class tokens {report['class_tokens']})" in text
+    assert ("shape-mismatched (kept initialized) (1): cls_token" in text) == own
 
 
 def test_load_matching_reports_shape_mismatches_and_keeps_them_initialized():

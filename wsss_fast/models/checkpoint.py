@@ -190,23 +190,26 @@ def load_checkpoint(model: nn.Module, source, *, strict: bool = True,
 
 
 def _adapted_prefix_tokens(key: str, saved: torch.Tensor, current: torch.Tensor,
-                           patches: Optional[int]) -> Optional[torch.Tensor]:
+                           patches: Optional[int], from_backbone: bool) -> Optional[torch.Tensor]:
     """A ViT's class tokens or positional embedding ``(1, T, D)`` from a model with another
-    number of class tokens: the patch rows (the last ``patches``) are copied, and every class
-    token row of ``current`` gets the checkpoint's first (class) row added to its own
-    initialization (so the tokens start pretrained yet distinct). None: not adaptable."""
+    number of class tokens. The patch position rows (the last ``patches``) are copied. With
+    ``from_backbone``, every class token gets the checkpoint's first (class) row added to its
+    own initialization and every class position row is the checkpoint's class row; without it
+    the class tokens are not adaptable (None) and the class position rows keep ``current``'s
+    initialization. None: not adaptable."""
     if saved.dim() != 3 or current.dim() != 3 or saved.shape[::2] != current.shape[::2]:
         return None
     saved, adapted = saved.to(current.dtype), current.clone()
     if key.split(".")[-1] == "cls_token":
-        return adapted + saved[:, :1]
+        return adapted + saved[:, :1] if from_backbone else None
     if key.split(".")[-1] != "pos_embed" or not patches:
         return None
     saved_prefix, prefix = saved.shape[1] - patches, current.shape[1] - patches
     if saved_prefix < 1 or prefix < 1:
         return None
     adapted[:, prefix:] = saved[:, saved_prefix:]
-    adapted[:, :prefix] = saved[:, :1]
+    if from_backbone:
+        adapted[:, :prefix] = saved[:, :1]
     return adapted
 
 
@@ -215,7 +218,10 @@ def load_matching(model: nn.Module, source) -> dict:
     shape, and report the rest, for starting a method from a pretrained backbone.
 
     ViT class tokens and positional embeddings whose class-token count differs (a one-token
-    backbone into MCTformer's C tokens) are adapted (``_adapted_prefix_tokens``). Returns lists
+    backbone into MCTformer's C tokens) are adapted (``_adapted_prefix_tokens``), the class rows
+    from the backbone's unless the model's ``class_tokens_from_backbone`` is False (then the
+    class tokens are shape-mismatched and, with the class position rows, keep their init;
+    the report's ``class_tokens`` says which). Returns lists
     of keys: ``loaded``, ``adapted``, ``missing`` (in the model, not in the checkpoint),
     ``unexpected`` (in the checkpoint only) and ``shape_mismatched`` (in both, shapes differ:
     ``"key: checkpoint (...) vs model (...)"``), plus the counts of loaded values. Missing and
@@ -225,27 +231,34 @@ def load_matching(model: nn.Module, source) -> dict:
     expected = model.state_dict()
     patches = getattr(model, "train_grid", None)
     patches = patches ** 2 if isinstance(patches, int) else None
+    from_backbone = getattr(model, "class_tokens_from_backbone", True)
     load, adapted, mismatched = {}, [], []
+    values = 0      # loaded from the checkpoint (an adapted tensor: its patch rows)
     for key, value in state.items():
         if key not in expected:
             continue
         if value.shape == expected[key].shape:
             load[key] = value
+            values += value.numel()
             continue
-        fitted = _adapted_prefix_tokens(key, value, expected[key], patches)
+        fitted = _adapted_prefix_tokens(key, value, expected[key], patches, from_backbone)
         if fitted is None:
             mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model "
                               f"{tuple(expected[key].shape)}")
         else:
             load[key] = fitted
             adapted.append(key)
+            values += value.numel() if key.split(".")[-1] == "cls_token" else \
+                (patches + (1 if from_backbone else 0)) * value.shape[-1]
     model.load_state_dict(load, strict=False)
     order = sorted(load, key=_natural_key)
     return {"loaded": [k for k in order if k not in adapted], "adapted": sorted(adapted),
             "missing": sorted((k for k in expected if k not in state), key=_natural_key),
             "unexpected": sorted((k for k in state if k not in expected), key=_natural_key),
             "shape_mismatched": sorted(mismatched, key=_natural_key),
-            "loaded_values": int(sum(load[k].numel() for k in load)),
+            "class_tokens": (None if not adapted else "from the backbone's class token"
+                             if from_backbone else "kept initialized"),
+            "loaded_values": int(values),
             "model_values": int(sum(v.numel() for v in expected.values()))}
 
 
@@ -253,7 +266,8 @@ def describe_load(report: dict, source) -> str:
     """A few lines summarizing a ``load_matching`` report (every non-loaded key named)."""
     lines = [f"init {source}: loaded {len(report['loaded'])} tensors "
              f"({report['loaded_values']:,} of the model's {report['model_values']:,} values)"
-             + (f", adapted {len(report['adapted'])} ({', '.join(report['adapted'])})"
+             + (f", adapted {len(report['adapted'])} ({', '.join(report['adapted'])}: patch "
+                f"rows loaded, class tokens {report.get('class_tokens')})"
                 if report["adapted"] else "")]
     for title in ("missing", "unexpected", "shape_mismatched"):
         if report[title]:

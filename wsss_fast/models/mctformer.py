@@ -51,6 +51,12 @@ class MCTformer(nn.Module):
         if version not in VERSIONS:
             raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
         self.version = version
+        # ``train --init`` from a one-token ViT (``load_matching``): V2 / + start every class
+        # token and class position row from the backbone's; V1 keeps its own init: its tokens
+        # then started alike, and V1 from vit.pt seeded 40.3 against 44.2 / 45.4 with its own
+        # init (seed 0; 50.2 at seed 1), while V2 lost (seed 0/1: 46.0 / 57.7 from the
+        # backbone, 44.6 / 47.5 own; README, "Pretrained backbones").
+        self.class_tokens_from_backbone = version != "v1"
         self.num_classes = num_classes
         self.embed_dim = embed_dim
         self.depth = depth
