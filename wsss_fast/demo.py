@@ -41,8 +41,9 @@ INFERENCE_PLUGINS = {
 # network is class-agnostic, and one per row cost 255-422 s each under load (15/30 epochs),
 # more than the demo's budget; token_cam's IRNet walked MCTformer-V2's and LPCAM's training-split
 # CAMs up to +6.8 / +18.7 over their seeds (README, learned affinity).
+# TransCAM and BNR joined once their seeds passed 40 (patch-8 Conformer, session 7).
 LEARNED_RW = ("token_cam", "mctformer_v1", "mctformer_v2", "mctformer_v2+doei",
-              "mctformer_v2_doei", "lpcam")
+              "mctformer_v2_doei", "transcam", "bnr", "lpcam")
 # IRNet's input is zero-padded to one square side covering every synthetic image (96-160 px), as
 # IRN pads VOC images to 512.
 IRN_PAD_SIZE = 160
