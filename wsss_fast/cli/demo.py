@@ -6,7 +6,7 @@ MCTformer-V2's checkpoint), extracts and evaluates CAM seeds, makes
 pseudo-labels with the CRF and the random walk, and writes OUT/report.md with the table, the
 sweep curves (sweep_curves.png) and an overlay gallery (gallery.png). Resumable.
 
-  wsss-fast demo                  # the full demo (≤ 25 minutes on 2 CPU cores)
+  wsss-fast demo                  # the full demo (59 min on 2 CPU cores beside a CI check)
   wsss-fast demo --quick          # a small smoke version (CI)
   wsss-fast demo --from-scratch   # every model from random weights, not the shipped backbones
   wsss-fast demo --gradient-rw    # +RW over image-gradient edges, no IRNet (faster)
@@ -35,9 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="train every model from random weights instead (for comparison)")
     walk = parser.add_mutually_exclusive_group()
     walk.add_argument("--learned-rw", dest="learned_rw", action="store_true", default=True,
-                      help="+RW of the strong rows (token_cam, MCTformer, LPCAM) walks over the "
-                      "boundaries of an IRNet trained on the row's confident regions (the "
-                      "default)")
+                      help="+RW of the strong rows (demo.LEARNED_RW) walks over the boundaries "
+                      "of one IRNet, trained on the first such row's confident regions, then "
+                      "IRN's label CRF (the default)")
     walk.add_argument("--gradient-rw", "--no-learned-rw", dest="learned_rw",
                       action="store_false",
                       help="+RW over image-gradient edges instead (no IRNet training)")

@@ -90,10 +90,13 @@ class RefineOptions(DatasetOptions):
             setattr(self, name, path_or_none(getattr(self, name)))
 
 
-# IRN-only options, with their defaults (upstream's: RefineOptions holds them).
-IRN_OPTIONS = {field.name: field.default for field in dataclasses.fields(RefineOptions)
-               if field.name in ("normalize", "boundary_fill", "keep_boundary_cams",
-                                 "upsample")}
+_DEFAULTS = {field.name: field.default for field in dataclasses.fields(RefineOptions)}
+# IRN-only options of the walk (refine_irn's keywords), with their defaults (upstream's:
+# RefineOptions holds them).
+IRN_OPTIONS = {name: _DEFAULTS[name]
+               for name in ("normalize", "boundary_fill", "keep_boundary_cams", "upsample")}
+# Every IRN-only option: the walk's and the label CRF after it.
+IRN_ONLY_OPTIONS = {**IRN_OPTIONS, "crf": _DEFAULTS["crf"]}
 
 
 def preset_options(options: RefineOptions) -> dict:
@@ -108,7 +111,7 @@ def preset_options(options: RefineOptions) -> dict:
                                    f"{options.preset}")
             settings[name] = value
     # IRN-only options; recorded only when set, so an upstream run's config stays as it was.
-    for name, default in {**IRN_OPTIONS, "crf": "none"}.items():
+    for name, default in IRN_ONLY_OPTIONS.items():
         if getattr(options, name) != default:
             if options.preset != "irn":
                 raise OptionsError(f"--{name.replace('_', '-')} applies to --preset irn only")
@@ -193,7 +196,7 @@ def refine_one(settings: dict, item: str, image: np.ndarray, cam_path: Path,
                                bg_threshold=options["bg_threshold"], radius=options["radius"],
                                **{name: options.get(name, default)
                                   for name, default in IRN_OPTIONS.items()})
-        if options.get("crf", "none") != "none":
+        if options.get("crf", IRN_ONLY_OPTIONS["crf"]) != "none":
             from wsss_fast.postprocess.crf import crf_inference_label
             # The label space of the seed's CRF (postprocess.pseudo_label.crf_seed): background
             # and every class of the dataset.
