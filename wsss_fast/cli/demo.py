@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import argparse
 
-from wsss_fast.options import argparse_type, device_name, seed_int, text, worker_count
+from wsss_fast.options import (argparse_type, device_name, positive_int, seed_int, text,
+                               worker_count)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=argparse_type(seed_int), default=0)
     parser.add_argument("--workers", type=argparse_type(worker_count), default=2)
     parser.add_argument("--device", type=argparse_type(device_name), default="cpu")
+    parser.add_argument("--jobs", type=argparse_type(positive_int), default=None,
+                        help="rows run at once, in worker processes that split the cores and "
+                        "--workers between them (default: 2 where there are >= 2 cores; 1: one "
+                        "row after another in this process)")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--pretrained", dest="pretrained", action="store_true", default=True,
                        help="start every model from the shipped backbone of its family, "
@@ -49,5 +54,5 @@ def run(args: argparse.Namespace) -> int:
     from wsss_fast.demo import run_demo
     run_demo(args.out, quick=args.quick, seed=args.seed, workers=args.workers,
              device=args.device, methods=args.methods, pretrained=args.pretrained,
-             learned_rw=args.learned_rw)
+             learned_rw=args.learned_rw, jobs=args.jobs)
     return 0
