@@ -470,15 +470,6 @@ def row_walk(result: MethodResult, run: DemoRun,
     return result
 
 
-def run_method(method: str, data: Path, out: Path, scale: DemoScale, seed: int, workers: int,
-               device: str, cooccurrence: Sequence[int],
-               pretrained: bool = False, learned_rw: bool = True) -> MethodResult:
-    """One row, every step in this process (the IRNet trained on it if there is none yet)."""
-    run = DemoRun(Path(data), Path(out), scale, seed, workers, device, tuple(cooccurrence),
-                  pretrained, learned_rw)
-    return row_walk(row_seeds(method, run), run)
-
-
 def row_tasks(methods: Sequence[str], run: DemoRun) -> list:
     """The demo's rows as ``run_task_graph`` tasks ``(name, args, dependencies)`` of
     ``_row_task``: ``seeds:ROW`` then ``walk:ROW`` per row; an inference plug-in's seeds wait
