@@ -4,12 +4,14 @@ Generates the data, trains a small model for every method (token CAM, MCTformer-
 MCTformer-V2 trained with DOEI, TransCAM, BNR, LPCAM, EDAM; plus DOEI at inference over
 MCTformer-V2's checkpoint), extracts and evaluates CAM seeds, makes
 pseudo-labels with the CRF and the random walk, and writes OUT/report.md with the table, the
-sweep curves (sweep_curves.png) and an overlay gallery (gallery.png). Resumable.
+sweep curves (sweep_curves.png), an overlay gallery (gallery.png) and each row's step times.
+Resumable.
 
   wsss-fast demo                  # the full demo (59 min on 2 CPU cores beside a CI check)
   wsss-fast demo --quick          # a small smoke version (CI)
   wsss-fast demo --from-scratch   # every model from random weights, not the shipped backbones
   wsss-fast demo --gradient-rw    # +RW over image-gradient edges, no IRNet (faster)
+  wsss-fast demo --jobs 1         # rows one after another (default: 2 at once on >= 2 cores)
 """
 
 from __future__ import annotations
