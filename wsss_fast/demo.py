@@ -10,7 +10,8 @@ it, over image-gradient edges. With ``pretrained`` (the default) every model sta
 shipped source-domain backbone of its family; without it, from random weights. Every step calls
 the pipeline API
 (``wsss_fast.pipeline``, the functions under the CLI) and is resumable: rerunning the demo in
-the same folder reuses finished steps.
+the same folder reuses finished steps. Rows run as a task graph (``row_tasks``), ``jobs`` at once
+in worker processes; each row records its steps' wall times in ``ROW/timing.json``.
 """
 
 from __future__ import annotations
@@ -248,13 +249,15 @@ def train_finished(out: Path) -> bool:
     return bool(json.loads((out / REPORT).read_text()).get("finished"))
 
 
-def evaluate_folder(data: Path, split: str, source: str, folder: Path, out: Path) -> dict:
+def evaluate_folder(data: Path, split: str, source: str, folder: Path, out: Path,
+                    workers: int = 2) -> dict:
     """The evaluation report of CAM files (``source`` "cams") or label PNGs (``"pred"``),
-    written to ``out``."""
+    written to ``out`` (over ``workers`` processes; the counts, hence the report, do not depend
+    on them)."""
     from wsss_fast.pipeline import EvaluateOptions, evaluate
     folders = {"cams": str(folder)} if source == "cams" else {"pred": str(folder)}
     return evaluate(EvaluateOptions(data=str(data), split=split, out=str(out),
-                                    thresholds="0:1:0.01", **folders)).report
+                                    thresholds="0:1:0.01", workers=workers, **folders)).report
 
 
 def demo_lpcam_cams(data: Path, work: Path, train_overrides: dict, *, seed: int, workers: int,
@@ -408,7 +411,7 @@ def row_seeds(method: str, run: DemoRun, times: Optional[StageTimes] = None) -> 
     if done:
         result.seconds_per_image = seconds / done
     with times.stage("evaluate"):
-        seeds = evaluate_folder(data, "val", "cams", cams, work / "eval_seeds")
+        seeds = evaluate_folder(data, "val", "cams", cams, work / "eval_seeds", workers)
     result.seed_miou, result.threshold = seeds["best_miou"], seeds["best_threshold"]
     result.fp = float(np.nanmean(per_class(seeds["at_best"]["fp_rate"])))
     result.fn = float(np.nanmean(per_class(seeds["at_best"]["fn_rate"])))
@@ -419,7 +422,7 @@ def row_seeds(method: str, run: DemoRun, times: Optional[StageTimes] = None) -> 
             out=str(work / "crf"), rule="constant", threshold=_rerun_threshold(result),
             crf="irn")))
         result.crf_miou = evaluate_folder(data, "val", "pred", work / "crf" / "labels",
-                                          work / "eval_crf")["at_best"]["miou"]["nanmean"]
+                                          work / "eval_crf", workers)["at_best"]["miou"]["nanmean"]
     return result
 
 
@@ -465,8 +468,8 @@ def row_walk(result: MethodResult, run: DemoRun,
                     "no confident region to train IRNet on"
                 result.note = "; ".join(filter(None, [result.note, f"+RW over image-gradient "
                                                       f"edges ({why})"]))
-        result.rw_miou = evaluate_folder(data, "val", "pred", rw_labels,
-                                         work / "eval_rw")["at_best"]["miou"]["nanmean"]
+        result.rw_miou = evaluate_folder(data, "val", "pred", rw_labels, work / "eval_rw",
+                                         run.workers)["at_best"]["miou"]["nanmean"]
     return result
 
 
