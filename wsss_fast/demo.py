@@ -112,8 +112,10 @@ STAGES = ("train", "prototypes", "extract", "evaluate", "crf", "irnet", "rw")
 class StageTimes:
     """The wall seconds of a row's steps, kept in ``folder/TIMING`` so that they survive
     resumption: a step is timed when it runs (the part an interrupted run did is added to its
-    resumption's time) and, once finished, a rerun that finds its output keeps the recorded
-    time instead of timing the no-op. Each save is atomic."""
+    resumption's time, unless a row worker was killed with it, at ``jobs`` > 1) and, once
+    finished, a rerun that finds its output keeps the recorded time instead of timing the no-op
+    (a folder from before TIMING records its finished steps at their rerun's near-zero cost).
+    Each save is atomic."""
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / TIMING
