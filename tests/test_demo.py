@@ -6,8 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from wsss_fast.demo import (INFERENCE_PLUGINS, DemoScale, MethodResult, irnet_source,
-                             report_table, run_demo)
+from wsss_fast.demo import (INFERENCE_PLUGINS, STAGES, TIMING, DemoRun, DemoScale, MethodResult,
+                             StageTimes, irnet_source, report_table, row_tasks, run_demo,
+                             stage_table)
 
 TINY = DemoScale(num_train=16, num_val=4, image_size=(64, 64),
                  train_overrides={"epochs": 1, "batch_size": 8, "crop": 64})
@@ -18,8 +19,9 @@ OPTIONAL_STAGES = dict(pretrained=True, learned_rw=True)
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
+    # Two rows at once (worker processes); the rerun below runs them one after another.
     report = run_demo(out, workers=0, methods=("mctformer_v2", "mctformer_v2+doei"), scale=TINY,
-                      **OPTIONAL_STAGES)
+                      jobs=2, **OPTIONAL_STAGES)
     return out, report
 
 
@@ -50,6 +52,25 @@ def test_report_holds_the_measured_numbers(demo):
     assert "confident regions of mctformer_v2" in report.read_text()
     for name in ("sweep_curves.png", "gallery.png"):
         assert (out / name).stat().st_size > 0
+
+
+def test_each_row_records_its_step_times(demo):
+    out, report = demo
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["jobs"] == 2 and len(saved["invocations"]) == 1
+    expected = {"mctformer_v2": {"train", "extract", "evaluate", "crf", "irnet", "rw"},
+                "mctformer_v2+doei": {"extract", "evaluate", "crf", "rw"}}   # no training
+    for method, stages in expected.items():
+        timing = json.loads((out / method / TIMING).read_text())
+        assert set(timing) == stages and all(t["done"] and t["seconds"] > 0
+                                             for t in timing.values())
+        assert saved["stage_seconds"][method] == {k: t["seconds"] for k, t in timing.items()}
+    v2 = saved["stage_seconds"]["mctformer_v2"]
+    assert saved["results"][0]["train_seconds"] == v2["train"]
+    text = report.read_text()
+    assert "this folder took 1 invocation" in text
+    assert "| row | train | extract | evaluate | crf | irnet | rw | total |" in text
+    assert f"| mctformer_v2 | {v2['train']:.0f} |" in text
 
 
 def test_gallery_rows_show_present_classes_and_the_png_has_a_cell_per_method(demo):
@@ -88,13 +109,75 @@ def test_rerun_resumes_without_retraining(demo):
     out, _ = demo
     checkpoint = out / "mctformer_v2" / "train" / "checkpoint.pth"
     before = checkpoint.stat().st_mtime_ns
-    first = json.loads((out / "report.json").read_text())["results"]
+    first = json.loads((out / "report.json").read_text())
     run_demo(out, workers=0, methods=("mctformer_v2", "mctformer_v2+doei"), scale=TINY,
-             **OPTIONAL_STAGES)
+             jobs=1, **OPTIONAL_STAGES)
     assert checkpoint.stat().st_mtime_ns == before
-    again = json.loads((out / "report.json").read_text())["results"]
-    for a, b in zip(first, again):
+    again = json.loads((out / "report.json").read_text())
+    for a, b in zip(first["results"], again["results"]):
         assert a["seed_miou"] == b["seed_miou"] and a["rw_miou"] == b["rw_miou"]
+        assert a["train_seconds"] == b["train_seconds"] or a["method"] == "mctformer_v2+doei"
+    # The rerun found every step done: the steps keep the times they took when they ran.
+    assert again["stage_seconds"] == first["stage_seconds"]
+    assert [run["jobs"] for run in again["invocations"]] == [2, 1]
+    assert "this folder took 2 invocations; the earlier ones: " in (out / "report.md").read_text()
+
+
+def test_stage_times_add_an_interrupted_part_and_keep_a_finished_step(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import wsss_fast.demo as demo_module
+    clock = iter([0.0, 5.0, 10.0, 13.0, 20.0, 21.0])
+    monkeypatch.setattr(demo_module, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    with pytest.raises(KeyboardInterrupt):
+        with StageTimes(tmp_path).stage("train"):
+            raise KeyboardInterrupt   # 5 s in
+    assert json.loads((tmp_path / TIMING).read_text()) == {"train": {"seconds": 5.0,
+                                                                     "done": False}}
+    with StageTimes(tmp_path).stage("train"):   # the resumption: 3 s more
+        pass
+    with StageTimes(tmp_path).stage("train"):   # found done: not timed again
+        pass
+    with StageTimes(tmp_path).stage("extract"):
+        pass
+    assert StageTimes(tmp_path).seconds() == {"train": 8.0, "extract": 1.0}
+    with pytest.raises(ValueError, match="unknown stage 'walk'"):
+        with StageTimes(tmp_path).stage("walk"):
+            pass
+
+
+def test_stage_table_has_a_total_per_row_and_per_stage():
+    table = stage_table({"a": {"train": 10.0, "rw": 2.0}, "b": {"extract": 4.0}}).splitlines()
+    assert table[0] == "| row | train | extract | rw | total |"
+    assert table[2:] == ["| a | 10 | — | 2 | 12 |", "| b | — | 4 | — | 4 |",
+                         "| total | 10 | 4 | 2 | 16 |"]
+    assert set(STAGES) >= {"train", "prototypes", "extract", "evaluate", "crf", "irnet", "rw"}
+
+
+def _dependencies(methods, learned_rw=True):
+    run = DemoRun(None, None, TINY, 0, 0, "cpu", (), learned_rw=learned_rw)
+    return {name: set(depends) for name, _, depends in row_tasks(methods, run)}
+
+
+def test_rows_wait_for_the_checkpoint_and_the_irnet_they_use():
+    tasks = _dependencies(["edam", "token_cam", "mctformer_v2+doei", "mctformer_v2"])
+    # The IRNet trains on the first learned-walk row; every learned walk waits for it.
+    assert tasks["irnet"] == {"seeds:token_cam"}
+    assert tasks["seeds:mctformer_v2+doei"] == {"seeds:mctformer_v2"}   # v2's checkpoint
+    for method in ("mctformer_v2+doei", "token_cam", "mctformer_v2"):
+        assert tasks[f"walk:{method}"] == {f"seeds:{method}", "irnet"}
+    assert tasks["walk:edam"] == {"seeds:edam"} and not tasks["seeds:edam"]
+    # Without its trained method in the demo, the plug-in row trains it itself.
+    assert not _dependencies(["mctformer_v2+doei"])["seeds:mctformer_v2+doei"]
+    assert "irnet" not in _dependencies(["token_cam", "mctformer_v2"], learned_rw=False)
+
+
+def test_jobs_must_be_a_positive_integer(tmp_path):
+    with pytest.raises(ValueError, match="jobs must be an integer >= 1, got 0"):
+        run_demo(tmp_path, jobs=0, scale=TINY)
+    assert not any(tmp_path.iterdir())
+    from wsss_fast.cli import main
+    assert main(["demo", "--jobs", "0", "--out", str(tmp_path / "x")]) == 2
 
 
 def test_report_table_marks_missing_values_and_lists_notes():

@@ -598,6 +598,31 @@ _LOADER_RUN = textwrap.dedent("""
             sys.exit(stop.exit_status)
 """)
 
+# The demo's rows: two independent tasks at once, a third waiting for the first.
+_GRAPH_RUN = textwrap.dedent("""
+    import sys, time
+    from wsss_fast.io.interrupts import Interrupted, handle_interrupts
+    from wsss_fast.workers import run_task_graph
+
+    def job(seconds, inputs):
+        if seconds == 0:
+            raise ValueError("a row failed")
+        time.sleep(seconds)
+
+    if __name__ == "__main__":
+        seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 120
+        tasks = [("a", (120,), []), ("b", (seconds,), []), ("c", (120,), ["a"])]
+        try:
+            with handle_interrupts():
+                run_task_graph(job, tasks, workers=2)
+        except Interrupted as stop:
+            print(f"stopped: {stop}", file=sys.stderr)
+            sys.exit(stop.exit_status)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+""")
+
 
 def _run_then_signal(tmp_path, script, signum):
     """Run ``script``, signal it once its two workers run their jobs; (exit status, stderr, the
@@ -634,7 +659,8 @@ def _run_then_signal(tmp_path, script, signum):
     return process.returncode, stderr, survivors
 
 
-@pytest.mark.parametrize("script", [_POOL_RUN, _LOADER_RUN], ids=["pool", "data_loader"])
+@pytest.mark.parametrize("script", [_POOL_RUN, _LOADER_RUN, _GRAPH_RUN],
+                         ids=["pool", "data_loader", "task_graph"])
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
 def test_workers_never_outlive_their_run(tmp_path, script, signum):
     status, stderr, survivors = _run_then_signal(tmp_path, script, signum)
@@ -644,6 +670,30 @@ def test_workers_never_outlive_their_run(tmp_path, script, signum):
         assert "stopped: interrupted by SIGTERM" in stderr and "Traceback" not in stderr
     else:
         assert status == -signal.SIGKILL
+
+
+def test_a_failing_task_stops_the_task_graph_and_its_workers(tmp_path):
+    path = tmp_path / "run.py"
+    path.write_text(_GRAPH_RUN)
+    process = subprocess.Popen([sys.executable, str(path), "0"], stderr=subprocess.PIPE,
+                               text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    started, children = time.time(), set()
+    while process.poll() is None:            # the workers it started, while it runs
+        children |= _descendants(process.pid)
+        time.sleep(0.05)
+    seconds = time.time() - started
+    stderr = process.stderr.read()
+    process.stderr.close()
+    deadline = time.time() + 10
+    while _alive(children) and time.time() < deadline:
+        time.sleep(0.1)
+    survivors = _alive(children)
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    # Raised at once with the task's own error, not after the 120 s task beside it.
+    assert process.returncode == 2 and "error: a row failed" in stderr, stderr[-2000:]
+    assert seconds < 60
+    assert not survivors, f"orphaned workers {survivors}"
 
 
 @pytest.mark.slow   # the same parent-death path as SIGKILL above

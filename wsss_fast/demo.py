@@ -10,12 +10,15 @@ it, over image-gradient edges. With ``pretrained`` (the default) every model sta
 shipped source-domain backbone of its family; without it, from random weights. Every step calls
 the pipeline API
 (``wsss_fast.pipeline``, the functions under the CLI) and is resumable: rerunning the demo in
-the same folder reuses finished steps.
+the same folder reuses finished steps. Rows run as a task graph (``row_tasks``), ``jobs`` at once
+in worker processes; each row records its steps' wall times in ``ROW/timing.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -98,6 +101,52 @@ class MethodResult:
     seconds_per_image: float = float("nan")
     train_seconds: float = float("nan")
     note: str = ""
+
+
+# A row's step times (OUT/ROW/TIMING), in report order; "irnet" (confident regions + IRNet
+# training) only in the row whose regions trained the shared IRNet, "prototypes" only in LPCAM's.
+TIMING = "timing.json"
+STAGES = ("train", "prototypes", "extract", "evaluate", "crf", "irnet", "rw")
+
+
+class StageTimes:
+    """The wall seconds of a row's steps, kept in ``folder/TIMING`` so that they survive
+    resumption: a step is timed when it runs (the part an interrupted run did is added to its
+    resumption's time, unless a row worker was killed with it, at ``jobs`` > 1) and, once
+    finished, a rerun that finds its output keeps the recorded time instead of timing the no-op
+    (a folder from before TIMING records its finished steps at their rerun's near-zero cost).
+    Each save is atomic."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / TIMING
+        self.entries = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        if name not in STAGES:
+            raise ValueError(f"StageTimes: unknown stage {name!r} (one of {', '.join(STAGES)})")
+        earlier = self.entries.get(name, {})
+        if earlier.get("done"):
+            yield
+            return
+        from wsss_fast.io.atomic import atomic_write_json
+        start, done = time.perf_counter(), False
+        try:
+            yield
+            done = True
+        finally:
+            self.entries[name] = {"seconds": earlier.get("seconds", 0.0) +
+                                  time.perf_counter() - start, "done": done}
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.path, self.entries)
+
+    def seconds(self) -> dict:
+        """``{stage: seconds}`` of the finished steps."""
+        return {k: v["seconds"] for k, v in self.entries.items() if v.get("done")}
+
+
+def _stage(times: Optional[StageTimes], name: str):
+    return contextlib.nullcontext() if times is None else times.stage(name)
 
 
 def per_class(values: Sequence) -> np.ndarray:
@@ -202,22 +251,25 @@ def train_finished(out: Path) -> bool:
     return bool(json.loads((out / REPORT).read_text()).get("finished"))
 
 
-def evaluate_folder(data: Path, split: str, source: str, folder: Path, out: Path) -> dict:
+def evaluate_folder(data: Path, split: str, source: str, folder: Path, out: Path,
+                    workers: int = 2) -> dict:
     """The evaluation report of CAM files (``source`` "cams") or label PNGs (``"pred"``),
-    written to ``out``."""
+    written to ``out`` (over ``workers`` processes; the counts, hence the report, do not depend
+    on them)."""
     from wsss_fast.pipeline import EvaluateOptions, evaluate
     folders = {"cams": str(folder)} if source == "cams" else {"pred": str(folder)}
     return evaluate(EvaluateOptions(data=str(data), split=split, out=str(out),
-                                    thresholds="0:1:0.01", **folders)).report
+                                    thresholds="0:1:0.01", workers=workers, **folders)).report
 
 
 def demo_lpcam_cams(data: Path, work: Path, train_overrides: dict, *, seed: int, workers: int,
-                    device: str, bank_images: Optional[int] = None) -> Path:
+                    device: str, bank_images: Optional[int] = None,
+                    times: Optional[StageTimes] = None) -> Path:
     """The demo's LPCAM step on the synthetic benchmark: trains "irn_cam" into ``work/train``,
     builds ``work/prototypes.pt`` and extracts LPCAM CAMs of the "val" split into
     ``work/extract``; each step is skipped when its output exists. ``bank_images``: build the
     feature bank from the first that many training images only (the bank's cost is 9 forward
-    passes per image). Returns ``work/extract/cams``."""
+    passes per image). ``times``: records the steps' times. Returns ``work/extract/cams``."""
     from wsss_fast.pipeline import (ExtractOptions, PrototypesOptions, TrainConfig,
                                     build_prototypes, extract, train)
     from wsss_fast.train.methods import get_method
@@ -226,25 +278,28 @@ def demo_lpcam_cams(data: Path, work: Path, train_overrides: dict, *, seed: int,
     data, work = Path(data), Path(work)
     model = get_method("irn_cam").model
     checkpoint = work / "train" / CHECKPOINT
-    if not train_finished(work / "train"):
-        train(TrainConfig.from_recipe(
-            "synthetic", method="irn_cam", data=str(data), out=str(work / "train"),
-            split="train", seed=seed, workers=workers, device=device,
-            resume=(work / "train" / STATE).exists(), **train_overrides))
+    with _stage(times, "train"):
+        if not train_finished(work / "train"):
+            train(TrainConfig.from_recipe(
+                "synthetic", method="irn_cam", data=str(data), out=str(work / "train"),
+                split="train", seed=seed, workers=workers, device=device,
+                resume=(work / "train" / STATE).exists(), **train_overrides))
     common = dict(data=str(data), model=model, checkpoint=str(checkpoint), device=device,
                   workers=workers, quiet=True)
     prototypes = work / "prototypes.pt"
-    if not prototypes.exists():
-        bank_split = "train"
-        if bank_images is not None:
-            train_ids = (data / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
-            bank_split = str(work / "bank.txt")
-            work.mkdir(parents=True, exist_ok=True)
-            Path(bank_split).write_text("\n".join(train_ids[:bank_images]) + "\n")
-        build_prototypes(PrototypesOptions(**common, split=bank_split, out=str(prototypes),
-                                           seed=seed))
-    checked(extract(ExtractOptions(**common, method="lpcam", prototypes=str(prototypes),
-                                   split="val", out=str(work / "extract"))))
+    with _stage(times, "prototypes"):
+        if not prototypes.exists():
+            bank_split = "train"
+            if bank_images is not None:
+                train_ids = (data / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+                bank_split = str(work / "bank.txt")
+                work.mkdir(parents=True, exist_ok=True)
+                Path(bank_split).write_text("\n".join(train_ids[:bank_images]) + "\n")
+            build_prototypes(PrototypesOptions(**common, split=bank_split, out=str(prototypes),
+                                               seed=seed))
+    with _stage(times, "extract"):
+        checked(extract(ExtractOptions(**common, method="lpcam", prototypes=str(prototypes),
+                                       split="val", out=str(work / "extract"))))
     return work / "extract" / "cams"
 
 
@@ -309,64 +364,159 @@ def learned_walk(method: str, data: Path, out: Path, cams: Path, scale: DemoScal
     return work / "rw" / "labels"
 
 
-def run_method(method: str, data: Path, out: Path, scale: DemoScale, seed: int, workers: int,
-               device: str, cooccurrence: Sequence[int],
-               pretrained: bool = False, learned_rw: bool = True) -> MethodResult:
-    from wsss_fast.pipeline import (PseudoLabelOptions, RefineOptions, extract, pseudo_label,
-                                    refine)
+@dataclass(frozen=True)
+class DemoRun:
+    """The settings every row of one demo invocation shares (picklable: a row may run in a worker
+    process). ``threads``: torch's intra-op threads in that process (None: unchanged)."""
+    data: Path
+    out: Path
+    scale: DemoScale
+    seed: int
+    workers: int
+    device: str
+    cooccurrence: tuple
+    pretrained: bool = False
+    learned_rw: bool = True
+    threads: Optional[int] = None
+
+
+def row_seeds(method: str, run: DemoRun, times: Optional[StageTimes] = None) -> MethodResult:
+    """A row up to its walk: trains (or reuses) its model, extracts the validation CAMs into
+    ``ROW/extract/cams``, evaluates the seeds and their +CRF labels."""
+    from wsss_fast.pipeline import PseudoLabelOptions, extract, pseudo_label
+    data, out, workers, device = run.data, run.out, run.workers, run.device
+    times = StageTimes(out / method) if times is None else times
     result = MethodResult(method)
     work = out / method
-    start = time.perf_counter()
     if method == "lpcam":
-        cams = demo_lpcam_cams(data, work, train_overrides("irn_cam", scale, pretrained),
-                               seed=seed, workers=workers,
-                               device=device, bank_images=scale.lpcam_bank_images)
-        result.train_seconds = time.perf_counter() - start   # training + prototypes
+        cams = demo_lpcam_cams(data, work, train_overrides("irn_cam", run.scale, run.pretrained),
+                               seed=run.seed, workers=workers, device=device,
+                               bank_images=run.scale.lpcam_bank_images, times=times)
     else:
         trained, _, _, settings = extraction_plan(method)
-        checkpoint = _train(trained, data, out / trained / "train", scale, seed, workers, device,
-                            pretrained)
-        if trained == method:
-            result.train_seconds = time.perf_counter() - start
-        else:
+        with _stage(times if trained == method else None, "train"):
+            checkpoint = _train(trained, data, out / trained / "train", run.scale, run.seed,
+                                workers, device, run.pretrained)
+        if trained != method:
             result.note = f"{trained}'s checkpoint, {settings} extraction (no training)"
         extract_dir = work / "extract"
-        checked(extract(extract_options(method, data, checkpoint, extract_dir, workers=workers,
-                                        device=device)))
+        with times.stage("extract"):
+            checked(extract(extract_options(method, data, checkpoint, extract_dir,
+                                            workers=workers, device=device)))
         cams = extract_dir / "cams"
+    recorded = times.seconds()
+    if "train" in recorded:   # LPCAM's: training + prototypes
+        result.train_seconds = recorded["train"] + recorded.get("prototypes", 0.0)
     manifest = json.loads((cams.parent / "manifest-extract.json").read_text())
     done = manifest["counts"]["done"]
     seconds = sum(r.get("seconds", 0.0) for r in manifest["ranks"])
     if done:
         result.seconds_per_image = seconds / done
-    seeds = evaluate_folder(data, "val", "cams", cams, work / "eval_seeds")
+    with times.stage("evaluate"):
+        seeds = evaluate_folder(data, "val", "cams", cams, work / "eval_seeds", workers)
     result.seed_miou, result.threshold = seeds["best_miou"], seeds["best_threshold"]
     result.fp = float(np.nanmean(per_class(seeds["at_best"]["fp_rate"])))
     result.fn = float(np.nanmean(per_class(seeds["at_best"]["fn_rate"])))
-    result.cooccurrence_iou = cooccurrence_iou(seeds, cooccurrence)
-    common = dict(data=str(data), split="val", cams=str(cams), workers=workers, quiet=True)
-    # The threshold as the report prints it (4 decimals), so a rerun finds the same config.
-    threshold = round(result.threshold, 4)
-    checked(pseudo_label(PseudoLabelOptions(**common, out=str(work / "crf"), rule="constant",
-                                            threshold=threshold, crf="irn")))
-    result.crf_miou = evaluate_folder(data, "val", "pred", work / "crf" / "labels",
-                                      work / "eval_crf")["at_best"]["miou"]["nanmean"]
-    rw_labels = None
-    if learned_rw and method in LEARNED_RW:
-        rw_labels = learned_walk(method, data, out, cams, scale, seed=seed, workers=workers,
-                                 device=device)
-    if rw_labels is None:
-        checked(refine(RefineOptions(**common, out=str(work / "rw_gradient"), preset="irn",
-                                     bg_threshold=threshold, device=device)))
-        rw_labels = work / "rw_gradient" / "labels"
-        if learned_rw:
-            why = "no IRNet for this row" if method not in LEARNED_RW else \
-                "no confident region to train IRNet on"
-            result.note = "; ".join(filter(None, [result.note, f"+RW over image-gradient "
-                                                  f"edges ({why})"]))
-    result.rw_miou = evaluate_folder(data, "val", "pred", rw_labels,
-                                     work / "eval_rw")["at_best"]["miou"]["nanmean"]
+    result.cooccurrence_iou = cooccurrence_iou(seeds, run.cooccurrence)
+    with times.stage("crf"):
+        checked(pseudo_label(PseudoLabelOptions(
+            data=str(data), split="val", cams=str(cams), workers=workers, quiet=True,
+            out=str(work / "crf"), rule="constant", threshold=_rerun_threshold(result),
+            crf="irn")))
+        result.crf_miou = evaluate_folder(data, "val", "pred", work / "crf" / "labels",
+                                          work / "eval_crf", workers)["at_best"]["miou"]["nanmean"]
     return result
+
+
+def _rerun_threshold(result: MethodResult) -> float:
+    # The threshold as the report prints it (4 decimals), so a rerun finds the same config.
+    return round(result.threshold, 4)
+
+
+def row_irnet(method: str, run: DemoRun) -> Optional[Path]:
+    """The demo's IRNet (``shared_irnet``), trained on this row's confident regions if it does
+    not exist yet; its time is this row's "irnet" stage."""
+    with StageTimes(run.out / method).stage("irnet"):
+        return shared_irnet(method, run.data, run.out, run.out / method / "extract" / "cams",
+                            run.scale, seed=run.seed, workers=run.workers, device=run.device)
+
+
+def row_walk(result: MethodResult, run: DemoRun,
+             times: Optional[StageTimes] = None) -> MethodResult:
+    """``result`` (``row_seeds``'s) with its +RW column: the learned walk for the LEARNED_RW
+    rows when ``run.learned_rw`` (a row other than the IRNet's source needs it trained), else
+    the image-gradient walk."""
+    from dataclasses import replace
+
+    from wsss_fast.pipeline import RefineOptions, refine
+    method, data, out = result.method, run.data, run.out
+    times = StageTimes(out / method) if times is None else times
+    work, cams = out / method, out / method / "extract" / "cams"
+    result = replace(result)
+    with times.stage("rw"):
+        rw_labels = None
+        if run.learned_rw and method in LEARNED_RW:
+            rw_labels = learned_walk(method, data, out, cams, run.scale, seed=run.seed,
+                                     workers=run.workers, device=run.device)
+        if rw_labels is None:
+            checked(refine(RefineOptions(data=str(data), split="val", cams=str(cams),
+                                         workers=run.workers, quiet=True,
+                                         out=str(work / "rw_gradient"), preset="irn",
+                                         bg_threshold=_rerun_threshold(result),
+                                         device=run.device)))
+            rw_labels = work / "rw_gradient" / "labels"
+            if run.learned_rw:
+                why = "no IRNet for this row" if method not in LEARNED_RW else \
+                    "no confident region to train IRNet on"
+                result.note = "; ".join(filter(None, [result.note, f"+RW over image-gradient "
+                                                      f"edges ({why})"]))
+        result.rw_miou = evaluate_folder(data, "val", "pred", rw_labels, work / "eval_rw",
+                                         run.workers)["at_best"]["miou"]["nanmean"]
+    return result
+
+
+def row_tasks(methods: Sequence[str], run: DemoRun) -> list:
+    """The demo's rows as ``run_task_graph`` tasks ``(name, args, dependencies)`` of
+    ``_row_task``: ``seeds:ROW`` then ``walk:ROW`` per row; an inference plug-in's seeds wait
+    for its trained method's (same checkpoint folder); with the learned walk, ``irnet`` trains
+    on the first LEARNED_RW row's seeds and every learned row's walk waits for it. The IRNet
+    chain is listed first: it gates the most."""
+    learned = [m for m in methods if run.learned_rw and m in LEARNED_RW]
+    tasks = []
+    if learned:
+        tasks.append(("irnet", ("irnet", learned[0], run), [f"seeds:{learned[0]}"]))
+    for method in methods:
+        trained = extraction_plan(method)[0]
+        depends = [f"seeds:{trained}"] if trained != method and trained in methods else []
+        tasks.append((f"seeds:{method}", ("seeds", method, run), depends))
+        tasks.append((f"walk:{method}", ("walk", method, run),
+                      [f"seeds:{method}"] + (["irnet"] if method in learned else [])))
+    return tasks
+
+
+def _row_task(kind: str, method: str, run: DemoRun, inputs: dict):
+    if run.threads is not None:
+        import torch
+        torch.set_num_threads(run.threads)
+    if kind == "irnet":
+        return row_irnet(method, run)
+    if kind == "seeds":
+        _log(f"{method}: train, extract, evaluate, CRF")
+        return row_seeds(method, run)
+    result = row_walk(inputs[f"seeds:{method}"], run)
+    _log(f"{method}: seed mIoU {_pct(result.seed_miou)}, +RW {_pct(result.rw_miou)}")
+    return result
+
+
+def default_jobs() -> int:
+    """Rows run at once by default: 2 where there are >= 2 cores (measured: two 1-thread
+    processes train the small models faster in total than one 2-thread process)."""
+    return min(2, _cores())
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
 
 
 def _pct(value: float) -> str:
@@ -388,6 +538,52 @@ def report_table(results: Sequence[MethodResult]) -> str:
                      f"{_seconds(r.train_seconds)} |")
     notes = [f"- {r.method}: {r.note}" for r in results if r.note]
     return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def stage_table(times: dict) -> str:
+    """``{row: {stage: seconds}}`` as a markdown table: rows × STAGES (the ones any row has),
+    a total per row and a totals line."""
+    stages = [s for s in STAGES if any(s in row for row in times.values())]
+    lines = ["| row | " + " | ".join(stages) + " | total |",
+             "|---|" + "---:|" * (len(stages) + 1)]
+    for row, seconds in list(times.items()) + [("total", _column_sums(times, stages))]:
+        cells = [_seconds(seconds.get(s, float("nan"))) for s in stages]
+        lines.append(f"| {row} | " + " | ".join(cells) +
+                     f" | {_seconds(sum(seconds.get(s, 0.0) for s in stages))} |")
+    return "\n".join(lines)
+
+
+def _column_sums(times: dict, stages: Sequence[str]) -> dict:
+    return {s: sum(row.get(s, 0.0) for row in times.values()) for s in stages}
+
+
+# OUT/RUNS: one entry per demo invocation in the folder (its jobs; minutes once it finished).
+RUNS = "demo_runs.json"
+
+
+def _count_invocation(out: Path, jobs: int) -> list:
+    from wsss_fast.io.atomic import atomic_write_json
+    path = out / RUNS
+    runs = json.loads(path.read_text()) if path.exists() else []
+    runs.append({"jobs": jobs, "minutes": None})
+    atomic_write_json(path, runs)
+    return runs
+
+
+def _finish_invocation(out: Path, minutes: float) -> list:
+    from wsss_fast.io.atomic import atomic_write_json
+    runs = json.loads((out / RUNS).read_text())
+    runs[-1]["minutes"] = minutes
+    atomic_write_json(out / RUNS, runs)
+    return runs
+
+
+def _invocations_text(runs: list) -> str:
+    if len(runs) == 1:
+        return "this folder took 1 invocation"
+    earlier = ", ".join("interrupted" if r["minutes"] is None else f"{r['minutes']:.1f} min"
+                        for r in runs[:-1])
+    return f"this folder took {len(runs)} invocations; the earlier ones: {earlier}"
 
 
 def gallery_rows(data: Path, rows: int) -> list[tuple[str, int]]:
@@ -447,15 +643,21 @@ def _gallery(data: Path, out: Path, results: Sequence[MethodResult], path: Path,
 
 def run_demo(out, *, quick: bool = False, seed: int = 0, workers: int = 2, device: str = "cpu",
              methods: Sequence[str] = DEMO_METHODS, scale: Optional[DemoScale] = None,
-             pretrained: bool = True, learned_rw: bool = True) -> Path:
+             pretrained: bool = True, learned_rw: bool = True,
+             jobs: Optional[int] = None) -> Path:
     """Run the demo into ``out``; returns the report path. ``scale`` replaces the size that
     ``quick`` picks (QUICK or FULL). ``pretrained``: every model starts from the shipped
     backbone of its family (pretrained/*.pt); False: from scratch. ``learned_rw`` (default):
     the +RW column of the LEARNED_RW rows walks over the demo's IRNet's boundaries; False:
-    over image-gradient edges."""
+    over image-gradient edges. ``jobs``: rows run at once in that many worker processes
+    (``row_tasks``' order), each with ``cores // jobs`` torch threads and ``workers // jobs``
+    workers (1: in this process, one row after another; None: ``default_jobs()``)."""
     from wsss_fast.data.synthetic import generate_synthetic
     from wsss_fast.evaluate import plot_sweep
     from wsss_fast.io.atomic import atomic_write_bytes, atomic_write_json
+    jobs = default_jobs() if jobs is None else jobs
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"demo: jobs must be an integer >= 1, got {jobs!r}")
     out = Path(out)
     if scale is None:
         scale = QUICK if quick else FULL
@@ -466,13 +668,23 @@ def run_demo(out, *, quick: bool = False, seed: int = 0, workers: int = 2, devic
         options["image_size"] = scale.image_size
     _log(f"synthetic data: {scale.num_train} train / {scale.num_val} val images in {data}")
     generate_synthetic(data, **options)
-    cooccurrence = cooccurrence_classes(data)
-    results = []
-    for method in methods:
-        _log(f"{method}: train, extract, evaluate, CRF, random walk")
-        results.append(run_method(method, data, out, scale, seed, workers, device,
-                                  cooccurrence, pretrained, learned_rw))
-        _log(f"{method}: seed mIoU {_pct(results[-1].seed_miou)}")
+    invocations = _count_invocation(out, jobs)
+    from wsss_fast.workers import run_task_graph
+    # Rows at once split the cores and the workers; a row's share of one worker runs in the
+    # row's own process (a pool of one would only add a process start and pickling per step).
+    parallel = jobs > 1 and len(methods) > 1
+    row_workers = workers // jobs if parallel else workers
+    if parallel and row_workers == 1:
+        row_workers = 0
+    run = DemoRun(data, out, scale, seed, row_workers, device,
+                  tuple(cooccurrence_classes(data)), pretrained, learned_rw,
+                  threads=max(1, _cores() // jobs) if parallel else None)
+    _log(f"rows: {', '.join(methods)}"
+         + (f" ({jobs} at once, {run.threads} thread(s) each)" if parallel else ""))
+    done = run_task_graph(_row_task, row_tasks(methods, run), jobs if parallel else 0)
+    results = [done[f"walk:{method}"] for method in methods]
+    cooccurrence = run.cooccurrence
+    times = {method: StageTimes(out / method).seconds() for method in methods}
     curves = {}
     for r in results:
         report = json.loads((out / r.method / "eval_seeds" / "evaluation.json").read_text())
@@ -480,6 +692,7 @@ def run_demo(out, *, quick: bool = False, seed: int = 0, workers: int = 2, devic
     plot_sweep(curves, out / "sweep_curves.png", title="seed mIoU vs background threshold")
     _gallery(data, out, results, out / "gallery.png")
     minutes = (time.perf_counter() - started) / 60
+    invocations = _finish_invocation(out, minutes)
     table = report_table(results)
     names = (data / "classes.txt").read_text().split()
     start = ("backbones pretrained on the source domain (pretrained/*.pt)" if pretrained
@@ -498,10 +711,16 @@ def run_demo(out, *, quick: bool = False, seed: int = 0, workers: int = 2, devic
             f"classes); FP/FN: mean over classes at that threshold (IRN's rates); co-occ. IoU: "
             f"mean IoU of the co-occurrence classes; +CRF: IRN label CRF of the seed; +RW: IRN "
             f"random walk {walk}.\n\n{table}\n\n"
-            f"Total time: {minutes:.1f} min. Curves: sweep_curves.png; overlays: gallery.png.\n")
+            f"Total time: {minutes:.1f} min ({_invocations_text(invocations)}). Curves: "
+            f"sweep_curves.png; overlays: gallery.png.\n\n"
+            f"Step times (wall seconds, recorded when each step ran, across invocations; "
+            f"irnet: confident regions + IRNet training; with jobs > 1 rows overlap, so the "
+            f"total exceeds the wall time):\n\n{stage_table(times)}\n")
     atomic_write_bytes(out / "report.md", text.encode())
     atomic_write_json(out / "report.json", {"quick": quick, "seed": seed, "minutes": minutes,
                                             "pretrained": pretrained, "learned_rw": learned_rw,
+                                            "jobs": jobs, "invocations": invocations,
+                                            "stage_seconds": times,
                                             "results": [vars(r) for r in results]})
     print(text)
     return out / "report.md"

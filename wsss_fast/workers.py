@@ -1,4 +1,5 @@
-"""Many independent per-image jobs (CRFs, random walks) over worker processes.
+"""Many independent per-image jobs (CRFs, random walks) over worker processes, and a graph of
+dependent tasks (the demo's rows, ``run_task_graph``).
 
 Both are CPU-bound and single-threaded per image (pydensecrf holds the GIL; one random walk runs
 on one thread), so throughput comes from processes, each running whole images. Workers never
@@ -17,7 +18,7 @@ import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from wsss_fast.io.interrupts import deferred_interrupts, die_with_parent
 
@@ -185,3 +186,80 @@ def _run_pooled(function: Callable, jobs, workers: int, record: Callable, fatal:
             if not completed:   # an exception or an interrupt: nobody will collect the results
                 _kill_workers(pool)
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_task_graph(function: Callable, tasks: Sequence[tuple[str, tuple, Iterable[str]]],
+                   workers: int = 0, *,
+                   on_result: Optional[Callable[[str, Any], None]] = None) -> dict:
+    """``{name: function(*args, inputs)}`` for ``tasks`` of ``(name, args, names it depends
+    on)``, where ``inputs`` is ``{dependency: its result}``: each task starts once all its
+    dependencies have finished, over ``workers`` processes (0: one after another in this
+    process). Among ready tasks the earlier listed starts first, so list the tasks that
+    unblock others early.
+
+    Unlike ``run_in_workers`` the tasks are not independent, so the first one that raises
+    stops the run: the tasks still running are killed (their workers too) and its exception
+    is raised here; a dead worker raises ``BrokenProcessPool``. ``on_result(name, result)``
+    is called in this process as each task finishes.
+    """
+    if not callable(function):
+        raise ValueError(f"run_task_graph: function must be callable, got {function!r}")
+    if workers < 0:
+        raise ValueError(f"run_task_graph: workers must be >= 0, got {workers}")
+    names = [name for name, _, _ in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"run_task_graph: task names repeat in {names}")
+    needs = {name: set(depends) for name, _, depends in tasks}
+    arguments = {name: tuple(args) for name, args, _ in tasks}
+    for name, depends in needs.items():
+        if not depends <= set(names):
+            raise ValueError(f"run_task_graph: task {name!r} depends on unknown "
+                             f"{sorted(depends - set(names))}")
+    results: dict[str, Any] = {}
+    pending = list(names)
+
+    def take_ready(limit: int) -> list:
+        ready = [name for name in pending if needs[name] <= results.keys()][:limit]
+        for name in ready:
+            pending.remove(name)
+        return ready
+
+    def call_args(name: str) -> tuple:
+        return (*arguments[name], {d: results[d] for d in sorted(needs[name])})
+
+    def record(name: str, result: Any) -> None:
+        results[name] = result
+        if on_result is not None:
+            on_result(name, result)
+
+    def cycle() -> ValueError:
+        return ValueError(f"run_task_graph: tasks {pending} depend on each other")
+
+    if workers == 0:
+        while pending:
+            ready = take_ready(1)
+            if not ready:
+                raise cycle()
+            record(ready[0], function(*call_args(ready[0])))
+        return results
+    pool = None
+    running: dict = {}
+    completed = False
+    try:
+        with deferred_interrupts():
+            pool = _process_pool(workers, function)
+        while pending or running:
+            for name in take_ready(workers - len(running)):
+                with deferred_interrupts():   # see _run_pooled
+                    running[pool.submit(function, *call_args(name))] = name
+            if not running:
+                raise cycle()
+            for future in wait(running, return_when=FIRST_COMPLETED).done:
+                record(running.pop(future), future.result())
+        completed = True
+    finally:
+        if pool is not None:
+            if not completed:   # a failed task or an interrupt: stop the others now
+                _kill_workers(pool)
+            pool.shutdown(wait=True, cancel_futures=True)
+    return results

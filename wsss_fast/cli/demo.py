@@ -4,19 +4,22 @@ Generates the data, trains a small model for every method (token CAM, MCTformer-
 MCTformer-V2 trained with DOEI, TransCAM, BNR, LPCAM, EDAM; plus DOEI at inference over
 MCTformer-V2's checkpoint), extracts and evaluates CAM seeds, makes
 pseudo-labels with the CRF and the random walk, and writes OUT/report.md with the table, the
-sweep curves (sweep_curves.png) and an overlay gallery (gallery.png). Resumable.
+sweep curves (sweep_curves.png), an overlay gallery (gallery.png) and each row's step times.
+Resumable.
 
   wsss-fast demo                  # the full demo (59 min on 2 CPU cores beside a CI check)
   wsss-fast demo --quick          # a small smoke version (CI)
   wsss-fast demo --from-scratch   # every model from random weights, not the shipped backbones
   wsss-fast demo --gradient-rw    # +RW over image-gradient edges, no IRNet (faster)
+  wsss-fast demo --jobs 1         # rows one after another (default: 2 at once on >= 2 cores)
 """
 
 from __future__ import annotations
 
 import argparse
 
-from wsss_fast.options import argparse_type, device_name, seed_int, text, worker_count
+from wsss_fast.options import (argparse_type, device_name, positive_int, seed_int, text,
+                               worker_count)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=argparse_type(seed_int), default=0)
     parser.add_argument("--workers", type=argparse_type(worker_count), default=2)
     parser.add_argument("--device", type=argparse_type(device_name), default="cpu")
+    parser.add_argument("--jobs", type=argparse_type(positive_int), default=None,
+                        help="rows run at once, in worker processes that split the cores and "
+                        "--workers between them (default: 2 where there are >= 2 cores; 1: one "
+                        "row after another in this process)")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--pretrained", dest="pretrained", action="store_true", default=True,
                        help="start every model from the shipped backbone of its family, "
@@ -49,5 +56,5 @@ def run(args: argparse.Namespace) -> int:
     from wsss_fast.demo import run_demo
     run_demo(args.out, quick=args.quick, seed=args.seed, workers=args.workers,
              device=args.device, methods=args.methods, pretrained=args.pretrained,
-             learned_rw=args.learned_rw)
+             learned_rw=args.learned_rw, jobs=args.jobs)
     return 0
