@@ -353,6 +353,12 @@ class Edam(nn.Module):
         features = self.features(images)
         return self.collaborative_attention(features, self.da_masks(features), pairs)
 
+    def class_map_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain-CAM logits ``(B, K)``: GAP of the DA layer's raw class maps (before the
+        normalization; the extra channel dropped). Pretraining and EDAM's warm phase classify
+        with them: they need no pairs and no CMA."""
+        return self.mask_layer(self.features(x)).mean(dim=(-2, -1))[:, :self.num_classes]
+
     @torch.no_grad()
     def cam_maps(self, x: torch.Tensor) -> torch.Tensor:
         """DA masks of the K classes for one pass ``(B, K, ⌈H/8⌉, ⌈W/8⌉)`` (``forward_cam``)."""
