@@ -375,17 +375,43 @@ def test_warm_phase_switches_to_the_method_loss_after_warm_epochs(tiny_root, tmp
     calls.clear()
     train(method, tiny_root, tmp_path / "plain", epochs=2, **dict(FAST, batch_size=2))
     assert calls == ["edam"] * 8                     # warm_epochs 0: no warm phase
+    train(method, tiny_root, tmp_path / "scaled", epochs=3, warm_epochs=1, lr_after_warm=3.0,
+          max_steps=8, **dict(FAST, batch_size=2))
+    scaled = json.loads((tmp_path / "scaled" / "train.json").read_text())["epochs"]
+    assert scaled[0]["lr"] == pytest.approx(history[0]["lr"])      # the warm phase: unscaled
+    assert scaled[1]["lr"] == pytest.approx(3 * history[1]["lr"])
 
 
-def test_resume_across_the_warm_switch_gives_identical_weights(tiny_root, tmp_path):
-    options = dict(FAST, batch_size=2, epochs=2, warm_epochs=1)   # switch at step 4 of 8
+@pytest.mark.parametrize("freeze_trunk", [False, True])
+def test_resume_across_the_warm_switch_gives_identical_weights(tiny_root, tmp_path,
+                                                               freeze_trunk):
+    options = dict(FAST, batch_size=2, epochs=2, warm_epochs=1,   # switch at step 4 of 8
+                   freeze_trunk=freeze_trunk)
     straight = train("edam", tiny_root, tmp_path / "straight", **options)
     train("edam", tiny_root, tmp_path / "resumed", max_steps=3, **options)
     resumed = train("edam", tiny_root, tmp_path / "resumed", resume=True, **options)
     assert_same_weights(read_weights(straight), read_weights(resumed))
     with pytest.raises(ValueError, match="warm_epochs: 1 in the run, 0 now"):
         train("edam", tiny_root, tmp_path / "resumed", resume=True,
-              **dict(options, warm_epochs=0))
+              **dict(options, warm_epochs=0, freeze_trunk=False))
+
+
+def test_freeze_trunk_keeps_the_warm_phase_trunk(tiny_root, tmp_path):
+    options = dict(FAST, batch_size=2, epochs=2, warm_epochs=1, freeze_trunk=True)
+    train("edam", tiny_root, tmp_path / "run", max_steps=4, **options)      # the warm phase
+    warm = read_weights(tmp_path / "run" / "checkpoint.pth")
+    final = read_weights(train("edam", tiny_root, tmp_path / "run", resume=True, **options))
+    start = create_model("edam_tiny", num_classes=8)
+    trunk = {f"{name}.{key}" for name, module in start.named_children()
+             if module in start.trunk() for key, p in module.named_parameters()}
+    assert "conv1a.weight" in trunk and "bn7.weight" in trunk and "b7.conv_branch1.weight" in trunk
+    assert not any(name.startswith(("mask_layer", "d_d", "fc_list", "trans_list")) for name in trunk)
+    assert all(torch.equal(warm[k], final[k]) for k in trunk)
+    assert not torch.equal(warm["mask_layer.weight"], final["mask_layer.weight"])
+    assert not torch.equal(warm["d_d.weight"], final["d_d.weight"])
+    unfrozen = read_weights(train("edam", tiny_root, tmp_path / "unfrozen",
+                                  **dict(options, freeze_trunk=False)))
+    assert not torch.equal(unfrozen["conv1a.weight"], final["conv1a.weight"])
 
 
 @pytest.mark.parametrize("method, options, message", [
@@ -395,6 +421,9 @@ def test_resume_across_the_warm_switch_gives_identical_weights(tiny_root, tmp_pa
     ("edam", dict(warm_epochs=20), "--warm-epochs 20 must be below --epochs 20"),   # the default
     ("edam", dict(epochs=3, warm_epochs=-1), r"--warm-epochs: expected an integer in \[0, "),
     ("edam", dict(epochs=3, warm_epochs=1.5), r"--warm-epochs: expected an integer"),
+    ("edam", dict(epochs=3, freeze_trunk=True), "--freeze-trunk needs --warm-epochs N > 0"),
+    ("edam", dict(epochs=3, lr_after_warm=0.5), "--lr-after-warm needs --warm-epochs N > 0"),
+    ("edam", dict(epochs=3, warm_epochs=1, lr_after_warm=0), "--lr-after-warm: expected"),
 ])
 def test_warm_epochs_errors(tiny_root, tmp_path, method, options, message):
     with pytest.raises(ValueError, match=message):

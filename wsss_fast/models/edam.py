@@ -283,6 +283,12 @@ class Edam(nn.Module):
         transformers and the embedding train at 1×, as the backbone."""
         return (self.mask_layer, self.d_d, self.fc_list)
 
+    def trunk(self) -> tuple[nn.Module, ...]:
+        """The ResNet-38 trunk that computes ``conv6`` (``features``): conv1a, the stages, b6,
+        b7, bn7; not the DA layer, ``d_d``, the CMA or the heads."""
+        return (self.conv1a, *(getattr(self, n) for n in self.stage_blocks), self.b6, self.b7,
+                self.bn7)
+
     def trainable_parameters(self) -> list[dict]:
         """Optimizer groups: the trainable backbone, CMA transformer and embedding parameters
         (lr ×1), then ``new_layers`` (lr × ``new_layer_lr_scale``). ``lr_scale`` multiplies the

@@ -79,6 +79,13 @@ class TrainConfig(DatasetOptions):
                               "its warm-phase loss (edam: the plain-CAM loss on the DA layer's "
                               "raw class maps), the rest the method's own; one schedule spans "
                               "--epochs", group=_OPT, check=WARM_EPOCHS)
+    freeze_trunk: bool = option(False, "with --warm-epochs: after the warm phase only the "
+                                "layers past the model's trunk train (edam: the DA layer, the "
+                                "CMA and its heads; the trunk's weights stay the warm phase's)",
+                                group=_OPT)
+    lr_after_warm: float = option(1.0, "with --warm-epochs: multiplies the schedule's "
+                                  "learning rate after the warm phase", group=_OPT,
+                                  check=positive_float)
     max_steps: Optional[int] = option(None, "stop after this many optimizer steps in total (the "
                                       "schedule still spans --epochs)", group=_OPT,
                                       fingerprint=False, check=positive_int)
@@ -169,7 +176,10 @@ class TrainConfig(DatasetOptions):
 
     def _warm_phase_problems(self, chosen) -> list[str]:
         if not self.warm_epochs:
-            return []
+            return [f"{flag} needs --warm-epochs N > 0 (it applies after the warm phase)"
+                    for flag, given in (("--freeze-trunk", self.freeze_trunk),
+                                        ("--lr-after-warm", self.lr_after_warm != 1.0))
+                    if given]
         if chosen.warm_loss is None:
             with_warm = [name for name in _method_names() if _method(name).warm_loss is not None]
             return [f"--warm-epochs does not apply to --method {chosen.name} (no warm-phase "

@@ -272,6 +272,7 @@ def run_loop(chosen: Method, config: TrainConfig, out: Path, target: torch.devic
     steps_per_epoch = batches_per_epoch(len(images), config.batch_size)
     stop = total_steps if max_steps is None else min(max_steps, total_steps)
     warm_steps = config.warm_epochs * steps_per_epoch   # TrainConfig.problems checked the method
+    trunk = _trunk_parameters(net) if config.freeze_trunk else []
     run = _Run()
     run.skipped.update(skipped)
     checkpoint_current = True
@@ -301,9 +302,12 @@ def run_loop(chosen: Method, config: TrainConfig, out: Path, target: torch.devic
             for batch, batch_labels, failed in epoch_loader(images, config.batch_size, epoch,
                                                             start_batch, workers):
                 run.skipped.update({id: error for id, error in failed})
-                lr_now = schedule(run.step)
+                warm = run.step < warm_steps
+                lr_now = schedule(run.step) * (1.0 if warm else config.lr_after_warm)
                 if batch is not None:
-                    loss = chosen.warm_loss if run.step < warm_steps else chosen.loss
+                    for parameter in trunk:     # per step, so a resumed run freezes it too
+                        parameter.requires_grad_(warm)
+                    loss = chosen.warm_loss if warm else chosen.loss
                     terms = _step(chosen.name, loss, net, optimizer, batch.to(target),
                                   batch_labels.to(target), lr_now, config.clip_grad, run.step)
                     run.add(terms)
@@ -325,6 +329,16 @@ def run_loop(chosen: Method, config: TrainConfig, out: Path, target: torch.devic
     finally:
         bar.close()
     return out / CHECKPOINT
+
+
+def _trunk_parameters(net) -> list:
+    """``TrainConfig.freeze_trunk``: the trunk's parameters that the model trains (a fine-tune
+    regime's frozen ones stay frozen). Outside the warm phase they get no gradient, so AdamW
+    skips them (no update, no weight decay); BatchNorm still normalizes with batch statistics."""
+    if not hasattr(net, "trunk"):
+        raise ValueError(f"--freeze-trunk: model {type(net).__name__} does not name its trunk "
+                         f"(a trunk() method)")
+    return [p for module in net.trunk() for p in module.parameters() if p.requires_grad]
 
 
 def _step(name: str, loss_fn: Callable, net, optimizer, images, labels, lr: float, clip_grad,
