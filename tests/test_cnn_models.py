@@ -16,7 +16,8 @@ from wsss_fast.engine import CamEngine
 from wsss_fast.models.edam import Edam, edam, edam_tiny
 from wsss_fast.models.registry import create_model
 from wsss_fast.models.resnet_cam import resnet50_cam, resnet_cam_tiny
-from wsss_fast.train.cnn_methods import edam_loss, irn_cam_loss, pair_by_shared_class
+from wsss_fast.train.cnn_methods import (edam_loss, edam_warm_loss, irn_cam_loss,
+                                        pair_by_shared_class)
 
 from tests.helpers import (assert_rel_close, random_image, randomize_batchnorm,
                            upstream_normalize, upstream_rescale)
@@ -337,6 +338,23 @@ def test_edam_new_layers_train_at_ten_times_the_lr_as_upstream():
     grad = model.mask_layer.weight.grad.clone()
     optimizer.step()
     assert torch.allclose(model.mask_layer.weight - before, -1e-2 * grad, atol=1e-8)
+
+
+def test_edam_warm_loss_is_the_plain_cam_loss_of_the_raw_class_maps(gen):
+    model = randomize_batchnorm(edam_tiny(num_classes=3), gen).eval()
+    images = torch.randn(2, 3, 32, 32, generator=gen)
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    raw = model.mask_layer(model.features(images))                 # (B, K+1, h, w)
+    logits = raw[:, :3].mean(dim=(2, 3))                            # the extra channel dropped
+    expected = -(labels * F.logsigmoid(logits)
+                 + (1 - labels) * F.logsigmoid(-logits)).mean(dim=1).mean()
+    loss, terms = edam_warm_loss(model, images, labels)
+    assert torch.allclose(loss, expected, atol=1e-6) and terms == {"warm_cls": loss.item()}
+    loss.backward()
+    assert model.mask_layer.weight.grad is not None and model.conv1a.weight.grad is not None
+    # No pairs and no CMA: its layers get no gradient in the warm phase.
+    assert all(p.grad is None for p in (*model.d_d.parameters(), *model.trans_list.parameters(),
+                                        *model.fc_list.parameters()))
 
 
 def test_edam_position_table_is_the_sinusoid():

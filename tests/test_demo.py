@@ -199,3 +199,22 @@ def test_cli_walk_flags():
     assert not parser.parse_args(["demo", "--no-learned-rw"]).learned_rw
     with pytest.raises(SystemExit):
         parser.parse_args(["demo", "--learned-rw", "--gradient-rw"])
+
+
+def test_edam_warm_phase_fits_every_scale():
+    """The demo's EDAM entry trains a warm phase; shorter scales keep its share of the epochs."""
+    from wsss_fast.demo import FULL, PRETRAINED_TRAIN, QUICK, train_overrides
+    from wsss_fast.train import TrainConfig
+    entry = PRETRAINED_TRAIN["edam"]
+    assert 0 < entry["warm_epochs"] < entry["epochs"]
+    full = train_overrides("edam", FULL, pretrained=True)
+    assert {k: full[k] for k in entry} == entry and full["init"].endswith("resnet38.pt")
+    quick = train_overrides("edam", QUICK, pretrained=True)
+    assert (quick["epochs"], quick["warm_epochs"]) == (2, 1)
+    tiny = train_overrides("edam", TINY, pretrained=True)
+    assert tiny["epochs"] == 1 and not {"warm_epochs", "lr_after_warm"} & set(tiny)
+    for overrides in (full, quick, tiny):
+        config = TrainConfig.from_recipe("synthetic", method="edam", data="d", out="o",
+                                         **overrides)
+        assert config.problems() == []
+    assert "warm_epochs" not in train_overrides("edam", FULL, pretrained=False)

@@ -345,6 +345,92 @@ def test_killed_run_resumes_from_last_save(tiny_root, tmp_path):
     assert_same_weights(read_weights(resumed), read_weights(straight))
 
 
+def recording_edam_method(name, calls):
+    """EDAM's two losses, each appending its phase to ``calls`` when called."""
+    from wsss_fast.train.cnn_methods import edam_loss, edam_warm_loss
+
+    def recorded(phase, loss):
+        def call(model, images, labels):
+            calls.append(phase)
+            return loss(model, images, labels)
+        return call
+
+    if name not in METHODS:
+        register_method(Method(name, "edam_tiny", recorded("edam", edam_loss), "edam", "plain",
+                               warm_loss=recorded("warm", edam_warm_loss)))
+    return name
+
+
+def test_warm_phase_switches_to_the_method_loss_after_warm_epochs(tiny_root, tmp_path):
+    calls = []
+    method = recording_edam_method("test_recording_edam", calls)
+    train(method, tiny_root, tmp_path / "run", epochs=3, warm_epochs=1,
+          **dict(FAST, batch_size=2))                  # 4 steps per epoch
+    assert calls == ["warm"] * 4 + ["edam"] * 8
+    history = json.loads((tmp_path / "run" / "train.json").read_text())["epochs"]
+    assert [("warm_cls" in e, "bce" in e) for e in history] == [(True, False), (False, True),
+                                                                (False, True)]
+    assert [round(e["lr"], 10) for e in history] == [
+        round(learning_rate(4 * (e + 1) - 1, 12, 4, 5e-4, 1e-6), 10) for e in range(3)]
+    calls.clear()
+    train(method, tiny_root, tmp_path / "plain", epochs=2, **dict(FAST, batch_size=2))
+    assert calls == ["edam"] * 8                     # warm_epochs 0: no warm phase
+    train(method, tiny_root, tmp_path / "scaled", epochs=3, warm_epochs=1, lr_after_warm=3.0,
+          max_steps=8, **dict(FAST, batch_size=2))
+    scaled = json.loads((tmp_path / "scaled" / "train.json").read_text())["epochs"]
+    assert scaled[0]["lr"] == pytest.approx(history[0]["lr"])      # the warm phase: unscaled
+    assert scaled[1]["lr"] == pytest.approx(3 * history[1]["lr"])
+
+
+@pytest.mark.parametrize("freeze_trunk", [False, True])
+def test_resume_across_the_warm_switch_gives_identical_weights(tiny_root, tmp_path,
+                                                               freeze_trunk):
+    options = dict(FAST, batch_size=2, epochs=2, warm_epochs=1,   # switch at step 4 of 8
+                   freeze_trunk=freeze_trunk)
+    straight = train("edam", tiny_root, tmp_path / "straight", **options)
+    train("edam", tiny_root, tmp_path / "resumed", max_steps=3, **options)
+    resumed = train("edam", tiny_root, tmp_path / "resumed", resume=True, **options)
+    assert_same_weights(read_weights(straight), read_weights(resumed))
+    with pytest.raises(ValueError, match="warm_epochs: 1 in the run, 0 now"):
+        train("edam", tiny_root, tmp_path / "resumed", resume=True,
+              **dict(options, warm_epochs=0, freeze_trunk=False))
+
+
+def test_freeze_trunk_keeps_the_warm_phase_trunk(tiny_root, tmp_path):
+    options = dict(FAST, batch_size=2, epochs=2, warm_epochs=1, freeze_trunk=True)
+    train("edam", tiny_root, tmp_path / "run", max_steps=4, **options)      # the warm phase
+    warm = read_weights(tmp_path / "run" / "checkpoint.pth")
+    final = read_weights(train("edam", tiny_root, tmp_path / "run", resume=True, **options))
+    start = create_model("edam_tiny", num_classes=8)
+    trunk = {f"{name}.{key}" for name, module in start.named_children()
+             if module in start.trunk() for key, p in module.named_parameters()}
+    assert "conv1a.weight" in trunk and "bn7.weight" in trunk and "b7.conv_branch1.weight" in trunk
+    assert not any(name.startswith(("mask_layer", "d_d", "fc_list", "trans_list")) for name in trunk)
+    assert all(torch.equal(warm[k], final[k]) for k in trunk)
+    assert not torch.equal(warm["mask_layer.weight"], final["mask_layer.weight"])
+    assert not torch.equal(warm["d_d.weight"], final["d_d.weight"])
+    unfrozen = read_weights(train("edam", tiny_root, tmp_path / "unfrozen",
+                                  **dict(options, freeze_trunk=False)))
+    assert not torch.equal(unfrozen["conv1a.weight"], final["conv1a.weight"])
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("mctformer_v2", dict(epochs=3, warm_epochs=1),
+     "--warm-epochs does not apply to --method mctformer_v2 .*methods with one: edam"),
+    ("edam", dict(epochs=3, warm_epochs=3), "--warm-epochs 3 must be below --epochs 3"),
+    ("edam", dict(warm_epochs=20), "--warm-epochs 20 must be below --epochs 20"),   # the default
+    ("edam", dict(epochs=3, warm_epochs=-1), r"--warm-epochs: expected an integer in \[0, "),
+    ("edam", dict(epochs=3, warm_epochs=1.5), r"--warm-epochs: expected an integer"),
+    ("edam", dict(epochs=3, freeze_trunk=True), "--freeze-trunk needs --warm-epochs N > 0"),
+    ("edam", dict(epochs=3, lr_after_warm=0.5), "--lr-after-warm needs --warm-epochs N > 0"),
+    ("edam", dict(epochs=3, warm_epochs=1, lr_after_warm=0), "--lr-after-warm: expected"),
+])
+def test_warm_epochs_errors(tiny_root, tmp_path, method, options, message):
+    with pytest.raises(ValueError, match=message):
+        train(method, tiny_root, tmp_path / "run", **FAST, **options)
+    assert not (tmp_path / "run" / "train_state.pth").exists()
+
+
 def test_checkpoint_formats_load_upstream_style(tiny_root, tmp_path):
     path = train("mctformer_v2", tiny_root, tmp_path / "v2", max_steps=1, **FAST)
     saved = read_weights(path)

@@ -44,9 +44,10 @@ INFERENCE_PLUGINS = {
 # network is class-agnostic, and one per row cost 255-422 s each under load (15/30 epochs),
 # more than the demo's budget; token_cam's IRNet walked MCTformer-V2's and LPCAM's training-split
 # CAMs up to +6.8 / +18.7 over their seeds (README, learned affinity).
-# TransCAM and BNR joined once their seeds passed 40 (patch-8 Conformer, session 7).
+# TransCAM and BNR joined once their seeds passed 40 (patch-8 Conformer, session 7), EDAM with
+# its warm phase (46.4, session 8).
 LEARNED_RW = ("token_cam", "mctformer_v1", "mctformer_v2", "mctformer_v2+doei",
-              "mctformer_v2_doei", "transcam", "bnr", "lpcam")
+              "mctformer_v2_doei", "transcam", "bnr", "lpcam", "edam")
 # IRNet's input is zero-padded to one square side covering every synthetic image (96-160 px), as
 # IRN pads VOC images to 512.
 IRN_PAD_SIZE = 160
@@ -183,9 +184,11 @@ def extraction_plan(row: str) -> tuple[str, str, str, str]:
 # (pretrained/*.pt, `wsss-fast pretrain`), over the synthetic recipe: the Conformer methods, the
 # slowest to train, get 6 epochs instead of 10 (they start from trained features); at patch 8
 # (session 7) a step costs ~2x a patch-16 one, so these rows train about twice as long as in
-# session 6 (seed 0, 6 epochs from conformer.pt: TransCAM 45.9, BNR 51.6). EDAM keeps the recipe's 10
-# epochs, as from scratch: from the 1500-step resnet38.pt its seed was 25.8 after 6 and 27.2
-# after 10 (README, "Why EDAM does not localize here").
+# session 6 (seed 0, 6 epochs from conformer.pt: TransCAM 45.9, BNR 51.6). EDAM trains 14 epochs:
+# 10 warm epochs of the plain-CAM loss on the DA layer's raw class maps, then 4 of EDAM's loss at
+# 8x the schedule's lr (session 8, seed 0, one run each, README "Why EDAM does not localize
+# here": seed 46.4, against 27.2 for the recipe's 10 EDAM epochs; the same 10+4 at 4x 44.7, at 1x
+# 39.2, 1x with the trunk frozen 34.2; 10+2 at 1x 28.0; the warm checkpoint's DA masks 25.3).
 _PRETRAINED_SHORT = dict(epochs=6)
 # MCTformer-V1 without weight decay: AdamW's decay pulls the transferred weights toward zero, not
 # toward vit.pt. Seed 0 / seed 1 over the demo data (one thread, session 8): 45.8 / 50.9 against
@@ -193,8 +196,22 @@ _PRETRAINED_SHORT = dict(epochs=6)
 # lr 2.5e-4 / 4e-4 / 7e-4 (33.0 / 42.6 / 41.6), 3 / 5 warm-up epochs (44.8 / 42.4; 3 at seed 1:
 # 37.1), batch 8 (40.1), clip_grad 1 (43.0).
 _V1_PRETRAINED = dict(weight_decay=0.0)
-PRETRAINED_TRAIN: dict = {"transcam": _PRETRAINED_SHORT, "bnr": _PRETRAINED_SHORT, "edam": {},
+PRETRAINED_TRAIN: dict = {"transcam": _PRETRAINED_SHORT, "bnr": _PRETRAINED_SHORT,
+                          "edam": dict(epochs=14, warm_epochs=10, lr_after_warm=8.0),
                           "mctformer_v1": _V1_PRETRAINED}
+WARM_PHASE_OPTIONS = ("warm_epochs", "lr_after_warm", "freeze_trunk")
+
+
+def _scaled_warm_phase(entry: dict, epochs: Optional[int]) -> dict:
+    """``entry`` for a scale that trains ``epochs`` (None: the entry's): the warm phase keeps its
+    share of the epochs, rounded down (QUICK's 2 of EDAM's 14: 1); in a run too short for one
+    warm epoch the warm-phase options are dropped."""
+    if "warm_epochs" not in entry or epochs is None or epochs == entry["epochs"]:
+        return entry
+    warm = entry["warm_epochs"] * epochs // entry["epochs"]
+    if warm == 0:
+        return {k: v for k, v in entry.items() if k not in WARM_PHASE_OPTIONS}
+    return {**entry, "warm_epochs": warm}
 
 
 def train_overrides(method: str, scale: DemoScale, pretrained: bool) -> dict:
@@ -204,7 +221,9 @@ def train_overrides(method: str, scale: DemoScale, pretrained: bool) -> dict:
         return dict(scale.train_overrides)
     from wsss_fast.train.methods import get_method
     from wsss_fast.train.pretrain import shipped_backbone
-    return {**PRETRAINED_TRAIN.get(method, {}), **scale.train_overrides,
+    entry = _scaled_warm_phase(PRETRAINED_TRAIN.get(method, {}),
+                               scale.train_overrides.get("epochs"))
+    return {**entry, **scale.train_overrides,
             "init": str(shipped_backbone(get_method(method).model))}
 
 

@@ -283,6 +283,12 @@ class Edam(nn.Module):
         transformers and the embedding train at 1×, as the backbone."""
         return (self.mask_layer, self.d_d, self.fc_list)
 
+    def trunk(self) -> tuple[nn.Module, ...]:
+        """The ResNet-38 trunk that computes ``conv6`` (``features``): conv1a, the stages, b6,
+        b7, bn7; not the DA layer, ``d_d``, the CMA or the heads."""
+        return (self.conv1a, *(getattr(self, n) for n in self.stage_blocks), self.b6, self.b7,
+                self.bn7)
+
     def trainable_parameters(self) -> list[dict]:
         """Optimizer groups: the trainable backbone, CMA transformer and embedding parameters
         (lr ×1), then ``new_layers`` (lr × ``new_layer_lr_scale``). ``lr_scale`` multiplies the
@@ -352,6 +358,12 @@ class Edam(nn.Module):
         """Training logits ``(P, 2, K)``: every class of both images of each pair."""
         features = self.features(images)
         return self.collaborative_attention(features, self.da_masks(features), pairs)
+
+    def class_map_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain-CAM logits ``(B, K)``: GAP of the DA layer's raw class maps (before the
+        normalization; the extra channel dropped). Pretraining and EDAM's warm phase classify
+        with them: they need no pairs and no CMA."""
+        return self.mask_layer(self.features(x)).mean(dim=(-2, -1))[:, :self.num_classes]
 
     @torch.no_grad()
     def cam_maps(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,9 @@
 Each loss is ``loss(model, images (B, 3, H, W), labels (B, K) multi-hot) -> (loss, {name: float})``.
 
 * ``irn_cam_loss`` — IRN ``step/train_cam.py``: multilabel soft-margin loss of the GAP logits.
+* ``edam_warm_loss`` — an optional warm phase before EDAM's loss (``TrainConfig.warm_epochs``):
+  the plain-CAM loss on the DA layer's raw class maps (not upstream's; the tiny trunk localizes
+  as a plain CAM, README "Why EDAM does not localize here").
 * ``edam_loss`` — EDAM ``train_EDAM_cls.py``: ``BCEWithLogits`` (mean) of the CMA logits of image
   pairs, every class of both images (upstream samples 20 classes per pair out of VOC's 20, i.e.
   all of them; their order does not change the logits). Upstream reads pairs sharing a class from
@@ -32,13 +35,24 @@ def _check_logits(logits: torch.Tensor, targets: torch.Tensor) -> None:
                          f"(does the model have one output per dataset class?)")
 
 
+def _soft_margin(logits: torch.Tensor, labels: torch.Tensor, term: str):
+    _check_logits(logits, labels)
+    loss = F.multilabel_soft_margin_loss(logits.float(), labels.float())
+    return loss, {term: loss.item()}
+
+
 def irn_cam_loss(model, images: torch.Tensor, labels: torch.Tensor):
     """``multilabel_soft_margin_loss(model(images), labels)``."""
     _check_batch(images, labels)
-    logits = model(images)
-    _check_logits(logits, labels)
-    loss = F.multilabel_soft_margin_loss(logits.float(), labels.float())
-    return loss, {"cls": loss.item()}
+    return _soft_margin(model(images), labels, "cls")
+
+
+def edam_warm_loss(model, images: torch.Tensor, labels: torch.Tensor):
+    """EDAM's warm phase (``TrainConfig.warm_epochs``): the plain-CAM loss, multilabel soft
+    margin of ``model.class_map_logits`` (GAP of the DA layer's raw class maps; no pairs, no
+    CMA), as the trunk was pretrained."""
+    _check_batch(images, labels)
+    return _soft_margin(model.class_map_logits(images), labels, "warm_cls")
 
 
 def pair_by_shared_class(labels: torch.Tensor) -> torch.Tensor:
@@ -89,6 +103,6 @@ register_method(Method(name="irn_cam", model="resnet_cam_tiny", loss=irn_cam_los
 # the recipe's 5e-4: at 2e-3 the extra DA channel took the background and the class masks lit
 # object edges (seed mIoU 12.9 against 20.1, README "Demo results and findings").
 register_method(Method(name="edam", model="edam_tiny", loss=edam_loss, preset="edam",
-                       checkpoint_format="plain",
+                       checkpoint_format="plain", warm_loss=edam_warm_loss,
                        description="EDAM: BCE on the Collaborative Multi-Attention logits of "
                                    "image pairs", synthetic_train={"crop": 96}))

@@ -27,6 +27,7 @@ _METHOD, _OPT, _AUG, _RUN = "method", "optimization", "augmentation", "run"
 GENERIC_OPTIMIZATION = dict(epochs=20, batch_size=16, lr=5e-4, weight_decay=0.05)
 PIXELS = Number(integer=True, minimum=1, maximum=16384)       # a crop or a resized side
 THREADS = Number(integer=True, minimum=1, maximum=1024)
+WARM_EPOCHS = Number(integer=True, minimum=0, maximum=100_000)
 
 
 def check_jitter(value):
@@ -49,6 +50,11 @@ def _method_names():
     return list_methods()
 
 
+def _method(name: str):
+    from wsss_fast.train.methods import get_method
+    return get_method(name)
+
+
 @dataclass
 class TrainConfig(DatasetOptions):
     """A training run. ``fingerprint`` fields determine the trained weights (a resumed run must
@@ -69,6 +75,17 @@ class TrainConfig(DatasetOptions):
                                   group="dataset")
     epochs: Optional[int] = option(None, "epochs the schedule spans (default: the method's; 20, "
                                    "irn 3)", group=_OPT, check=positive_int)
+    warm_epochs: int = option(0, "methods with a warm phase (edam): the first N epochs train "
+                              "its warm-phase loss (edam: the plain-CAM loss on the DA layer's "
+                              "raw class maps), the rest the method's own; one schedule spans "
+                              "--epochs", group=_OPT, check=WARM_EPOCHS)
+    freeze_trunk: bool = option(False, "with --warm-epochs: after the warm phase only the "
+                                "layers past the model's trunk train (edam: the DA layer, the "
+                                "CMA and its heads; the trunk's weights stay the warm phase's)",
+                                group=_OPT)
+    lr_after_warm: float = option(1.0, "with --warm-epochs: multiplies the schedule's "
+                                  "learning rate after the warm phase", group=_OPT,
+                                  check=positive_float)
     max_steps: Optional[int] = option(None, "stop after this many optimizer steps in total (the "
                                       "schedule still spans --epochs)", group=_OPT,
                                       fingerprint=False, check=positive_int)
@@ -150,10 +167,29 @@ class TrainConfig(DatasetOptions):
             problems.append("resume and overwrite exclude each other")
         from wsss_fast.train.methods import METHODS
         if isinstance(self.method, str) and self.method in METHODS:
-            check = METHODS.get(self.method).check
-            if check is not None and not problems:
-                problems.extend(check(self))
+            chosen = METHODS.get(self.method)
+            if not problems:
+                problems.extend(self._warm_phase_problems(chosen))
+            if chosen.check is not None and not problems:
+                problems.extend(chosen.check(self))
         return problems
+
+    def _warm_phase_problems(self, chosen) -> list[str]:
+        if not self.warm_epochs:
+            return [f"{flag} needs --warm-epochs N > 0 (it applies after the warm phase)"
+                    for flag, given in (("--freeze-trunk", self.freeze_trunk),
+                                        ("--lr-after-warm", self.lr_after_warm != 1.0))
+                    if given]
+        if chosen.warm_loss is None:
+            with_warm = [name for name in _method_names() if _method(name).warm_loss is not None]
+            return [f"--warm-epochs does not apply to --method {chosen.name} (no warm-phase "
+                    f"loss; methods with one: {', '.join(with_warm) or 'none'})"]
+        epochs = self.epochs if self.epochs is not None else \
+            {**GENERIC_OPTIMIZATION, **chosen.defaults}["epochs"]
+        if self.warm_epochs >= epochs:
+            return [f"--warm-epochs {self.warm_epochs} must be below --epochs {epochs} (the "
+                    f"method's own loss trains the last epochs)"]
+        return []
 
     def resolved(self, method) -> "TrainConfig":
         """This config with the values that depend on others filled in: ``method``'s

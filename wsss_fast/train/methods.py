@@ -40,6 +40,9 @@ class Method:
     runner: Optional[Callable] = None
     # ``check(config) -> [problem, ...]``: the method's own option checks (TrainConfig.problems)
     check: Optional[Callable] = None
+    # The loss of the first ``TrainConfig.warm_epochs`` epochs, with ``loss``'s signature (EDAM:
+    # the plain-CAM loss); None: the method has no warm phase.
+    warm_loss: Optional[Callable] = None
 
 
 METHODS: Registry[Method] = Registry("method", builtin_modules=(
@@ -56,6 +59,8 @@ def register_method(method: Method, *, override: bool = False) -> Method:
                          f"{CHECKPOINT_FORMATS}, got {method.checkpoint_format!r}")
     if not callable(method.loss):
         raise ValueError(f"method {method.name!r}: loss must be callable")
+    if method.warm_loss is not None and not callable(method.warm_loss):
+        raise ValueError(f"method {method.name!r}: warm_loss must be callable or None")
     return METHODS.register(method.name, method, override=override)
 
 

@@ -49,7 +49,7 @@ def _mask_layer_logits(model, images):
     """ResNet-38 (EDAM's trunk): GAP of the DA layer's raw class maps (its last channel is the
     background). Pretraining through EDAM's pairwise CMA would cost 3× more per step and the CMA
     heads are per class, so never transferable."""
-    return model.mask_layer(model.features(images)).mean(dim=(-2, -1))[:, :-1]
+    return model.class_map_logits(images)
 
 
 @dataclass(frozen=True)

@@ -264,13 +264,15 @@ def run_loop(chosen: Method, config: TrainConfig, out: Path, target: torch.devic
              before_last_save: Optional[Callable[[], None]] = None,
              init_report: Optional[dict] = None) -> Path:
     """The resumable loop every method shares: seeded epochs of ``images`` (items ``(id,
-    image, target, error)``, see ``TrainingImages``), ``chosen.loss`` per batch, the base
-    learning rate ``schedule(step)`` (times each optimizer group's ``lr_scale``, default 1),
-    atomic saves, the report. ``before_last_save`` runs once the schedule is complete, before
-    the final save (IRN: the displacement mean); ``init_report``: what ``--init`` loaded, for
-    the report."""
+    image, target, error)``, see ``TrainingImages``), ``chosen.loss`` per batch
+    (``chosen.warm_loss`` in the first ``config.warm_epochs`` epochs), the base learning rate
+    ``schedule(step)`` (times each optimizer group's ``lr_scale``, default 1), atomic saves, the
+    report. ``before_last_save`` runs once the schedule is complete, before the final save (IRN:
+    the displacement mean); ``init_report``: what ``--init`` loaded, for the report."""
     steps_per_epoch = batches_per_epoch(len(images), config.batch_size)
     stop = total_steps if max_steps is None else min(max_steps, total_steps)
+    warm_steps = config.warm_epochs * steps_per_epoch   # TrainConfig.problems checked the method
+    trunk = _trunk_parameters(net) if config.freeze_trunk else []
     run = _Run()
     run.skipped.update(skipped)
     checkpoint_current = True
@@ -300,9 +302,13 @@ def run_loop(chosen: Method, config: TrainConfig, out: Path, target: torch.devic
             for batch, batch_labels, failed in epoch_loader(images, config.batch_size, epoch,
                                                             start_batch, workers):
                 run.skipped.update({id: error for id, error in failed})
-                lr_now = schedule(run.step)
+                warm = run.step < warm_steps
+                lr_now = schedule(run.step) * (1.0 if warm else config.lr_after_warm)
                 if batch is not None:
-                    terms = _step(chosen, net, optimizer, batch.to(target),
+                    for parameter in trunk:     # per step, so a resumed run freezes it too
+                        parameter.requires_grad_(warm)
+                    loss = chosen.warm_loss if warm else chosen.loss
+                    terms = _step(chosen.name, loss, net, optimizer, batch.to(target),
                                   batch_labels.to(target), lr_now, config.clip_grad, run.step)
                     run.add(terms)
                     bar.set_postfix(loss=f"{terms['loss']:.4f}", lr=f"{lr_now:.2e}")
@@ -325,13 +331,24 @@ def run_loop(chosen: Method, config: TrainConfig, out: Path, target: torch.devic
     return out / CHECKPOINT
 
 
-def _step(method: Method, net, optimizer, images, labels, lr: float, clip_grad, step: int) -> dict:
+def _trunk_parameters(net) -> list:
+    """``TrainConfig.freeze_trunk``: the trunk's parameters that the model trains (a fine-tune
+    regime's frozen ones stay frozen). Outside the warm phase they get no gradient, so AdamW
+    skips them (no update, no weight decay); BatchNorm still normalizes with batch statistics."""
+    if not hasattr(net, "trunk"):
+        raise ValueError(f"--freeze-trunk: model {type(net).__name__} does not name its trunk "
+                         f"(a trunk() method)")
+    return [p for module in net.trunk() for p in module.parameters() if p.requires_grad]
+
+
+def _step(name: str, loss_fn: Callable, net, optimizer, images, labels, lr: float, clip_grad,
+          step: int) -> dict:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     net.train()
-    loss, terms = method.loss(net, images, labels)
+    loss, terms = loss_fn(net, images, labels)
     if not torch.isfinite(loss):
-        raise TrainingDiverged(f"{method.name}: the loss is {float(loss)} at step {step} "
+        raise TrainingDiverged(f"{name}: the loss is {float(loss)} at step {step} "
                                f"(terms {terms}); lower the learning rate")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
