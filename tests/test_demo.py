@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from wsss_fast.demo import (INFERENCE_PLUGINS, STAGES, TIMING, DemoRun, DemoScale, MethodResult,
-                             StageTimes, irnet_source, report_table, row_tasks, run_demo,
-                             stage_table)
+from wsss_fast.demo import (DEMO_METHODS, INFERENCE_PLUGINS, STAGES, TIMING, DemoRun, DemoScale,
+                            MethodResult, StageTimes, irnet_source, report_table, row_tasks,
+                            run_demo, stage_table)
 
 TINY = DemoScale(num_train=16, num_val=4, image_size=(64, 64),
                  train_overrides={"epochs": 1, "batch_size": 8, "crop": 64})
@@ -171,6 +171,9 @@ def test_rows_wait_for_the_checkpoint_and_the_irnet_they_use(monkeypatch):
     for method in ("mctformer_v2+doei", "token_cam", "mctformer_v2"):
         assert tasks[f"walk:{method}"] == {f"seeds:{method}", "irnet"}
     assert tasks["walk:edam"] == {"seeds:edam"} and not tasks["seeds:edam"]
+    # Every demo row has its tasks (LPCAM's row is no training method of its own).
+    every = _dependencies(list(DEMO_METHODS))
+    assert {f"seeds:{m}" for m in DEMO_METHODS} <= set(every) and not every["seeds:lpcam"]
     # Without its trained method in the demo, the plug-in row trains it itself.
     assert not _dependencies(["mctformer_v2+doei"])["seeds:mctformer_v2+doei"]
     assert "irnet" not in _dependencies(["token_cam", "mctformer_v2"], learned_rw=False)

@@ -512,7 +512,8 @@ def row_tasks(methods: Sequence[str], run: DemoRun) -> list:
     if learned:
         tasks.append(("irnet", ("irnet", learned[0], run), [f"seeds:{learned[0]}"]))
     for method in methods:
-        trained = extraction_plan(method)[0]
+        # LPCAM's row trains irn_cam itself (demo_lpcam_cams), so only a plug-in row waits.
+        trained = INFERENCE_PLUGINS[method][0] if method in INFERENCE_PLUGINS else method
         depends = [f"seeds:{trained}"] if trained != method and trained in methods else []
         tasks.append((f"seeds:{method}", ("seeds", method, run), depends))
         tasks.append((f"walk:{method}", ("walk", method, run),
