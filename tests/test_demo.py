@@ -117,6 +117,7 @@ def test_rerun_resumes_without_retraining(demo):
     for a, b in zip(first["results"], again["results"]):
         assert a["seed_miou"] == b["seed_miou"] and a["rw_miou"] == b["rw_miou"]
         assert a["train_seconds"] == b["train_seconds"] or a["method"] == "mctformer_v2+doei"
+        assert a["seconds_per_image"] == b["seconds_per_image"] > 0   # not the rerun's no-op
     # The rerun found every step done: the steps keep the times they took when they ran.
     assert again["stage_seconds"] == first["stage_seconds"]
     assert [run["jobs"] for run in again["invocations"]] == [2, 1]

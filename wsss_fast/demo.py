@@ -433,11 +433,12 @@ def row_seeds(method: str, run: DemoRun, times: Optional[StageTimes] = None) -> 
     recorded = times.seconds()
     if "train" in recorded:   # LPCAM's: training + prototypes
         result.train_seconds = recorded["train"] + recorded.get("prototypes", 0.0)
-    manifest = json.loads((cams.parent / "manifest-extract.json").read_text())
-    done = manifest["counts"]["done"]
-    seconds = sum(r.get("seconds", 0.0) for r in manifest["ranks"])
-    if done:
-        result.seconds_per_image = seconds / done
+    # The extraction step's recorded wall time over the images it covers: a rerun rewrites the
+    # manifest with nothing done, but the step keeps the time it took when it ran.
+    counts = json.loads((cams.parent / "manifest-extract.json").read_text())["counts"]
+    images = counts["done"] + counts["already_done"]
+    if images and "extract" in recorded:
+        result.seconds_per_image = recorded["extract"] / images
     with times.stage("evaluate"):
         seeds = evaluate_folder(data, "val", "cams", cams, work / "eval_seeds", workers)
     result.seed_miou, result.threshold = seeds["best_miou"], seeds["best_threshold"]
