@@ -206,7 +206,8 @@ def test_demo_with_pretrained_starts_every_method_from_its_family_backbone():
         family = family_of_model(get_method(trained).model)
         assert overrides["init"] == str(PRETRAINED_DIR / f"{family}.pt")
         assert train_overrides(trained, FULL, pretrained=False) == {}
-    assert train_overrides("transcam", FULL, pretrained=True)["epochs"] == 6
+    assert train_overrides("transcam", FULL, pretrained=True)["epochs"] == 8
+    assert train_overrides("bnr", FULL, pretrained=True)["epochs"] == 6
     assert train_overrides("transcam", QUICK, pretrained=True)["epochs"] == 2   # the scale wins
     assert train_overrides("mctformer_v1", FULL, pretrained=True)["weight_decay"] == 0.0
     assert "weight_decay" not in train_overrides("mctformer_v2", FULL, pretrained=True)
