@@ -7,7 +7,7 @@ pseudo-labels with the CRF and the random walk, and writes OUT/report.md with th
 sweep curves (sweep_curves.png), an overlay gallery (gallery.png) and each row's step times.
 Resumable.
 
-  wsss-fast demo                  # the full demo (59 min on 2 CPU cores beside a CI check)
+  wsss-fast demo                  # the full demo (~17 min on 2 idle CPU cores)
   wsss-fast demo --quick          # a small smoke version (CI)
   wsss-fast demo --from-scratch   # every model from random weights, not the shipped backbones
   wsss-fast demo --gradient-rw    # +RW over image-gradient edges, no IRNet (faster)
