@@ -409,12 +409,12 @@ class DemoRun:
     threads: Optional[int] = None
 
 
-def row_seeds(method: str, run: DemoRun, times: Optional[StageTimes] = None) -> MethodResult:
+def row_seeds(method: str, run: DemoRun) -> MethodResult:
     """A row up to its walk: trains (or reuses) its model, extracts the validation CAMs into
     ``ROW/extract/cams``, evaluates the seeds and their +CRF labels."""
     from wsss_fast.pipeline import PseudoLabelOptions, extract, pseudo_label
     data, out, workers, device = run.data, run.out, run.workers, run.device
-    times = StageTimes(out / method) if times is None else times
+    times = StageTimes(out / method)
     result = MethodResult(method)
     work = out / method
     if method == "lpcam":
@@ -471,8 +471,7 @@ def row_irnet(method: str, run: DemoRun) -> Optional[Path]:
                             run.scale, seed=run.seed, workers=run.workers, device=run.device)
 
 
-def row_walk(result: MethodResult, run: DemoRun,
-             times: Optional[StageTimes] = None) -> MethodResult:
+def row_walk(result: MethodResult, run: DemoRun) -> MethodResult:
     """``result`` (``row_seeds``'s) with its +RW column: the learned walk for the LEARNED_RW
     rows when ``run.learned_rw`` (a row other than the IRNet's source needs it trained), else
     the image-gradient walk."""
@@ -480,7 +479,7 @@ def row_walk(result: MethodResult, run: DemoRun,
 
     from wsss_fast.pipeline import RefineOptions, refine
     method, data, out = result.method, run.data, run.out
-    times = StageTimes(out / method) if times is None else times
+    times = StageTimes(out / method)
     work, cams = out / method, out / method / "extract" / "cams"
     result = replace(result)
     with times.stage("rw"):

@@ -50,11 +50,6 @@ def _method_names():
     return list_methods()
 
 
-def _method(name: str):
-    from wsss_fast.train.methods import get_method
-    return get_method(name)
-
-
 @dataclass
 class TrainConfig(DatasetOptions):
     """A training run. ``fingerprint`` fields determine the trained weights (a resumed run must
@@ -181,7 +176,9 @@ class TrainConfig(DatasetOptions):
                                         ("--lr-after-warm", self.lr_after_warm != 1.0))
                     if given]
         if chosen.warm_loss is None:
-            with_warm = [name for name in _method_names() if _method(name).warm_loss is not None]
+            from wsss_fast.train.methods import METHODS
+            with_warm = [name for name in METHODS.names()
+                         if METHODS.get(name).warm_loss is not None]
             return [f"--warm-epochs does not apply to --method {chosen.name} (no warm-phase "
                     f"loss; methods with one: {', '.join(with_warm) or 'none'})"]
         epochs = self.epochs if self.epochs is not None else \
