@@ -3,6 +3,7 @@
     python -m benchmarks.bf16_report                 # 640×480, scales (1.0, 0.5, 1.5, 2.0) × flip
     python -m benchmarks.bf16_report --quick         # 320×240, scales (1.0, 0.5) × flip
     python -m benchmarks.bf16_report --demo-dir DIR  # + accuracy on the demo's trained checkpoint
+    python -m benchmarks.bf16_report --full-size     # + accuracy on a full-size trained ViT-S V2
 
 Speed (MCTformer-V2 ViT-S, one image; weights do not change the cost):
 * floor — a plain fused forward of the same passes written here from torch primitives (F.linear,
@@ -19,6 +20,10 @@ Accuracy needs trained weights (random ones give nearly flat maps that min-max n
 amplifies): ``--demo-dir`` is a ``wsss_fast demo`` output (its data/ and
 mctformer_v2/train/checkpoint.pth); the validation split is extracted in fp32 and bf16, and the
 report gives mean |bf16 − fp32| over the present classes' normalized CAMs and both seed mIoUs.
+``--full-size`` does the same for ViT-S MCTformer-V2 (the published size) with its generator's
+settings over scales 1.0/0.5/1.5/2.0 × flip, on ``--images`` synthetic ``--size`` validation images
+with masks; without ``--full-size-checkpoint`` the model is first trained briefly
+(``--train-steps``) on the same synthetic set's training split.
 """
 
 from __future__ import annotations
@@ -196,50 +201,140 @@ def attention(quick: bool, rounds: int) -> str:
 
 # ------------------------------------------------------------------ accuracy on trained weights
 
-def accuracy(demo_dir: Path) -> str:
+def compare_dtypes(data: Path, make_options, work: Path) -> dict:
+    """Extract ``data``'s validation split in fp32 and in bf16 (``make_options(folder)``: the
+    ExtractOptions writing to ``folder``, its dtype then set), evaluate both as seeds, and
+    compare the normalized CAMs of the present classes. Returns the seed mIoUs (percent), the
+    extraction times (after an untimed warm-up of both on one image), the all-background mIoU
+    of the same ground truth, the fp32 maps' mean per-class spatial std, and |bf16 − fp32|: the
+    mean over images of the per-image mean, and the max and 99th percentile over all pixels."""
     import numpy as np
 
-    from wsss_fast.demo import evaluate_folder, extract_options
+    from wsss_fast.demo import evaluate_folder
+    from wsss_fast.evaluate.metrics import miou_from_confusion
     from wsss_fast.io.cam_files import load_cam_file
     from wsss_fast.pipeline import extract
+
+    miou, seconds, reports = {}, {}, {}
+    folders = {dtype: work / dtype for dtype in ("fp32", "bf16")}
+    # Untimed warm-up of both dtypes on the first image (one-time costs off the first timing).
+    first = (data / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[0]
+    (work / "warm.txt").write_text(first + "\n")
+    for dtype in folders:
+        options = make_options(work / f"warm_{dtype}")
+        options.dtype, options.split = dtype, str(work / "warm.txt")
+        extract(options)
+    for dtype, folder in folders.items():
+        options = make_options(folder)
+        options.dtype = dtype
+        start = time.perf_counter()
+        extract(options)
+        seconds[dtype] = time.perf_counter() - start
+        reports[dtype] = evaluate_folder(data, "val", "cams", folder / "cams",
+                                         work / f"eval_{dtype}")
+        miou[dtype] = 100 * reports[dtype]["best_miou"]   # at the best threshold
+    per_image, pooled, spread = [], [], []
+    for path in sorted((folders["fp32"] / "cams").glob("*.npy")):
+        a, b = load_cam_file(path), load_cam_file(folders["bf16"] / "cams" / path.name)
+        if not np.array_equal(a.keys, b.keys):
+            raise RuntimeError(f"{path.name}: fp32 and bf16 files list different classes")
+        if a.keys.size:
+            diff = np.abs(a.high_res.astype(np.float64) - b.high_res)
+            per_image.append(float(diff.mean()))
+            pooled.append(diff.ravel())
+            spread.append(float(a.high_res.std(axis=(-2, -1)).mean()))
+    pooled = np.concatenate(pooled) if pooled else np.full(1, np.nan)
+    # The same ground truth predicted all background: what a flat map scores.
+    confusion = np.asarray(reports["fp32"]["at_best"]["confusion"], dtype=np.float64)
+    background = np.zeros_like(confusion)
+    background[:, 0] = confusion.sum(axis=1)
+    return {"images": len(per_image), "miou": miou, "seconds": seconds,
+            "background_miou": 100 * float(miou_from_confusion(background,
+                                                               reports["fp32"]["rule"])),
+            "mean": float(np.mean(per_image)) if per_image else float("nan"),
+            "max": float(pooled.max()), "p99": float(np.percentile(pooled, 99)),
+            "fp32_spread": float(np.mean(spread)) if spread else float("nan")}
+
+
+def accuracy_table(result: dict) -> str:
+    miou, seconds = result["miou"], result["seconds"]
+    return (f"| dtype | seed mIoU | extract s |\n|---|---:|---:|\n"
+            f"| fp32 | {miou['fp32']:.2f} | {seconds['fp32']:.1f} |\n"
+            f"| bf16 | {miou['bf16']:.2f} | {seconds['bf16']:.1f} |\n\n"
+            f"normalized-CAM |bf16 - fp32|: mean {result['mean']:.4f} (target <= 1e-2), "
+            f"99th percentile {result['p99']:.4f}, max {result['max']:.4f}; "
+            f"seed mIoU bf16 - fp32 = {miou['bf16'] - miou['fp32']:+.2f} points "
+            f"(target within 0.5); bf16 / fp32 extraction time "
+            f"{seconds['bf16'] / seconds['fp32']:.2f}\n")
+
+
+def accuracy(demo_dir: Path) -> str:
+    from wsss_fast.demo import extract_options
 
     data, checkpoint = demo_dir / "data", demo_dir / "mctformer_v2" / "train" / "checkpoint.pth"
     if not checkpoint.exists():
         raise SystemExit(f"bf16_report: no mctformer_v2 checkpoint at {checkpoint} (run "
                          f"`python -m wsss_fast demo --out {demo_dir} --methods mctformer_v2`)")
-    miou, seconds = {}, {}
     with tempfile.TemporaryDirectory() as work:
-        folders = {dtype: Path(work) / dtype for dtype in ("fp32", "bf16")}
-        for dtype, folder in folders.items():
-            options = extract_options("mctformer_v2", data, checkpoint, folder, workers=1,
-                                      device="cpu")
-            options.dtype = dtype
-            start = time.perf_counter()
-            extract(options)
-            seconds[dtype] = time.perf_counter() - start
-            report = evaluate_folder(data, "val", "cams", folder / "cams",
-                                     Path(work) / f"eval_{dtype}")
-            miou[dtype] = _miou(report)
-        diffs = []
-        for path in sorted((folders["fp32"] / "cams").glob("*.npy")):
-            a, b = load_cam_file(path), load_cam_file(folders["bf16"] / "cams" / path.name)
-            if not np.array_equal(a.keys, b.keys):
-                raise RuntimeError(f"{path.name}: fp32 and bf16 files list different classes")
-            if a.keys.size:
-                diffs.append(float(np.abs(a.high_res - b.high_res).mean()))
-    mean_diff = float(np.mean(diffs)) if diffs else float("nan")
-    return (f"## Accuracy on the demo's trained mctformer_v2 checkpoint ({len(diffs)} val images,"
-            f" {checkpoint})\n\n| dtype | seed mIoU | extract s |\n|---|---:|---:|\n"
-            f"| fp32 | {miou['fp32']:.2f} | {seconds['fp32']:.1f} |\n"
-            f"| bf16 | {miou['bf16']:.2f} | {seconds['bf16']:.1f} |\n\n"
-            f"normalized-CAM mean |bf16 - fp32| = {mean_diff:.4f} (target <= 1e-2); "
-            f"seed mIoU bf16 - fp32 = {miou['bf16'] - miou['fp32']:+.2f} points "
-            f"(target within 0.5)\n")
+        result = compare_dtypes(data, lambda folder: extract_options(
+            "mctformer_v2", data, checkpoint, folder, workers=1, device="cpu"), Path(work))
+    return (f"## Accuracy on the demo's trained mctformer_v2 checkpoint ({result['images']} val "
+            f"images, {checkpoint})\n\n{accuracy_table(result)}")
 
 
-def _miou(report: dict) -> float:
-    """The seed mIoU (percent) at the best background threshold of an evaluation report."""
-    return 100 * report["best_miou"]
+# The full-size section: ViT-S MCTformer-V2 (deit_small_MCTformerV2_patch16_224's size) with its
+# generator's settings (preset "mctformer_v2": class attention of the last 3 blocks fused with
+# PatchCAM, refined by the patch affinity of all blocks) over the official generator's scale
+# list, each with its flip. --quick: a tiny model, a few small images, two scales.
+FULL_SCALES = (1.0, 0.5, 1.5, 2.0)
+FULL = dict(model="mctformer_v2", classes=20, train_images=320, batch_size=8)
+QUICK = dict(model="mctformer_v2_tiny", classes=3, train_images=8, batch_size=4, steps=2,
+             images=3, size=(64, 48), scales=(1.0, 0.5))
+
+
+def full_size_accuracy(work: Path, checkpoint: Path = None, steps: int = 80, images: int = 32,
+                       size: tuple = (384, 288), quick: bool = False) -> str:
+    """fp32 against bf16 CAMs of a trained MCTformer-V2 on a synthetic validation split with
+    masks (``size`` = W × H); without ``checkpoint`` the model is first trained briefly on the
+    same set's training split (``steps`` steps, reused from ``work`` when there)."""
+    from benchmarks.brief_training import train_briefly
+    from wsss_fast.data.synthetic import generate_synthetic
+    from wsss_fast.pipeline import ExtractOptions
+
+    settings = {**FULL, **(QUICK if quick else dict(steps=steps, images=images, size=size,
+                                                     scales=FULL_SCALES))}
+    (width, height), classes = settings["size"], settings["classes"]
+    if checkpoint is not None:
+        from benchmarks.compare_official import checkpoint_classes
+        classes = checkpoint_classes(checkpoint)
+    work.mkdir(parents=True, exist_ok=True)
+    data = Path(generate_synthetic(
+        work / f"set_k{classes}_{width}x{height}_val{settings['images']}",
+        num_train=settings["train_images"], num_val=settings["images"],
+        num_classes=classes, image_size=(height, width), seed=0))
+    trained = "given"
+    if checkpoint is None:
+        checkpoint = train_briefly(
+            data, work / f"{settings['model']}_trained_{settings['steps']}_{width}x{height}",
+            "mctformer_v2", settings["model"], settings["steps"],
+            batch_size=settings["batch_size"], threads=torch.get_num_threads())
+        trained = (f"trained here: {settings['steps']} steps of batch {settings['batch_size']} "
+                   f"on the set's {settings['train_images']} training images, synthetic recipe")
+    scales = settings["scales"]
+    with tempfile.TemporaryDirectory(dir=work) as scratch:
+        result = compare_dtypes(data, lambda folder: ExtractOptions(
+            data=str(data), split="val", model=settings["model"], checkpoint=str(checkpoint),
+            preset="mctformer_v2", scales=scales, device="cpu", out=str(folder), workers=1,
+            quiet=True), Path(scratch))
+    structured = result["miou"]["fp32"] - result["background_miou"]
+    return (f"## Accuracy on a {'tiny (--quick)' if quick else 'full-size ViT-S'} MCTformer-V2 "
+            f"({classes} classes; {trained}; {checkpoint})\n\n"
+            f"{result['images']} synthetic val images of {width}x{height}, preset mctformer_v2 "
+            f"(cls_layers 3, fused, refined), scales {scales} x flip, "
+            f"{torch.get_num_threads()} threads\n\n{accuracy_table(result)}\n"
+            f"Structure of the fp32 maps: seed mIoU {result['miou']['fp32']:.2f} against "
+            f"{result['background_miou']:.2f} for all background ({structured:+.2f} points); "
+            f"per-class spatial std of the normalized maps {result['fp32_spread']:.3f}\n")
 
 
 def main(argv=None) -> int:
@@ -248,6 +343,19 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--demo-dir", type=Path, help="a `wsss_fast demo` output folder")
     parser.add_argument("--skip", nargs="*", default=(), choices=("speed", "attention"))
+    full = parser.add_argument_group("full-size accuracy (a trained ViT-S MCTformer-V2)")
+    full.add_argument("--full-size", action="store_true",
+                      help="fp32 vs bf16 CAMs and seeds of a full-size trained checkpoint "
+                           "(with --quick: a tiny model, seconds)")
+    full.add_argument("--full-size-checkpoint", type=Path,
+                      help="its weights ({'model': sd}); default: train briefly")
+    full.add_argument("--train-steps", type=int, default=80,
+                      help="steps of the brief training without a checkpoint (default 80)")
+    full.add_argument("--images", type=int, default=32, help="validation images (default 32)")
+    full.add_argument("--size", type=int, nargs=2, default=(384, 288), metavar=("W", "H"),
+                      help="validation image size (default 384 288)")
+    full.add_argument("--work", type=Path, default=Path("/tmp/wsss-fast-bf16-full"),
+                      help="scratch folder (synthetic set, trained weights; reused)")
     args = parser.parse_args(argv)
     print(f"# bf16 report\n\n{cpu_description()}\n", flush=True)
     if "attention" not in args.skip:
@@ -256,6 +364,9 @@ def main(argv=None) -> int:
         print(speed(args.quick, args.rounds), flush=True)
     if args.demo_dir is not None:
         print(accuracy(args.demo_dir), flush=True)
+    if args.full_size:
+        print(full_size_accuracy(args.work, args.full_size_checkpoint, args.train_steps,
+                                 args.images, tuple(args.size), args.quick), flush=True)
     return 0
 
 

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.brief_training import train_briefly
 from benchmarks.transcam_report import transcam_section
 
 MCT_SCALES = (1.0, 0.5, 1.5, 2.0)
@@ -116,15 +117,8 @@ def train_checkpoint(work: Path, family: str, steps: int) -> Path:
 
     data = generate_synthetic(work / "train_set_k20", num_train=320, num_val=0,
                               num_classes=TRANSCAM_CLASSES, seed=0)
-    method, model = ("mctformer_v2", "mctformer_v2") if family == "mctformer" else \
-        ("transcam", "transcam")
-    cmd = [sys.executable, "-m", "wsss_fast", "train", "--method", method, "--recipe",
-           "synthetic", "--model", model, "--data", str(data), "--batch-size", "8",
-           "--epochs", "1", "--warmup-epochs", "0.1", "--max-steps", str(steps),
-           "--out", str(out), "--overwrite", "--quiet"]
-    print(f"training {model} briefly ({steps} steps): {' '.join(cmd[1:])}", flush=True)
-    subprocess.run(cmd, check=True)
-    return out / "checkpoint.pth"
+    method = "mctformer_v2" if family == "mctformer" else "transcam"
+    return train_briefly(Path(data), out, method, method, steps)
 
 
 def checkpoint_classes(path: Path) -> int:

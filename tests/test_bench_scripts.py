@@ -1,7 +1,7 @@
 """The benchmark scripts of issue 13: benchmarks.scaling at a tiny size, benchmarks.compare_official
 (skip without a checkout, refusal of a wrong one, and a tiny run against the official MCTformer
 when a checkout is named by $WSSS_FAST_MCTFORMER_REPO), benchmarks.gpu_check without a GPU and
-its goal arithmetic."""
+its goal arithmetic, brief_training's command, and benchmarks.bf16_report --full-size --quick."""
 
 import os
 import subprocess
@@ -102,6 +102,55 @@ def test_compare_official_runs_transcam_through_the_one_official_runner(tmp_path
     diff = float(text.split("Max |ours - official| over the saved CAM dicts: ")[1].split()[0]
                  .rstrip("."))
     assert diff <= 1e-4, text
+
+
+# ----------------------------------------------------------------------------- brief training
+
+
+def test_train_briefly_spans_the_epochs_its_steps_need_and_reuses_a_checkpoint(tmp_path,
+                                                                                monkeypatch):
+    from benchmarks import brief_training
+
+    data = tmp_path / "data"
+    (data / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (data / "ImageSets" / "Segmentation" / "train.txt").write_text(
+        "".join(f"2026_{i:06d}\n" for i in range(320)))
+    calls = []
+    monkeypatch.setattr(brief_training.subprocess, "run", lambda cmd, check: calls.append(cmd))
+    for steps, epochs in ((24, "1"), (40, "1"), (41, "2"), (80, "2"), (81, "3")):
+        brief_training.train_briefly(data, tmp_path / f"out{steps}", "mctformer_v2",
+                                     "mctformer_v2", steps, batch_size=8)
+        cmd = calls[-1]
+        assert cmd[cmd.index("--epochs") + 1] == epochs
+        assert cmd[cmd.index("--max-steps") + 1] == str(steps)
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "checkpoint.pth").write_bytes(b"")
+    count = len(calls)
+    got = brief_training.train_briefly(data, tmp_path / "done", "mctformer_v2", "mctformer_v2", 9)
+    assert got == tmp_path / "done" / "checkpoint.pth" and len(calls) == count
+
+
+# ----------------------------------------------------------------------------- bf16_report
+
+
+def test_bf16_report_full_size_quick_trains_extracts_both_dtypes_and_compares(tmp_path):
+    done = run_module("benchmarks.bf16_report", "--quick", "--full-size", "--skip", "speed",
+                      "attention", "--work", str(tmp_path / "work"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "--model mctformer_v2_tiny" in out and "--max-steps 2" in out, out
+    rows = {line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:4]]
+            for line in out.splitlines() if line.startswith(("| fp32 |", "| bf16 |"))}
+    assert set(rows) == {"fp32", "bf16"}, out
+    assert all(0 <= miou <= 100 and seconds > 0 for miou, seconds in rows.values()), out
+    stats = out.split("normalized-CAM |bf16 - fp32|: mean ")[1]
+    mean = float(stats.split()[0])
+    p99 = float(stats.split("99th percentile ")[1].split(",")[0])
+    worst = float(stats.split("max ")[1].split(";")[0])
+    # bf16 must have changed the maps (0 would mean the dtype never reached the forward), and
+    # the statistics must be ordered.
+    assert 0 < mean <= worst <= 1 and p99 <= worst, out
+    assert "Structure of the fp32 maps: seed mIoU" in out and "for all background" in out, out
 
 
 # ----------------------------------------------------------------------------- scaling
