@@ -69,6 +69,28 @@ inline at::ScalarType gemm_dtype(at::ScalarType input) {
   return input == at::kBFloat16 && bf16_gemm_enabled() ? at::kBFloat16 : at::kFloat;
 }
 
+// The exp pass's vector width (softmax_rows.h): WSSS_FAST_CPU_EXP=auto (the widest the CPU has:
+// AVX-512, else AVX2 + FMA, else scalar) | avx512 | avx2 | scalar. Tests force each path; a path
+// the CPU lacks is an error, not a silent fallback.
+inline ExpPath exp_path() {
+  const char* env = std::getenv("WSSS_FAST_CPU_EXP");
+  const std::string mode = env ? env : "auto";
+  ExpPath path = ExpPath::kAuto;
+  if (mode == "avx512") {
+    path = ExpPath::kAvx512;
+  } else if (mode == "avx2") {
+    path = ExpPath::kAvx2;
+  } else if (mode == "scalar") {
+    path = ExpPath::kScalar;
+  } else {
+    TORCH_CHECK(mode == "auto" || mode.empty(),
+                "WSSS_FAST_CPU_EXP must be auto, avx512, avx2 or scalar, got '", mode, "'");
+  }
+  TORCH_CHECK(exp_path_supported(path), "WSSS_FAST_CPU_EXP=", mode,
+              ": this CPU does not have that instruction set");
+  return resolve_exp_path(path);
+}
+
 // ---------------------------------------------------------------------------- row kernels
 // Written as plain loops the compiler vectorizes; target_clones builds copies for x86-64-v4 / v3
 // (AVX-512, AVX2 + FMA) picked at load time; the extension is compiled for the baseline ISA.
@@ -104,7 +126,7 @@ inline void axpy(float* __restrict dst, const float* __restrict src, float alpha
 // Per-thread scratch for one tile: reused across heads and tiles, so the hot loop allocates
 // nothing (fresh rows×T buffers would each be an mmap + page faults).
 //
-// The tile keeps its unnormalized softmax (exp_sum_row: two passes over the tile) and a per-row
+// The tile keeps its unnormalized softmax (exp_sum_row: two passes over each row) and a per-row
 // factor 1/Σ (inv_sums_) that P·V and the head sum apply to their few outputs, instead of
 // normalizing the rows×T tile. (With plain loops under target_clones the compiler did not
 // vectorize the exp and this was slower than ATen's softmax; the intrinsics version is not.)
@@ -121,11 +143,22 @@ class AttentionTile {
     }
   }
 
+  // Where compute() adds the tile's head sum: sum[i, j] (=, if first, or +=) softmax[i, col0 + j]
+  // for j < n, row stride n.
+  struct HeadSum {
+    float* sum;
+    int64_t n;
+    int64_t col0;
+    bool first;
+  };
+
   // exp(scale · q_rows·kᵀ − row max) over all keys, (rows, d) × (d, T) -> (rows, T) fp32, and the
-  // rows' 1/Σ: the softmax up to its per-row factor, applied by times / add_probs; valid until
-  // the next call. `k_transposed` is (d, T): contiguous is the
-  // fastest GEMM layout, a transposed view of a (T, d) k avoids a copy.
-  void compute(const at::Tensor& q_rows, const at::Tensor& k_transposed, double scale) {
+  // rows' 1/Σ: the softmax up to its per-row factor, applied by times; valid until the next
+  // call. With `head_sum`, each row is also normalized into it right after its exp, while the
+  // row is still in L1 (a separate pass over the rows×T tile cost 3× as much). `k_transposed` is
+  // (d, T): contiguous is the fastest GEMM layout, a transposed view of a (T, d) k avoids a copy.
+  void compute(const at::Tensor& q_rows, const at::Tensor& k_transposed, double scale,
+               const HeadSum* head_sum = nullptr) {
     rows_ = q_rows.size(0);
     at::Tensor exps = exps_.narrow(0, 0, rows_);
     if (bf16_) {  // bf16 GEMM (fp32 accumulation inside), the scores widened for the softmax
@@ -138,8 +171,14 @@ class AttentionTile {
     // exp(scale·(s − max)) per row in place; 1/Σ is applied to the products (see the class).
     const int64_t tokens = exps.size(1);
     float* data = exps.data_ptr<float>();
+    const ExpPath path = exp_path();
     for (int64_t i = 0; i < rows_; ++i) {
-      inv_sums_[i] = 1.0f / exp_sum_row(data + i * tokens, tokens, static_cast<float>(scale));
+      float* row = data + i * tokens;
+      inv_sums_[i] = 1.0f / exp_sum_row(row, tokens, static_cast<float>(scale), path);
+      if (head_sum) {
+        scaled_add(head_sum->sum + i * head_sum->n, row + head_sum->col0, inv_sums_[i],
+                   head_sum->n, head_sum->first);
+      }
     }
     if (bf16_) exps_bf16_.narrow(0, 0, rows_).copy_(exps);
   }
@@ -166,16 +205,6 @@ class AttentionTile {
       } else {
         scaled_add(dst + i * dst_stride, src + i * src_stride, a, n, /*first=*/!accumulate);
       }
-    }
-  }
-
-  // head_sum[i, j] (=, if first, or +=) softmax[i, col0 + j], j < n: the normalization and the
-  // sum over heads in one pass.
-  void add_probs(float* head_sum, int64_t n, int64_t col0, bool first) const {
-    const int64_t tokens = exps_.size(1);
-    const float* data = exps_.data_ptr<float>();
-    for (int64_t i = 0; i < rows_; ++i) {
-      scaled_add(head_sum + i * n, data + i * tokens + col0, inv_sums_[i], n, first);
     }
   }
 

@@ -95,15 +95,109 @@ __attribute__((target("avx2,fma"))) inline float exp_sum_avx2(float* x, int64_t 
   }
   return sum;
 }
+
+// The AVX-512 twin of exp_avx2: the same range reduction, polynomial and flush in 16 lanes, so
+// both paths give the same exps (their sums differ only in the order of additions).
+__attribute__((target("avx512f"))) inline __m512 exp_avx512(__m512 x) {
+  const __m512 lower = _mm512_set1_ps(-87.33654f);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, lower, _CMP_GE_OQ);
+  x = _mm512_max_ps(x, lower);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 r2 = _mm512_mul_ps(r, r);
+  const __m512 e_r = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0f));
+  const __m512i biased = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+  const __m512 two_n = _mm512_castsi512_ps(_mm512_slli_epi32(biased, 23));
+  return _mm512_maskz_mul_ps(keep, e_r, two_n);
+}
+
+// exp_sum_avx2 in 16 lanes; the tail is one masked vector. Two accumulators for the max and the
+// sum keep their dependency chains off the critical path.
+__attribute__((target("avx512f"))) inline float exp_sum_avx512(float* x, int64_t n,
+                                                               float scale) {
+  const int64_t full = n - n % 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n - full)) - 1u);
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 max0 = neg_inf, max1 = neg_inf;
+  int64_t j = 0;
+  for (; j + 32 <= full; j += 32) {
+    max0 = _mm512_max_ps(max0, _mm512_loadu_ps(x + j));
+    max1 = _mm512_max_ps(max1, _mm512_loadu_ps(x + j + 16));
+  }
+  if (j < full) max0 = _mm512_max_ps(max0, _mm512_loadu_ps(x + j));
+  max0 = _mm512_max_ps(_mm512_max_ps(max0, max1), _mm512_mask_loadu_ps(neg_inf, tail, x + full));
+  const float max_value = _mm512_reduce_max_ps(max0);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  const __m512 vshift = _mm512_set1_ps(-scale * max_value);
+  __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+  for (j = 0; j + 32 <= full; j += 32) {
+    const __m512 e0 = exp_avx512(_mm512_fmadd_ps(_mm512_loadu_ps(x + j), vscale, vshift));
+    const __m512 e1 = exp_avx512(_mm512_fmadd_ps(_mm512_loadu_ps(x + j + 16), vscale, vshift));
+    _mm512_storeu_ps(x + j, e0);
+    _mm512_storeu_ps(x + j + 16, e1);
+    sum0 = _mm512_add_ps(sum0, e0);
+    sum1 = _mm512_add_ps(sum1, e1);
+  }
+  if (j < full) {
+    const __m512 e = exp_avx512(_mm512_fmadd_ps(_mm512_loadu_ps(x + j), vscale, vshift));
+    _mm512_storeu_ps(x + j, e);
+    sum0 = _mm512_add_ps(sum0, e);
+  }
+  if (tail) {
+    const __m512 e = exp_avx512(
+        _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, x + full), vscale, vshift));
+    _mm512_mask_storeu_ps(x + full, tail, e);
+    sum1 = _mm512_add_ps(sum1, _mm512_maskz_mov_ps(tail, e));
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
+}
 #endif
 
 }  // namespace softmax_detail
 
-// x[j] <- exp(scale·(x[j] − max x)) for j < n (scale > 0); returns the sum.
-inline float exp_sum_row(float* x, int64_t n, float scale) {
+// The vector width of the exp pass: picked once from the CPU (kAuto), or forced (tests compare
+// every path the CPU can run against the reference).
+enum class ExpPath { kAuto, kScalar, kAvx2, kAvx512 };
+
+// Whether this CPU can run `path` (kAuto and kScalar: always).
+inline bool exp_path_supported(ExpPath path) {
 #ifdef WSSS_HAVE_AVX2_SOFTMAX
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2) return softmax_detail::exp_sum_avx2(x, n, scale);
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (path == ExpPath::kAvx2) return avx2;
+  if (path == ExpPath::kAvx512) return avx512;
+#else
+  if (path == ExpPath::kAvx2 || path == ExpPath::kAvx512) return false;
+#endif
+  return true;
+}
+
+// kAuto resolved: the widest path this CPU has.
+inline ExpPath resolve_exp_path(ExpPath path) {
+  if (path != ExpPath::kAuto) return path;
+  if (exp_path_supported(ExpPath::kAvx512)) return ExpPath::kAvx512;
+  if (exp_path_supported(ExpPath::kAvx2)) return ExpPath::kAvx2;
+  return ExpPath::kScalar;
+}
+
+// x[j] <- exp(scale·(x[j] − max x)) for j < n (scale > 0); returns the sum. `path` must be
+// resolved and supported (resolve_exp_path, exp_path_supported).
+inline float exp_sum_row(float* x, int64_t n, float scale, ExpPath path = ExpPath::kAuto) {
+  if (path == ExpPath::kAuto) {
+    static const ExpPath best = resolve_exp_path(ExpPath::kAuto);
+    path = best;
+  }
+#ifdef WSSS_HAVE_AVX2_SOFTMAX
+  if (path == ExpPath::kAvx512) return softmax_detail::exp_sum_avx512(x, n, scale);
+  if (path == ExpPath::kAvx2) return softmax_detail::exp_sum_avx2(x, n, scale);
 #endif
   return softmax_detail::exp_sum_scalar(x, n, scale);
 }
