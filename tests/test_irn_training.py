@@ -333,6 +333,39 @@ def test_refine_save_scores_feeds_the_evaluate_sweep_and_pseudo_label(tiny, tmp_
     assert not (tmp_path / "psa").exists()
 
 
+def test_refine_save_scores_run_killed_between_an_items_two_files_redoes_it(tiny, tmp_path,
+                                                                             monkeypatch):
+    """A label write that fails after the item's scores were published stops the run; the rerun
+    redoes that item (its scores alone do not count as done) and every item ends with both."""
+    import wsss_fast.data.images as images
+    from wsss_fast.io.run_state import OutputNotWritable
+    from wsss_fast.pipeline import RefineOptions, refine
+    root, data = tiny
+    options = RefineOptions(data=str(data), split="val", cams=str(root / "cams" / "cams"),
+                            out=str(tmp_path / "walk"), steps=4, save_scores=True,
+                            device="cpu", workers=0, quiet=True)
+    real = images.write_label_png
+    calls = []
+
+    def fail_second(path, label, palette=True):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(13, "Permission denied")
+        real(path, label, palette)
+    monkeypatch.setattr(images, "write_label_png", fail_second)
+    with pytest.raises(OutputNotWritable):
+        refine(options)
+    monkeypatch.setattr(images, "write_label_png", real)
+    ids = _ids(data)
+    assert (tmp_path / "walk" / "scores" / f"{ids[1]}.npy").exists()
+    assert not (tmp_path / "walk" / "labels" / f"{ids[1]}.png").exists()
+    result = refine(options)
+    assert result.counts["done"] == len(ids) - 1 and result.counts["already_done"] == 1
+    for item in ids:
+        assert (tmp_path / "walk" / "scores" / f"{item}.npy").exists()
+        assert (tmp_path / "walk" / "labels" / f"{item}.png").exists()
+
+
 # ---- end to end -----------------------------------------------------------------------------
 
 def test_cli_confident_regions_train_irn_then_refine(tiny, tmp_path):
