@@ -45,7 +45,9 @@ INFERENCE_PLUGINS = {
 # more than the demo's budget; token_cam's IRNet walked MCTformer-V2's and LPCAM's training-split
 # CAMs up to +6.8 / +18.7 over their seeds (README, learned affinity).
 # TransCAM and BNR joined once their seeds passed 40 (patch-8 Conformer, session 7), EDAM with
-# its warm phase (46.4, session 8).
+# its warm phase (46.4, session 8). Per-row IRNets (same recipe, own confident regions) walked
+# worse: MCTformer-V2's own 46.8 against the shared 55.5 (session 9, swept τ), LPCAM 69.1 vs
+# 69.5 and EDAM 25.2 vs 46.3 (session 8, τ 0.5), so the shared one stays.
 LEARNED_RW = ("token_cam", "mctformer_v1", "mctformer_v2", "mctformer_v2+doei",
               "mctformer_v2_doei", "transcam", "bnr", "lpcam", "edam")
 # IRNet's input is zero-padded to one square side covering every synthetic image (96-160 px), as
@@ -64,10 +66,16 @@ IRN_PAD_SIZE = 160
 # * IRN's x0 = cams·(1 − B) (keep_boundary_cams off): with the 30-epoch IRNet's thin rings
 #   zeroing the boundary cells beats walking the CAMs on every row (+0.8 / +2.6 / +5.9);
 # * upsample 1: the ×2 grid gained 0.8-1.2 over the weaker 10-epoch IRNets, 0.1 over this one;
-# * bg_threshold 0.5: one level for every row (each row's best τ was 0.4-0.6);
-# * crf "irn": the walk labels a stride-4 grid, upsampled bilinearly; IRN's label CRF (the +CRF
-#   column's) over its labels puts the borders on the image's edges: the walk alone is 1.9-3.5
-#   below +CRF on every row, walk + CRF 0.2-2.8 above.
+# * the background threshold is not set here: row_walk picks it by the seeds' protocol (the
+#   best of the walked maps' validation sweep), then IRN's label CRF at it (the walk labels a
+#   stride-4 grid; the CRF puts the borders on the image's edges). Session 9, the full demo's
+#   val CAMs over its shared IRNet (/tmp/rw9/measure.py), +RW at a fixed 0.5 -> at the swept τ
+#   (τ): token_cam 70.4 -> 71.5 (0.58), V1 56.4 -> 57.6 (0.63), V2 55.1 -> 55.5 (0.55),
+#   V2+DOEI 57.3 -> 57.9 (0.48), V2_DOEI 60.7 -> 61.2 (0.46), TransCAM 48.5 -> 49.0 (0.60), BNR
+#   57.3 -> 58.1 (0.61), LPCAM 64.4 -> 69.6 (0.73), EDAM 48.7 -> 54.8 (0.69); the CRF's own best
+#   τ on a 0.05 grid was within 0.4 of the swept τ's except BNR / EDAM / TransCAM (best at the
+#   grid's end 0.8: +1.3 / +0.4 / +0.4). Still short of the target: TransCAM (seed + 5 = 49.9),
+#   LPCAM (+CRF 71.5), EDAM (+CRF 59.3).
 LEARNED_RW_WALK = dict(steps=8, normalize="class")
 
 
