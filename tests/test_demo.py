@@ -39,11 +39,20 @@ def test_report_holds_the_measured_numbers(demo):
             assert 0.0 <= result[f"{stage}_miou"] <= 1.0
         assert result["seconds_per_image"] > 0
         assert "image-gradient" not in result["note"]      # the learned walk made +RW
-        manifest = json.loads((out / method / "rw" / "manifest-refine.json").read_text())
+        manifest = json.loads((out / method / "walk" / "manifest-refine.json").read_text())
         assert manifest["config"]["checkpoint"] == str((out / "irnet" /
                                                         "checkpoint.pth").resolve())
-        assert manifest["config"]["crf"] == "irn"          # the demo's walk ends in the CRF
-        assert (out / method / "rw" / "labels").is_dir()
+        assert manifest["config"]["save_scores"] and manifest["counts"]["skipped"] == 0
+        # +RW's threshold: the best of the walked maps' sweep, as the seed's; then the CRF
+        sweep = json.loads((out / method / "eval_walk" / "evaluation.json").read_text())
+        assert sweep["mode"] == "cams" and sweep["images"] == TINY.num_val
+        assert result["rw_threshold"] == sweep["best_threshold"]
+        labels = json.loads((out / method / "walk_crf" / "manifest-pseudo-label.json")
+                            .read_text())["config"]
+        assert labels["cams"] == str((out / method / "walk" / "scores").resolve())
+        assert labels["threshold"] == round(result["rw_threshold"], 4) and labels["crf"] == "irn"
+        assert f"| {100 * result['rw_miou']:.1f} | {result['rw_threshold']:.2f} |" in \
+            report.read_text()
         assert f"| {method} | {100 * result['seed_miou']:.1f} |" in report.read_text()
     # One IRNet for the learned rows, trained on the first one's confident regions.
     assert irnet_source(out) == "mctformer_v2"
@@ -190,10 +199,11 @@ def test_jobs_must_be_a_positive_integer(tmp_path):
 
 def test_report_table_marks_missing_values_and_lists_notes():
     table = report_table([MethodResult("a", seed_miou=0.5, threshold=0.3, seconds_per_image=0.1,
-                                       train_seconds=12.0),
+                                       train_seconds=12.0, rw_miou=0.6, rw_threshold=0.55),
                           MethodResult("b", note="reuses a")])
     rows = table.splitlines()
     assert rows[2].startswith("| a | 50.0 | 0.30 |") and rows[2].endswith("| 0.100 | 12 |")
+    assert "| 60.0 | 0.55 | 0.100 |" in rows[2]        # +RW and its own threshold
     assert "| b | n/a |" in rows[3] and rows[3].endswith("| — |")
     assert rows[-1] == "- b: reuses a"
 

@@ -268,6 +268,104 @@ def test_refine_crf_and_upsample_options(tiny, tmp_path, capsys):
     assert "--crf applies to --preset irn only" in capsys.readouterr().err
 
 
+def test_refine_save_scores_feeds_the_evaluate_sweep_and_pseudo_label(tiny, tmp_path, capsys):
+    """refine --save-scores writes the walked, normalized maps beside the labels (the labels are
+    their background plane at --bg-threshold); pseudo-label --crf irn over them at τ is refine
+    --crf irn --bg-threshold τ; evaluate --cams sweeps them. Resumable: a rerun redoes only an
+    item missing its scores; another config in the folder and --preset psa are refused."""
+    from wsss_fast.io.cam_files import load_cam_file
+    from wsss_fast.postprocess import random_walk as rw
+    root, data = tiny
+    cams = root / "cams" / "cams"
+    argv = ["refine", "--data", str(data), "--split", "val", "--cams", str(cams), "--steps", "8",
+            "--normalize", "class", "--device", "cpu", "--workers", "0", "--quiet"]
+    out = tmp_path / "walk"
+    assert main([*argv, "--out", str(out), "--save-scores", "--bg-threshold", "0.3"]) == 0
+    ids = _ids(data)
+    nonempty = 0
+    for item in ids:
+        image = read_image(data / "JPEGImages" / f"{item}.jpg")
+        record = load_cam_file(cams / f"{item}.npy")
+        scores = load_cam_file(out / "scores" / f"{item}.npy")
+        np.testing.assert_array_equal(scores.keys, record.keys)
+        edge = rw.image_edge_map(image, record.low_res.shape[1:])
+        expected = rw.irn_walk_scores(record.low_res, edge, image.shape[:2], steps=8,
+                                      normalize="class").numpy()
+        np.testing.assert_allclose(scores.high_res, expected, rtol=0, atol=1e-6)
+        label = np.asarray(PIL.Image.open(out / "labels" / f"{item}.png"))
+        np.testing.assert_array_equal(label, rw.irn_labels(torch.from_numpy(scores.high_res),
+                                                           scores.keys, 0.3))
+        nonempty += int(scores.keys.size > 0 and (label > 0).any() and (label == 0).any())
+    assert nonempty, "no image has both classes and background: the checks cannot fail"
+    # the protocol: the sweep over the scores, then the label CRF at a threshold
+    assert main(["evaluate", "--data", str(data), "--split", "val", "--cams", str(out / "scores"),
+                 "--thresholds", "0:1:0.05", "--out", str(tmp_path / "eval"),
+                 "--workers", "0"]) == 0
+    report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert report["images"] == len(ids) and len(report["miou_curve"]) == 20
+    assert main(["pseudo-label", "--data", str(data), "--split", "val", "--cams",
+                 str(out / "scores"), "--out", str(tmp_path / "pl"), "--threshold", "0.4",
+                 "--crf", "irn", "--workers", "0", "--quiet"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "crf"), "--crf", "irn",
+                 "--bg-threshold", "0.4"]) == 0
+    for item in ids:
+        np.testing.assert_array_equal(
+            np.asarray(PIL.Image.open(tmp_path / "pl" / "labels" / f"{item}.png")),
+            np.asarray(PIL.Image.open(tmp_path / "crf" / "labels" / f"{item}.png")))
+    # resume: nothing to redo, then only the item whose scores are gone
+    capsys.readouterr()
+    again = [*argv, "--out", str(out), "--save-scores", "--bg-threshold", "0.3"]
+    assert main(again) == 0
+    manifest = json.loads((out / "manifest-refine.json").read_text())
+    assert manifest["counts"]["already_done"] == len(ids) and manifest["counts"]["done"] == 0
+    (out / "scores" / f"{ids[0]}.npy").unlink()
+    assert main(again) == 0
+    manifest = json.loads((out / "manifest-refine.json").read_text())
+    assert manifest["counts"]["done"] == 1 and (out / "scores" / f"{ids[0]}.npy").exists()
+    assert not list((out / "scores").glob("*.tmp")), "a temporary file was left behind"
+    # the labels-only run's folder holds another configuration
+    assert main([*argv, "--out", str(tmp_path / "crf"), "--crf", "irn", "--bg-threshold", "0.4",
+                 "--save-scores"]) == 2
+    assert "another configuration" in capsys.readouterr().err
+    assert main([*argv[:7], "--out", str(tmp_path / "psa"), "--preset", "psa",
+                 "--device", "cpu", "--workers", "0", "--save-scores"]) == 2
+    assert "--save-scores applies to --preset irn only" in capsys.readouterr().err
+    assert not (tmp_path / "psa").exists()
+
+
+def test_refine_save_scores_run_killed_between_an_items_two_files_redoes_it(tiny, tmp_path,
+                                                                             monkeypatch):
+    """A label write that fails after the item's scores were published stops the run; the rerun
+    redoes that item (its scores alone do not count as done) and every item ends with both."""
+    import wsss_fast.data.images as images
+    from wsss_fast.io.run_state import OutputNotWritable
+    from wsss_fast.pipeline import RefineOptions, refine
+    root, data = tiny
+    options = RefineOptions(data=str(data), split="val", cams=str(root / "cams" / "cams"),
+                            out=str(tmp_path / "walk"), steps=4, save_scores=True,
+                            device="cpu", workers=0, quiet=True)
+    real = images.write_label_png
+    calls = []
+
+    def fail_second(path, label, palette=True):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(13, "Permission denied")
+        real(path, label, palette)
+    monkeypatch.setattr(images, "write_label_png", fail_second)
+    with pytest.raises(OutputNotWritable):
+        refine(options)
+    monkeypatch.setattr(images, "write_label_png", real)
+    ids = _ids(data)
+    assert (tmp_path / "walk" / "scores" / f"{ids[1]}.npy").exists()
+    assert not (tmp_path / "walk" / "labels" / f"{ids[1]}.png").exists()
+    result = refine(options)
+    assert result.counts["done"] == len(ids) - 1 and result.counts["already_done"] == 1
+    for item in ids:
+        assert (tmp_path / "walk" / "scores" / f"{item}.npy").exists()
+        assert (tmp_path / "walk" / "labels" / f"{item}.png").exists()
+
+
 # ---- end to end -----------------------------------------------------------------------------
 
 def test_cli_confident_regions_train_irn_then_refine(tiny, tmp_path):

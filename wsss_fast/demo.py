@@ -45,7 +45,9 @@ INFERENCE_PLUGINS = {
 # more than the demo's budget; token_cam's IRNet walked MCTformer-V2's and LPCAM's training-split
 # CAMs up to +6.8 / +18.7 over their seeds (README, learned affinity).
 # TransCAM and BNR joined once their seeds passed 40 (patch-8 Conformer, session 7), EDAM with
-# its warm phase (46.4, session 8).
+# its warm phase (46.4, session 8). Per-row IRNets (same recipe, own confident regions) walked
+# worse: MCTformer-V2's own 46.8 against the shared 55.5 (session 9, swept τ), LPCAM 69.1 vs
+# 69.5 and EDAM 25.2 vs 46.3 (session 8, τ 0.5), so the shared one stays.
 LEARNED_RW = ("token_cam", "mctformer_v1", "mctformer_v2", "mctformer_v2+doei",
               "mctformer_v2_doei", "transcam", "bnr", "lpcam", "edam")
 # IRNet's input is zero-padded to one square side covering every synthetic image (96-160 px), as
@@ -64,11 +66,17 @@ IRN_PAD_SIZE = 160
 # * IRN's x0 = cams·(1 − B) (keep_boundary_cams off): with the 30-epoch IRNet's thin rings
 #   zeroing the boundary cells beats walking the CAMs on every row (+0.8 / +2.6 / +5.9);
 # * upsample 1: the ×2 grid gained 0.8-1.2 over the weaker 10-epoch IRNets, 0.1 over this one;
-# * bg_threshold 0.5: one level for every row (each row's best τ was 0.4-0.6);
-# * crf "irn": the walk labels a stride-4 grid, upsampled bilinearly; IRN's label CRF (the +CRF
-#   column's) over its labels puts the borders on the image's edges: the walk alone is 1.9-3.5
-#   below +CRF on every row, walk + CRF 0.2-2.8 above.
-LEARNED_RW_WALK = dict(steps=8, normalize="class", bg_threshold=0.5, crf="irn")
+# * the background threshold is not set here: row_walk picks it by the seeds' protocol (the
+#   best of the walked maps' validation sweep), then IRN's label CRF at it (the walk labels a
+#   stride-4 grid; the CRF puts the borders on the image's edges). Session 9, the full demo's
+#   val CAMs over its shared IRNet (/tmp/rw9/measure.py), +RW at a fixed 0.5 -> at the swept τ
+#   (τ): token_cam 70.4 -> 71.5 (0.58), V1 56.4 -> 57.6 (0.63), V2 55.1 -> 55.5 (0.55),
+#   V2+DOEI 57.3 -> 57.9 (0.48), V2_DOEI 60.7 -> 61.2 (0.46), TransCAM 48.5 -> 49.0 (0.60), BNR
+#   57.3 -> 58.1 (0.61), LPCAM 64.4 -> 69.6 (0.73), EDAM 48.7 -> 54.8 (0.69); the CRF's own best
+#   τ on a 0.05 grid was within 0.4 of the swept τ's except BNR / EDAM / TransCAM (best at the
+#   grid's end 0.8: +1.3 / +0.4 / +0.4). Still short of the target: TransCAM (seed + 5 = 49.9),
+#   LPCAM (+CRF 71.5), EDAM (+CRF 59.3).
+LEARNED_RW_WALK = dict(steps=8, normalize="class")
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,7 @@ class MethodResult:
     cooccurrence_iou: float = float("nan")
     crf_miou: float = float("nan")
     rw_miou: float = float("nan")
+    rw_threshold: float = float("nan")   # the background threshold of the +RW labels
     seconds_per_image: float = float("nan")
     train_seconds: float = float("nan")
     note: str = ""
@@ -376,21 +385,33 @@ def irnet_source(out: Path) -> Optional[str]:
 
 def learned_walk(method: str, data: Path, out: Path, cams: Path, scale: DemoScale, *,
                  seed: int, workers: int, device: str) -> Optional[Path]:
-    """IRN's refinement of a row's validation CAMs: the boundary map of the demo's IRNet
+    """IRN's walk of a row's validation CAMs: the boundary map of the demo's IRNet
     (``shared_irnet``, trained on this row's confident regions if it is the first) walked by
-    ``refine`` with ``LEARNED_RW_WALK``. Returns the labels folder, or None when there is no
-    IRNet."""
+    ``refine`` with ``LEARNED_RW_WALK``, which keeps the walked maps (``save_scores``; its own
+    labels, at refine's default threshold, are not used). Returns the scores folder, or None
+    when there is no IRNet."""
     from wsss_fast.pipeline import RefineOptions, refine
     checkpoint = shared_irnet(method, data, out, cams, scale, seed=seed, workers=workers,
                               device=device)
     if checkpoint is None:
         return None
-    work = out / method
+    walk = out / method / "walk"
     checked(refine(RefineOptions(data=str(data), split="val", cams=str(cams), workers=workers,
-                                 quiet=True, out=str(work / "rw"), preset="irn",
+                                 quiet=True, out=str(walk), preset="irn", save_scores=True,
                                  **LEARNED_RW_WALK, irn_checkpoint=str(checkpoint),
                                  pad_size=IRN_PAD_SIZE, device=device)))
-    return work / "rw" / "labels"
+    return walk / "scores"
+
+
+def crf_labels(data: Path, cams: Path, out: Path, threshold: float, workers: int) -> Path:
+    """The labels folder of IRN's label CRF over ``argmax([threshold; cams])`` (``pseudo-label
+    --rule constant --crf irn``), written into ``out``: the +CRF column over a row's seeds, the
+    +RW column over its walked maps."""
+    from wsss_fast.pipeline import PseudoLabelOptions, pseudo_label
+    checked(pseudo_label(PseudoLabelOptions(
+        data=str(data), split="val", cams=str(cams), workers=workers, quiet=True, out=str(out),
+        rule="constant", threshold=round(threshold, 4), crf="irn")))
+    return out / "labels"
 
 
 @dataclass(frozen=True)
@@ -412,7 +433,7 @@ class DemoRun:
 def row_seeds(method: str, run: DemoRun) -> MethodResult:
     """A row up to its walk: trains (or reuses) its model, extracts the validation CAMs into
     ``ROW/extract/cams``, evaluates the seeds and their +CRF labels."""
-    from wsss_fast.pipeline import PseudoLabelOptions, extract, pseudo_label
+    from wsss_fast.pipeline import extract
     data, out, workers, device = run.data, run.out, run.workers, run.device
     times = StageTimes(out / method)
     result = MethodResult(method)
@@ -449,12 +470,9 @@ def row_seeds(method: str, run: DemoRun) -> MethodResult:
     result.fn = float(np.nanmean(per_class(seeds["at_best"]["fn_rate"])))
     result.cooccurrence_iou = cooccurrence_iou(seeds, run.cooccurrence)
     with times.stage("crf"):
-        checked(pseudo_label(PseudoLabelOptions(
-            data=str(data), split="val", cams=str(cams), workers=workers, quiet=True,
-            out=str(work / "crf"), rule="constant", threshold=_rerun_threshold(result),
-            crf="irn")))
-        result.crf_miou = evaluate_folder(data, "val", "pred", work / "crf" / "labels",
-                                          work / "eval_crf", workers)["at_best"]["miou"]["nanmean"]
+        labels = crf_labels(data, cams, work / "crf", result.threshold, workers)
+        result.crf_miou = evaluate_folder(data, "val", "pred", labels, work / "eval_crf",
+                                          workers)["at_best"]["miou"]["nanmean"]
     return result
 
 
@@ -473,8 +491,10 @@ def row_irnet(method: str, run: DemoRun) -> Optional[Path]:
 
 def row_walk(result: MethodResult, run: DemoRun) -> MethodResult:
     """``result`` (``row_seeds``'s) with its +RW column: the learned walk for the LEARNED_RW
-    rows when ``run.learned_rw`` (a row other than the IRNet's source needs it trained), else
-    the image-gradient walk."""
+    rows when ``run.learned_rw`` (a row other than the IRNet's source needs it trained), by
+    the seeds' protocol: the background threshold of the walked maps is their validation
+    sweep's best (``eval_walk``), the labels IRN's label CRF at that threshold; else the
+    image-gradient walk at the seed's threshold."""
     from dataclasses import replace
 
     from wsss_fast.pipeline import RefineOptions, refine
@@ -483,11 +503,17 @@ def row_walk(result: MethodResult, run: DemoRun) -> MethodResult:
     work, cams = out / method, out / method / "extract" / "cams"
     result = replace(result)
     with times.stage("rw"):
-        rw_labels = None
+        scores = None
         if run.learned_rw and method in LEARNED_RW:
-            rw_labels = learned_walk(method, data, out, cams, run.scale, seed=run.seed,
-                                     workers=run.workers, device=run.device)
-        if rw_labels is None:
+            scores = learned_walk(method, data, out, cams, run.scale, seed=run.seed,
+                                  workers=run.workers, device=run.device)
+        if scores is not None:
+            sweep = evaluate_folder(data, "val", "cams", scores, work / "eval_walk", run.workers)
+            result.rw_threshold = sweep["best_threshold"]
+            rw_labels = crf_labels(data, scores, work / "walk_crf", result.rw_threshold,
+                                   run.workers)
+        else:
+            result.rw_threshold = result.threshold
             checked(refine(RefineOptions(data=str(data), split="val", cams=str(cams),
                                          workers=run.workers, quiet=True,
                                          out=str(work / "rw_gradient"), preset="irn",
@@ -560,11 +586,12 @@ def _seconds(value: float) -> str:
 def report_table(results: Sequence[MethodResult]) -> str:
     """The markdown table, then a line per note (the row's method name marks it)."""
     lines = ["| method | seed mIoU | best τ | FP | FN | co-occ. IoU | +CRF mIoU | +RW mIoU | "
-             "extract s/img | train s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "+RW τ | extract s/img | train s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r.method} | {_pct(r.seed_miou)} | {r.threshold:.2f} | {_pct(r.fp)} | "
                      f"{_pct(r.fn)} | {_pct(r.cooccurrence_iou)} | {_pct(r.crf_miou)} | "
-                     f"{_pct(r.rw_miou)} | {r.seconds_per_image:.3f} | "
+                     f"{_pct(r.rw_miou)} | {r.rw_threshold:.2f} | {r.seconds_per_image:.3f} | "
                      f"{_seconds(r.train_seconds)} |")
     notes = [f"- {r.method}: {r.note}" for r in results if r.note]
     return "\n".join(lines + ([""] + notes if notes else []))
@@ -729,10 +756,10 @@ def run_demo(out, *, quick: bool = False, seed: int = 0, workers: int = 2, devic
              else "from scratch")
     walk = (f"over the boundary map of one IRNet trained on the confident regions of "
             f"{irnet_source(out) or 'the first learned-walk row'} (backbone trained with the "
-            f"heads; refine {LEARNED_RW_WALK}"
-            f"{', then IRN label CRF over the walked labels' if LEARNED_RW_WALK.get('crf') else ''}"
-            f"), or over image-gradient edges where a note says so" if learned_rw
-            else "over image-gradient edges")
+            f"heads; refine {LEARNED_RW_WALK}), its background threshold (+RW τ) chosen by "
+            f"the seeds' protocol, the best of the walked maps' sweep on this split, then IRN "
+            f"label CRF at it; or over image-gradient edges at the seed's τ where a note says so"
+            if learned_rw else "over image-gradient edges at the seed's τ")
     text = (f"# wsss-fast demo ({'quick' if quick else 'full'}, seed {seed}, {start})\n\n"
             f"Synthetic benchmark: {scale.num_train} training / {scale.num_val} validation "
             f"images, {len(names)} classes; co-occurrence classes: "

@@ -5,7 +5,10 @@
        normalization and a constant background plane (bg_threshold 0.25); for small images,
        ``normalize="class"``, ``boundary_fill``, ``keep_boundary_cams`` and ``upsample`` (the
        walk on a finer grid) (off by default; postprocess.random_walk); ``crf="irn"``: IRN's
-       label CRF over the walked labels.
+       label CRF over the walked labels. ``save_scores``: the walked, normalized class maps
+       (before the background plane) are also written as CAM files, so that ``evaluate --cams``
+       sweeps the walk's background threshold as it does a seed's, and ``pseudo-label --rule
+       constant`` labels them at the threshold chosen (``--crf irn``: the label CRF after it).
   psa  the full-resolution CAMs with a (1 − max)^α background walk at stride 8 over a feature
        affinity (β 8, 256 steps).
 The affinity comes from a learned network (``irn_checkpoint``: IRNet's boundary map;
@@ -75,6 +78,10 @@ class RefineOptions(DatasetOptions):
     crf: str = option("none", "irn: after the walk, IRN's label CRF over the walked labels (the "
                       "CRF of pseudo-label --rule constant --crf irn; default: none, as IRN)",
                       choices=("none", "irn"))
+    save_scores: bool = option(
+        False, "irn: also write the walked, normalized class maps (before the background plane) "
+        "as CAM files OUT/scores/<id>.npy (mctformer format: the full-resolution maps only), for "
+        "evaluate --cams (the background sweep) and pseudo-label (labels at a chosen threshold)")
     device: str = option("auto", "cpu, cuda, cuda:N or auto (under torchrun each rank takes "
                          "cuda:LOCAL_RANK)", group="runtime", check=device_name)
     workers: int = option(2, "worker processes for the walks on the CPU (0 = in the main "
@@ -116,6 +123,9 @@ def preset_options(options: RefineOptions) -> dict:
             if options.preset != "irn":
                 raise OptionsError(f"--{name.replace('_', '-')} applies to --preset irn only")
             settings[name] = getattr(options, name)
+    if options.save_scores and options.preset != "irn":
+        raise OptionsError("--save-scores applies to --preset irn only (PSA's walk includes its "
+                           "background)")
     return settings
 
 
@@ -162,16 +172,20 @@ def image_color_features(image: np.ndarray, grid: tuple[int, int]) -> np.ndarray
 
 
 def refine_one(settings: dict, item: str, image: np.ndarray, cam_path: Path,
-               device: torch.device, side_input: Optional[np.ndarray] = None) -> np.ndarray:
+               device: torch.device, side_input: Optional[np.ndarray] = None, *,
+               with_scores: bool = False):
     """The label of one image; ``settings``: preset, its options, edges and features folders;
     ``side_input``: the boundary map (irn) / features (psa) a learned network made
-    for this image, instead of the folders'."""
+    for this image, instead of the folders'. ``with_scores`` (irn): ``(label, (keys, scores))``,
+    the walked, normalized ``(n, H, W)`` maps the label's background plane is set against."""
     from wsss_fast.io.cam_files import load_cam_file
     from wsss_fast.postprocess import random_walk as rw
     record = load_cam_file(cam_path)
     height, width = image.shape[:2]
     if record.keys.size == 0:
-        return np.zeros((height, width), np.uint8)
+        empty = np.zeros((height, width), np.uint8)
+        return (empty, (record.keys, np.zeros((0, height, width), np.float32))) if with_scores \
+            else empty
     if record.high_res.shape[1:] != (height, width):
         raise ValueError(f"CAM size {record.high_res.shape[1:]} differs from the image size "
                          f"{(height, width)}")
@@ -190,12 +204,11 @@ def refine_one(settings: dict, item: str, image: np.ndarray, cam_path: Path,
             raise ValueError(f"boundary map of shape {tuple(edge.shape)} does not match the "
                              f"stride-4 CAM grid {tuple(grid)}")
         cams = torch.from_numpy(record.low_res).to(device)
-        labels = rw.refine_irn(cams, keys,
-                               torch.from_numpy(np.ascontiguousarray(edge)).to(device),
-                               (height, width), beta=options["beta"], steps=options["steps"],
-                               bg_threshold=options["bg_threshold"], radius=options["radius"],
-                               **{name: options.get(name, default)
-                                  for name, default in IRN_OPTIONS.items()})
+        labels, scores = rw.refine_irn(
+            cams, keys, torch.from_numpy(np.ascontiguousarray(edge)).to(device), (height, width),
+            beta=options["beta"], steps=options["steps"], bg_threshold=options["bg_threshold"],
+            radius=options["radius"], return_scores=True,
+            **{name: options.get(name, default) for name, default in IRN_OPTIONS.items()})
         if options.get("crf", IRN_ONLY_OPTIONS["crf"]) != "none":
             from wsss_fast.postprocess.crf import crf_inference_label
             # The label space of the seed's CRF (postprocess.pseudo_label.crf_seed): background
@@ -203,7 +216,7 @@ def refine_one(settings: dict, item: str, image: np.ndarray, cam_path: Path,
             labels = crf_inference_label(image, labels.astype(np.int64),
                                          settings["num_classes"] + 1,
                                          options["crf"]).astype(np.uint8)
-        return labels
+        return (labels, (keys, scores.cpu().numpy())) if with_scores else labels
     grid = (-(-height // 8), -(-width // 8))
     if side_input is not None:
         features = side_input
@@ -222,17 +235,33 @@ def refine_job(item: str, image_path: str, cam_path: str, label_path: str, setti
     """One image (in a worker process on the CPU): read, walk, write atomically. Returns None or
     the reason the item was skipped."""
     from wsss_fast.data.images import ImageDecodeError, read_image, write_label_png
-    from wsss_fast.io.cam_files import CamFileError
+    from wsss_fast.io.cam_files import CamFileError, save_cam_file
     if not Path(cam_path).exists():
         return f"no CAM file {cam_path}"
+    scores_path = settings.get("scores_path")
     try:
         image = read_image(image_path)
         label = refine_one(settings, item, image, Path(cam_path),
-                           torch.device(settings["device"]), side_input)
+                           torch.device(settings["device"]), side_input,
+                           with_scores=scores_path is not None)
     except (CamFileError, ImageDecodeError, ValueError) as error:
         return str(error)
-    write_outputs(lambda: write_label_png(label_path, np.asarray(label, np.uint8)), label_path)
+
+    def publish():   # each file atomically; resume redoes an item missing either
+        if scores_path is not None:
+            keys, scores = label[1]
+            save_cam_file(item_path(Path(scores_path), item, ".npy"), keys, scores,
+                          fmt="mctformer")
+        write_label_png(label_path, np.asarray(label[0] if scores_path else label, np.uint8))
+    write_outputs(publish, label_path)
     return None
+
+
+def validate_output(path) -> None:
+    """Raises on an output of ``refine`` that cannot be read (resume's check): a label PNG or a
+    scores CAM file."""
+    from wsss_fast.io.cam_files import load_cam_file
+    (load_cam_file if Path(path).suffix == ".npy" else validate_label_png)(path)
 
 
 def refine(options: RefineOptions) -> JobResult:
@@ -260,12 +289,17 @@ def refine(options: RefineOptions) -> JobResult:
             raise InputError(str(error)) from error
 
     def outputs(item):
-        return {"label": item_path(out / "labels", item, ".png")}
+        paths = {"label": item_path(out / "labels", item, ".png")}
+        if options.save_scores:
+            paths["scores"] = item_path(out / "scores", item, ".npy")
+        return paths
 
     def setup(dataset, context) -> JobSpec:
         config = {"preset": options.preset, **walk, "cams": str(cams_dir.resolve()),
                   "edges": options.edges, "features": options.features,
                   "dataset": dataset.name}
+        if options.save_scores:   # recorded only when set: earlier runs keep their config
+            config["save_scores"] = True
         side_input = None
         if network is not None:
             from wsss_fast.data.images import read_image
@@ -281,13 +315,14 @@ def refine(options: RefineOptions) -> JobResult:
                 raise InputError(str(error)) from error
         settings = {"preset": options.preset, "options": walk, "edges": options.edges,
                     "features": options.features, "device": str(context.device),
-                    "num_classes": len(dataset.class_names)}
+                    "num_classes": len(dataset.class_names),
+                    "scores_path": str(out / "scores") if options.save_scores else None}
         if hasattr(side_input, "batch"):   # images in chunks through the network, walked here
             from wsss_fast.pipeline.refine_psa import learned_batch_work
             work = learned_batch_work(refine_one, settings, dataset, cams_dir, outputs,
                                       side_input.batch, progress=not options.quiet,
                                       desc=f"refine[{context.rank}]")
-            return JobSpec(config=config, outputs=outputs, work=work, validate=validate_label_png)
+            return JobSpec(config=config, outputs=outputs, work=work, validate=validate_output)
 
         def job_args(item):
             image_path = dataset.sample(item).image_path
@@ -303,7 +338,7 @@ def refine(options: RefineOptions) -> JobResult:
             refine_job, job_args,
             outputs, workers=options.workers if context.device.type == "cpu" else 0,
             progress=not options.quiet, desc=f"refine[{context.rank}]")
-        return JobSpec(config=config, outputs=outputs, work=work, validate=validate_label_png)
+        return JobSpec(config=config, outputs=outputs, work=work, validate=validate_output)
 
     return run_dataset_job("refine", options, out, setup, device=options.device,
                            overwrite=options.overwrite)

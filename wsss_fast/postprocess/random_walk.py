@@ -230,7 +230,8 @@ def refine_irn(cams_lowres, keys: Sequence[int], edge, image_size: tuple[int, in
                beta: float = _IRN.beta, steps: int = _IRN.steps,
                bg_threshold: float = _IRN.bg_threshold, radius: int = _IRN.radius,
                normalize: str = "global", boundary_fill: Optional[float] = None,
-               keep_boundary_cams: bool = False, upsample: int = 1) -> np.ndarray:
+               keep_boundary_cams: bool = False, upsample: int = 1,
+               return_scores: bool = False):
     """IRN's ``make_sem_seg_labels`` for one image.
 
     ``irn_walk_scores`` (the walk, ×4, crop, IRN's global-max normalization by default), a
@@ -244,16 +245,19 @@ def refine_irn(cams_lowres, keys: Sequence[int], edge, image_size: tuple[int, in
         image_size: ``(H, W)`` with ``H <= 4h``, ``W <= 4w``.
         normalize, boundary_fill, keep_boundary_cams, upsample: see ``irn_walk_scores``
             (defaults: upstream's).
+        return_scores: also return the walked, normalized ``(n, H, W)`` maps the background
+            plane is set against (``irn_walk_scores``'), e.g. to choose ``bg_threshold`` later.
     Returns:
-        uint8 ``(H, W)`` labels (0 background, class index + 1). An all-zero walk (or n = 0) gives
-        all background, where upstream would divide by 0.
+        uint8 ``(H, W)`` labels (0 background, class index + 1), or ``(labels, scores)``. An
+        all-zero walk (or n = 0) gives all background, where upstream would divide by 0.
     """
     cams = _as_float_tensor("cams_lowres", cams_lowres, 3)
     keys = _keys(keys, cams.shape[0])
     up = irn_walk_scores(cams, edge, image_size, beta=beta, steps=steps, radius=radius,
                          normalize=normalize, boundary_fill=boundary_fill,
                          keep_boundary_cams=keep_boundary_cams, upsample=upsample)
-    return irn_labels(up, keys, bg_threshold)
+    labels = irn_labels(up, keys, bg_threshold)
+    return (labels, up) if return_scores else labels
 
 
 def irn_labels(scores: torch.Tensor, keys: Sequence[int], bg_threshold: float) -> np.ndarray:
