@@ -108,6 +108,93 @@ def test_attention_stats_cpu_exp_over_the_whole_range(gen, spread):
     assert_rel_close(acc, expected, 1e-5, what="patch2patch")
 
 
+def cpu_flags():
+    """The CPU's feature flags (Linux /proc/cpuinfo), empty where unreadable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# The exp pass's paths (softmax_rows.h), forced by WSSS_FAST_CPU_EXP; "auto" takes the widest.
+EXP_PATHS = {"avx512": {"avx512f"}, "avx2": {"avx2", "fma"}, "scalar": set()}
+
+
+def exp_path_param(path):
+    missing = not EXP_PATHS[path] <= cpu_flags()
+    return pytest.param(path, marks=pytest.mark.skipif(missing, reason=f"no {path} on this CPU"))
+
+
+def peaked_qkv(t, d, margin):
+    """q, k, v of one (batch, head) with row i's largest score at key i, ``margin`` above its
+    neighbours' (scale 1): the max sits in every vector lane and in the tail once; a row whose
+    max the exp pass missed would overflow (exp(margin) with margin in the hundreds)."""
+    angles = torch.arange(t, dtype=torch.float64) * (2 * math.pi / t)
+    unit = torch.stack([angles.cos(), angles.sin()], dim=-1)
+    radius = margin / (1 - math.cos(2 * math.pi / t))
+    q = torch.zeros(1, 1, t, d, dtype=torch.float64)
+    k = torch.zeros_like(q)
+    q[0, 0, :, :2] = radius * unit
+    k[0, 0, :, :2] = unit
+    v = torch.randn(1, 1, t, d, generator=torch.Generator().manual_seed(t), dtype=torch.float64)
+    return q.float(), k.float(), v.float()
+
+
+@pytest.mark.usefixtures("cpu_face")
+@pytest.mark.parametrize("path", [exp_path_param(p) for p in EXP_PATHS])
+@pytest.mark.parametrize("t", [1, 11, 16, 37, 70, 100, 161])
+def test_attention_stats_cpu_exp_paths(gen, monkeypatch, path, t):
+    """Each exp path the CPU has against the reference: random rows (odd lengths: a vector tail,
+    one or several 16/32-key blocks) and rows peaked at every key position; poisoned
+    accumulators and heap."""
+    monkeypatch.setenv("WSSS_FAST_CPU_EXP", path)
+    c = min(3, t - 1)
+    p = t - c
+    cases = [tuple(randn(gen, 2, 3, t, 8) for _ in range(3))]
+    if t > 2:
+        cases.append(peaked_qkv(t, 4, margin=200.0))
+    for q, k, v in cases:
+        b = q.shape[0]
+        accs = poisoned_accumulators(gen, (b, c, p), (b, p, p), (b, p))
+        expected = [a.clone() for a in accs]
+        has_cls = c > 0
+        kwargs = dict(cls2patch=accs[0] if has_cls else None, cls2patch_weight=0.5,
+                      patch2patch=accs[1], patch2patch_weight=1.5,
+                      cls_row=accs[2] if has_cls else None, cls_row_weight=2.0)
+        ref = ops.attention_stats_reference(q, k, v, 1.0, c, expected[0] if has_cls else None,
+                                            0.5, expected[1], 1.5,
+                                            expected[2] if has_cls else None, 2.0)
+        poison_heap(q.numel())
+        out = ops.attention_stats(q, k, v, 1.0, c, **kwargs)
+        assert_rel_close(out, ref, what="o")
+        for name, got, want in zip(("cls2patch", "patch2patch", "cls_row"), accs, expected):
+            if has_cls or name == "patch2patch":
+                assert_rel_close(got, want, 1e-5, what=name)
+
+
+@pytest.mark.usefixtures("cpu_face")
+def test_attention_stats_cpu_exp_paths_agree(gen, monkeypatch):
+    """The vector paths share one polynomial: their statistics differ only by the order of the
+    row sums' additions; a bad WSSS_FAST_CPU_EXP value is an error."""
+    paths = [p for p in EXP_PATHS if EXP_PATHS[p] <= cpu_flags()]
+    q, k, v = (randn(gen, 1, 2, 5 + 300, 16) * 3 for _ in range(3))
+    results = {}
+    for path in paths:
+        monkeypatch.setenv("WSSS_FAST_CPU_EXP", path)
+        p2p = torch.zeros(1, 300, 300)
+        results[path] = (ops.attention_stats(q, k, v, 0.25, 5, patch2patch=p2p), p2p)
+    for path in paths[1:]:
+        for got, want in zip(results[path], results[paths[0]]):
+            assert_rel_close(got, want, 1e-6, what=f"{path} vs {paths[0]}")
+    monkeypatch.setenv("WSSS_FAST_CPU_EXP", "avx1024")
+    with pytest.raises(RuntimeError, match="WSSS_FAST_CPU_EXP must be auto, avx512, avx2 or"):
+        ops.attention_stats(q, k, v, 0.25, 5)
+
+
 @pytest.mark.usefixtures("cpu_face")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_attention_stats_cpu_low_precision_inputs(gen, monkeypatch, dtype):
