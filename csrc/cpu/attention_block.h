@@ -135,6 +135,7 @@ class AttentionTile {
   // `gemm_dtype`: kFloat, or kBFloat16 for bf16 GEMMs (inputs given in bf16 then).
   AttentionTile(int64_t tokens, at::ScalarType gemm_dtype)
       : bf16_(gemm_dtype == at::kBFloat16),
+        exp_path_(exp_path()),
         exps_(at::empty({kQueryRowBlock, tokens}, at::kFloat)),
         inv_sums_(kQueryRowBlock) {
     if (bf16_) {
@@ -171,10 +172,9 @@ class AttentionTile {
     // exp(scale·(s − max)) per row in place; 1/Σ is applied to the products (see the class).
     const int64_t tokens = exps.size(1);
     float* data = exps.data_ptr<float>();
-    const ExpPath path = exp_path();
     for (int64_t i = 0; i < rows_; ++i) {
       float* row = data + i * tokens;
-      inv_sums_[i] = 1.0f / exp_sum_row(row, tokens, static_cast<float>(scale), path);
+      inv_sums_[i] = 1.0f / exp_sum_row(row, tokens, static_cast<float>(scale), exp_path_);
       if (head_sum) {
         scaled_add(head_sum->sum + i * head_sum->n, row + head_sum->col0, inv_sums_[i],
                    head_sum->n, head_sum->first);
@@ -210,6 +210,7 @@ class AttentionTile {
 
  private:
   bool bf16_;
+  ExpPath exp_path_;  // read once per tile (WSSS_FAST_CPU_EXP), not per compute()
   int64_t rows_ = 0;
   at::Tensor exps_;         // (kQueryRowBlock, T) fp32
   at::Tensor scores_bf16_;  // bf16 GEMM output, then widened into exps_
