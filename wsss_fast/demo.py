@@ -410,7 +410,7 @@ def crf_labels(data: Path, cams: Path, out: Path, threshold: float, workers: int
     from wsss_fast.pipeline import PseudoLabelOptions, pseudo_label
     checked(pseudo_label(PseudoLabelOptions(
         data=str(data), split="val", cams=str(cams), workers=workers, quiet=True, out=str(out),
-        rule="constant", threshold=round(threshold, 4), crf="irn")))
+        rule="constant", threshold=_rerun_threshold(threshold), crf="irn")))
     return out / "labels"
 
 
@@ -476,9 +476,9 @@ def row_seeds(method: str, run: DemoRun) -> MethodResult:
     return result
 
 
-def _rerun_threshold(result: MethodResult) -> float:
+def _rerun_threshold(threshold: float) -> float:
     # The threshold as the report prints it (4 decimals), so a rerun finds the same config.
-    return round(result.threshold, 4)
+    return round(threshold, 4)
 
 
 def row_irnet(method: str, run: DemoRun) -> Optional[Path]:
@@ -517,7 +517,7 @@ def row_walk(result: MethodResult, run: DemoRun) -> MethodResult:
             checked(refine(RefineOptions(data=str(data), split="val", cams=str(cams),
                                          workers=run.workers, quiet=True,
                                          out=str(work / "rw_gradient"), preset="irn",
-                                         bg_threshold=_rerun_threshold(result),
+                                         bg_threshold=_rerun_threshold(result.threshold),
                                          device=run.device)))
             rw_labels = work / "rw_gradient" / "labels"
             if run.learned_rw:
