@@ -24,7 +24,7 @@ bench-report: install  ## one table of side-by-side ratios with peak memory
 gpu-check: install  ## on a CUDA machine (<= 8 min): nvcc build, gpu tests, GPU benchmarks -> benchmarks/results/gpu/report.md
 	$(PYTHON) -m benchmarks.gpu_check
 
-demo: install  ## the pipeline on the synthetic benchmark, every method trained from the shipped backbones, rows two at a time (~17 min on 2 idle cores; benchmarks/results/demo_full)
+demo: install  ## the pipeline on the synthetic benchmark, every method trained from the shipped backbones, rows two at a time (~21 min on 2 cores; benchmarks/results/demo_full)
 	$(PYTHON) -m wsss_fast demo --out demo_out
 
 # The shipped backbones (pretrained/*.pt, manifest pretrained/MANIFEST.json): one pretraining run
